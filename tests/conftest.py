@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny models and tokenizers built locally; nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests must never reach a model hub: a missing local file fails loudly instead of downloading.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from tests.helpers import fruit_rows  # noqa: E402
+
+torch.set_num_threads(1)  # the suite runs 2 workers on 2 cores
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny GPT-2, GPT-J and GPT-NeoX models (random init) with a BPE tokenizer, saved as folders."""
+    from trainer.tiny_models import save_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    texts = [row["prompt"] + row["completion"] for row in fruit_rows()] + [
+        "Hello world, the quick brown fox jumps over the lazy dog.",
+        "List the locations mentioned in the following text.",
+    ]
+    return {
+        family: save_tiny_model(root / family, family, texts, vocab_size=320, n_layer=2, n_embd=32, n_head=2, n_positions=64)
+        for family in ("gpt2", "gptj", "gpt_neox")
+    }
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dirs):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dirs["gpt2"])

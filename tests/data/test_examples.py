@@ -1,0 +1,90 @@
+"""Bad data files: each gets its own message, with the file and the line number."""
+
+import json
+
+import pytest
+
+from trainer.data.examples import read_examples, split_validation
+from trainer.errors import UserError
+
+GOOD = json.dumps({"prompt": "banana ->", "completion": " yellow<|endoftext|>"})
+
+
+def problems_of(tmp_path, content: bytes) -> str:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as info:
+        read_examples(path)
+    message = str(info.value)
+    assert message.startswith(str(path))
+    return message
+
+
+def lines(*rows: str) -> bytes:
+    return ("\n".join(rows) + "\n").encode("utf-8")
+
+
+def test_good_file_reads_with_line_numbers_and_skips_blank_lines(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(lines(GOOD, "", GOOD))
+    examples = read_examples(path)
+    assert [(e.line, e.prompt, e.completion) for e in examples] == [(1, "banana ->", " yellow<|endoftext|>"), (3, "banana ->", " yellow<|endoftext|>")]
+
+
+def test_invalid_json(tmp_path):
+    message = problems_of(tmp_path, lines(GOOD, GOOD, '{"prompt": "a", "completion": " b"'))
+    assert "1 problem:" in message and "line 3: invalid JSON" in message
+
+
+def test_non_utf8_bytes_name_the_line_and_the_likely_encoding(tmp_path):
+    latin = '{"prompt": "caf\xe9 ->", "completion": " ok"}\n'.encode("cp1252")
+    message = problems_of(tmp_path, lines(GOOD) + latin)
+    assert "line 2: byte 0xe9" in message and "Windows-1252" in message and "re-save the file as UTF-8" in message
+
+
+def test_missing_key(tmp_path):
+    assert "line 2: missing key 'completion'" in problems_of(tmp_path, lines(GOOD, '{"prompt": "a"}'))
+
+
+def test_unknown_key(tmp_path):
+    assert "line 1: unknown key 'label'" in problems_of(tmp_path, lines('{"prompt": "a", "completion": " b", "label": 1}'))
+
+
+def test_wrong_type(tmp_path):
+    assert "line 1: 'completion' must be a string, got int" in problems_of(tmp_path, lines('{"prompt": "a", "completion": 5}'))
+
+
+def test_not_an_object(tmp_path):
+    assert "line 1: expected a JSON object" in problems_of(tmp_path, lines('["a", "b"]'))
+
+
+def test_empty_completion(tmp_path):
+    assert "line 1: 'completion' is empty" in problems_of(tmp_path, lines('{"prompt": "a", "completion": "  "}'))
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_empty_file(tmp_path, content):
+    assert "is empty" in problems_of(tmp_path, content)
+
+
+def test_every_bad_line_is_listed(tmp_path):
+    message = problems_of(tmp_path, lines("{", GOOD, '{"prompt": 1, "completion": " b"}', "nope"))
+    assert "3 problems:" in message
+    assert "line 1:" in message and "line 3:" in message and "line 4:" in message and "line 2:" not in message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        read_examples(tmp_path / "nope.jsonl")
+
+
+def test_validation_split_is_deterministic_and_disjoint(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": " c"}) + "\n" for i in range(20)))
+    examples = read_examples(path)
+    train, valid = split_validation(examples, 0.25, seed=3)
+    again_train, again_valid = split_validation(examples, 0.25, seed=3)
+    assert (train, valid) == (again_train, again_valid)
+    assert len(valid) == 5 and len(train) == 15
+    assert {e.line for e in train}.isdisjoint({e.line for e in valid})
+    assert split_validation(examples, 0.25, seed=4)[1] != valid

@@ -1,0 +1,133 @@
+from pathlib import Path
+
+import pytest
+
+from trainer.config import load_config, parse_overrides, save_config
+from trainer.errors import UsageError, UserError
+
+MINIMAL = """\
+model:
+  name_or_path: some/model
+data:
+  train_file: train.jsonl
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(path, overrides=None) -> str:
+    with pytest.raises(UserError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+def test_defaults_fill_everything_but_the_required_keys(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.method == "lora"
+    assert config.model.dtype == "auto" and config.model.trust_remote_code is False
+    assert config.data.max_seq_len == 2048 and config.data.too_long == "error"
+    assert config.training.epochs == "auto"
+    assert config.checkpoints.count == 5
+    assert config.lora.target_modules == "auto"
+
+
+def test_overrides_are_typed_as_yaml(tmp_path):
+    config = load_config(
+        write(tmp_path, MINIMAL),
+        ["training.learning_rate=3e-4", "checkpoints.count=7", "output_dir=runs/x", "model.gradient_checkpointing=true",
+         "lora.target_modules=[q_proj, v_proj]", "data.validation_file=null"],
+    )
+    assert config.training.learning_rate == 3e-4
+    assert config.checkpoints.count == 7
+    assert config.output_dir == "runs/x"
+    assert config.model.gradient_checkpointing is True
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+    assert config.data.validation_file is None
+
+
+def test_unknown_key_is_named_with_the_file_and_a_suggestion(tmp_path):
+    path = write(tmp_path, MINIMAL + "training:\n  learnign_rate: 0.1\n")
+    message = error_of(path)
+    assert "unknown key 'training.learnign_rate'" in message
+    assert str(path) in message
+    assert "did you mean 'training.learning_rate'?" in message
+
+
+def test_unknown_override_is_blamed_on_the_command_line(tmp_path):
+    message = error_of(write(tmp_path, MINIMAL), ["checkpoints.cout=3"])
+    assert "unknown key 'checkpoints.cout' on the command line" in message
+    assert "did you mean 'checkpoints.count'?" in message
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    message = error_of(write(tmp_path, MINIMAL + "training:\n  micro_batch_size: many\n"))
+    assert "key 'training.micro_batch_size'" in message and "'many'" in message
+
+
+def test_bad_choice_lists_the_allowed_values(tmp_path):
+    message = error_of(write(tmp_path, MINIMAL), ["data.too_long=cut"])
+    assert "data.too_long" in message and "'error', 'drop' or 'truncate'" in message
+
+
+def test_missing_required_key(tmp_path):
+    message = error_of(write(tmp_path, "data:\n  train_file: a.jsonl\n"))
+    assert "missing key 'model'" in message
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (["data.validation_file=v.jsonl", "data.validation_split=0.1"], "either data.validation_file or data.validation_split"),
+        (["method=qlora"], "method 'qlora' is not available yet"),
+        (["method=full", "model.dtype=float16"], "set model.dtype to bfloat16 or float32"),
+        (["checkpoints.count=0"], "checkpoints.count"),
+        (["data.validation_split=1.5"], "data.validation_split"),
+    ],
+)
+def test_impossible_combinations(tmp_path, override, expected):
+    assert expected in error_of(write(tmp_path, MINIMAL), override)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    message = error_of(write(tmp_path, MINIMAL), ["training.epochs=lots", "lora.r=-1"])
+    assert message.startswith("config has 2 errors")
+    assert "training.epochs" in message and "lora.r" in message
+
+
+@pytest.mark.parametrize("arg", ["learning_rate", "=3", "training..lr=3"])
+def test_malformed_override_is_a_usage_error(arg):
+    with pytest.raises(UsageError) as info:
+        parse_overrides([arg])
+    assert info.value.exit_code == 2 and arg in str(info.value)
+
+
+def test_yaml_syntax_error_gives_the_line(tmp_path):
+    message = error_of(write(tmp_path, MINIMAL + "training:\n  epochs: [1\n"))
+    assert "not valid YAML" in message and "line" in message
+
+
+def test_missing_config_file(tmp_path):
+    assert "does not exist" in error_of(tmp_path / "nope.yaml")
+
+
+def test_test_prompts_accept_plain_strings_and_a_single_stop(tmp_path):
+    text = MINIMAL + 'test_prompts:\n  - "banana ->"\n  - {prompt: "lime ->", temperature: 0.7, stop: "\\n"}\n'
+    config = load_config(write(tmp_path, text))
+    first, second = config.test_prompts
+    assert first.prompt == "banana ->" and first.temperature == 0.0 and first.stop == []
+    assert second.temperature == 0.7 and second.stop == ["\n"]
+
+
+def test_temperature_zero_is_allowed_and_negative_is_not(tmp_path):
+    path = write(tmp_path, MINIMAL + 'test_prompts:\n  - {prompt: "a", temperature: -1}\n')
+    assert "test_prompts.0.temperature" in error_of(path)
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), ["training.epochs=2.5", "test_prompts=[hi]"])
+    save_config(config, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == config

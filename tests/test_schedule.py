@@ -1,0 +1,59 @@
+import math
+
+import pytest
+
+from trainer.errors import UserError
+from trainer.schedule import auto_epochs, checkpoint_steps, learning_rate_at, warmup_steps
+
+
+@pytest.mark.parametrize(
+    "total, count, expected",
+    [
+        (10, 5, [2, 4, 6, 8, 10]),
+        (10, 3, [4, 7, 10]),
+        (7, 7, [1, 2, 3, 4, 5, 6, 7]),
+        (100, 1, [100]),
+        (11, 4, [3, 6, 9, 11]),
+    ],
+)
+def test_checkpoint_steps_are_ceil_of_even_fractions(total, count, expected):
+    assert checkpoint_steps(total, count) == expected
+
+
+@pytest.mark.parametrize("total, count", [(t, c) for t in range(1, 40) for c in range(1, t + 1)])
+def test_checkpoint_steps_are_distinct_increasing_and_end_at_the_last_step(total, count):
+    steps = checkpoint_steps(total, count)
+    assert len(steps) == count and steps[-1] == total
+    assert all(a < b for a, b in zip(steps, steps[1:]))
+
+
+def test_more_checkpoints_than_steps_is_a_user_error():
+    with pytest.raises(UserError, match="checkpoints.count=6 but training has only 5"):
+        checkpoint_steps(5, 6)
+
+
+def test_warmup_then_cosine_reaches_zero():
+    kw = dict(peak=1.0, total_steps=10, warmup=2, schedule="cosine")
+    assert learning_rate_at(1, **kw) == 0.5
+    assert learning_rate_at(2, **kw) == 1.0
+    assert learning_rate_at(6, **kw) == pytest.approx(0.5)
+    assert learning_rate_at(10, **kw) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_linear_and_constant():
+    assert learning_rate_at(6, peak=2.0, total_steps=10, warmup=2, schedule="linear") == pytest.approx(1.0)
+    assert learning_rate_at(9, peak=2.0, total_steps=10, warmup=0, schedule="constant") == 2.0
+
+
+def test_warmup_steps_round_up():
+    assert warmup_steps(100, 0.03) == 3
+    assert warmup_steps(10, 0.0) == 0
+    assert warmup_steps(7, 0.1) == math.ceil(0.7)
+
+
+@pytest.mark.parametrize(
+    "size, epochs",
+    [(0, 4), (999_999, 4), (5_000_000, 4), (10_000_000, 3), (99_999_999, 3), (100_000_000, 2), (499_999_999, 2), (500_000_000, 1)],
+)
+def test_auto_epochs_table(size, epochs):
+    assert auto_epochs(size) == epochs

@@ -1,0 +1,62 @@
+"""The recipe's pieces, called in-process: gradient accumulation with token-level normalization."""
+
+import torch
+
+from tests.helpers import write_jsonl
+from trainer.config import Config
+from trainer.train import FineTuneRecipe
+
+# Completions of very different lengths, so per-micro-batch means would weigh tokens unequally.
+ROWS = [
+    {"prompt": "banana ->", "completion": " yellow"},
+    {"prompt": "lime ->", "completion": " green green green green green green"},
+    {"prompt": "kiwi ->", "completion": " green"},
+    {"prompt": "tomato ->", "completion": " red red red red red red red red red red"},
+    {"prompt": "lemon ->", "completion": " yellow yellow"},
+    {"prompt": "cherry ->", "completion": " red"},
+]
+
+
+def recipe(tmp_path, model_dir, name, **training) -> FineTuneRecipe:
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    config = Config.model_validate({
+        "model": {"name_or_path": str(model_dir)},
+        "method": "full",
+        "data": {"train_file": str(data), "max_seq_len": 64},
+        "training": {"epochs": 1, "seed": 0, **training},
+        "checkpoints": {"count": 1},
+        "output_dir": str(tmp_path / name),
+    })
+    r = FineTuneRecipe(config)
+    r.setup()
+    return r
+
+
+def gradients(r: FineTuneRecipe) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in r.model.named_parameters() if p.grad is not None}
+
+
+def test_accumulated_micro_batches_equal_one_batch_of_the_same_examples(tmp_path, tiny_model_dirs):
+    one = recipe(tmp_path, tiny_model_dirs["gpt2"], "one", micro_batch_size=6, gradient_accumulation_steps=1)
+    split = recipe(tmp_path, tiny_model_dirs["gpt2"], "split", micro_batch_size=2, gradient_accumulation_steps=3)
+    loss_one, examples_one, tokens_one = one.accumulate_gradients(1)
+    loss_split, examples_split, tokens_split = split.accumulate_gradients(1)
+    assert sorted(e.line for e in examples_one) == sorted(e.line for e in examples_split) == [1, 2, 3, 4, 5, 6]
+    assert tokens_one == tokens_split
+    assert abs(loss_one.item() - loss_split.item()) < 1e-5 * tokens_one
+    reference, accumulated = gradients(one), gradients(split)
+    assert reference.keys() == accumulated.keys() and reference
+    for name in reference:
+        torch.testing.assert_close(accumulated[name], reference[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_the_naive_per_micro_batch_mean_would_differ(tmp_path, tiny_model_dirs):
+    """Guards the test above: with these examples, averaging micro-batch means is measurably wrong."""
+    split = recipe(tmp_path, tiny_model_dirs["gpt2"], "naive", micro_batch_size=2, gradient_accumulation_steps=3)
+    plan = split.schedule.plan(1)
+    per_token = [sum(split.train_data[i].supervised_tokens for i in mb) for mb in plan.micro_batches]
+    assert len(set(per_token)) > 1
+    total = sum(per_token)
+    naive_weights = [1 / (3 * n) for n in per_token]  # mean of per-micro-batch means
+    exact_weights = [1 / total] * 3
+    assert max(abs(a - b) for a, b in zip(naive_weights, exact_weights)) > 1e-3

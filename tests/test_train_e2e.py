@@ -1,0 +1,195 @@
+"""The real command, end to end, on tiny GPT-2, GPT-J and GPT-NeoX models on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.helpers import REPO, fruit_rows, write_jsonl
+from trainer.schedule import checkpoint_steps
+
+TEST_PROMPTS = [
+    {"prompt": "banana ->", "max_new_tokens": 6},
+    {"prompt": "kiwi ->", "max_new_tokens": 6, "stop": ["\n"]},
+    {"prompt": "tomato ->", "temperature": 0.8, "top_k": 20, "max_new_tokens": 6},
+]
+
+
+def run_command(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, **kwargs)
+
+
+def write_config(tmp_path: Path, model_dir: Path, method: str, **sections) -> Path:
+    train = write_jsonl(tmp_path / "train.jsonl", fruit_rows(48))
+    valid = write_jsonl(tmp_path / "valid.jsonl", fruit_rows(12))
+    config = {
+        "model": {"name_or_path": str(model_dir)},
+        "method": method,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train_file": str(train), "validation_file": str(valid), "max_seq_len": 32},
+        "training": {"epochs": 3, "micro_batch_size": 8, "learning_rate": 3e-2 if method == "lora" else 1e-2, "warmup_ratio": 0.1, "seed": 1},
+        "checkpoints": {"count": 3},
+        "test_prompts": TEST_PROMPTS,
+        "output_dir": str(tmp_path / "run"),
+    }
+    for key, value in sections.items():
+        config[key].update(value)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def load_checkpoint_plainly(checkpoint: Path, base: Path, method: str):
+    """Exactly what a user does, with no import from this project."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    if method == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), checkpoint)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    return model.eval(), tokenizer
+
+
+def plain_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
+    new = output[0, inputs["input_ids"].shape[1]:].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(new)
+
+
+def check_run(run: Path, model_dir: Path, method: str, count: int = 3) -> None:
+    metrics = read_jsonl(run / "metrics.jsonl")
+    steps = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "eval_loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, len(steps) + 1))
+    assert all({"loss", "learning_rate", "grad_norm", "tokens_per_second"} <= m.keys() for m in steps)
+    expected_steps = checkpoint_steps(len(steps), count)
+    assert [m["step"] for m in evals] == expected_steps
+
+    # The loss falls. LoRA on a random-init tiny model plateaus early (the frozen output embeddings
+    # are too small to give confident logits), so it gets a fixed drop rather than a ratio.
+    first = sum(m["loss"] for m in steps[:3]) / 3
+    last = sum(m["loss"] for m in steps[-3:]) / 3
+    assert last < (first - 0.2 if method == "lora" else 0.7 * first), (first, last)
+
+    checkpoints = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-"))
+    assert checkpoints == sorted(f"checkpoint-{s}" for s in expected_steps)
+    assert not list(run.glob(".*partial"))
+    report = (run / "report.md").read_text(encoding="utf-8")
+    for step in expected_steps:
+        assert f"| checkpoint-{step} |" in report
+
+    for step in expected_steps:
+        checkpoint = run / f"checkpoint-{step}"
+        samples = read_jsonl(checkpoint / "samples.jsonl")
+        assert [s["prompt"] for s in samples] == [p["prompt"] for p in TEST_PROMPTS]
+        assert samples[2]["parameters"]["temperature"] == 0.8 and samples[2]["parameters"]["top_k"] == 20
+        weights = {p.name for p in checkpoint.iterdir()}
+        assert ("adapter_model.safetensors" in weights) if method == "lora" else ("model.safetensors" in weights)
+        assert not {"pytorch_model.bin", "adapter_model.bin"} & weights
+    # Reloading the last checkpoint with plain transformers/peft reproduces its greedy samples.
+    model, tokenizer = load_checkpoint_plainly(run / f"checkpoint-{expected_steps[-1]}", model_dir, method)
+    samples = read_jsonl(run / f"checkpoint-{expected_steps[-1]}" / "samples.jsonl")
+    for sample, prompt in zip(samples[:2], TEST_PROMPTS[:2]):
+        assert plain_greedy(model, tokenizer, prompt["prompt"], prompt["max_new_tokens"]) == sample["completion"]
+
+
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+@pytest.mark.parametrize(
+    "family, method, launcher",
+    [
+        ("gpt2", "full", ACCELERATE_LAUNCH),
+        ("gpt2", "lora", [sys.executable]),
+        ("gptj", "lora", [sys.executable]),
+        ("gptj", "full", [sys.executable]),
+        ("gpt_neox", "lora", [sys.executable]),
+        ("gpt_neox", "full", [sys.executable]),
+    ],
+    ids=["gpt2-full-accelerate", "gpt2-lora", "gptj-lora", "gptj-full", "neox-lora", "neox-full"],
+)
+def test_train_command_end_to_end(tmp_path, tiny_model_dirs, family, method, launcher):
+    config = write_config(tmp_path, tiny_model_dirs[family], method)
+    result = run_command([*launcher, "trainer/train.py", str(config)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_run(tmp_path / "run", tiny_model_dirs[family], method)
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["model"]["dtype"] == "float32"
+    if method == "lora":
+        from trainer.model import LORA_TARGETS_BY_FAMILY
+
+        assert resolved["lora"]["target_modules"] == LORA_TARGETS_BY_FAMILY[family]
+
+
+def test_module_entry_point_with_overrides(tmp_path, tiny_model_dirs):
+    config = write_config(tmp_path, tiny_model_dirs["gpt2"], "lora")
+    result = run_command([sys.executable, "-m", "trainer.train", str(config), "checkpoints.count=2", "training.epochs=1",
+                          f"output_dir={tmp_path / 'other'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "other").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+
+
+def test_two_processes_give_the_same_losses_as_one(tmp_path, tiny_model_dirs):
+    """Two CPU processes (torchrun; `accelerate launch --cpu` needs MPI for that) run the same
+    Accelerator code as a multi-GPU job: each step's loss, normalized over both processes, equals
+    one process running the same global batch."""
+    config = write_config(tmp_path, tiny_model_dirs["gpt2"], "full")
+    single = run_command([sys.executable, "trainer/train.py", str(config), "training.micro_batch_size=8",
+                          f"output_dir={tmp_path / 'one'}", "checkpoints.count=1", "training.epochs=1"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "trainer/train.py", str(config), "training.micro_batch_size=4",
+                          f"output_dir={tmp_path / 'two'}", "checkpoints.count=1", "training.epochs=1"])
+    assert double.returncode == 0, double.stderr[-3000:]
+    losses = lambda run: [m["loss"] for m in read_jsonl(tmp_path / run / "metrics.jsonl") if "loss" in m]
+    one, two = losses("one"), losses("two")
+    assert len(one) == len(two) == 6  # 48 examples, 8 a step, 1 epoch
+    for a, b in zip(one, two):
+        assert abs(a - b) < 1e-4, (one, two)
+
+
+def test_usage_and_user_errors_have_exit_codes_and_no_traceback(tmp_path, tiny_model_dirs):
+    no_args = run_command([sys.executable, "trainer/train.py"])
+    assert no_args.returncode == 2 and "usage:" in no_args.stderr
+
+    bad_override = run_command([sys.executable, "trainer/train.py", "x.yaml", "nonsense"])
+    assert bad_override.returncode == 2 and "section.key=value" in bad_override.stderr
+
+    # The data is checked before the model is loaded: a missing model is not what gets reported.
+    config = write_config(tmp_path, tmp_path / "no-such-model", "lora")
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": " b"}\n{"prompt": "a"\n', encoding="utf-8")
+    bad_data = run_command([sys.executable, "trainer/train.py", str(config)])
+    assert bad_data.returncode == 1
+    assert "train.jsonl: 1 problem:" in bad_data.stderr and "line 2: invalid JSON" in bad_data.stderr
+    assert "Traceback" not in bad_data.stderr
+
+    bad_key = run_command([sys.executable, "trainer/train.py", str(config), "training.lr=1"])
+    assert bad_key.returncode == 1 and "unknown key 'training.lr' on the command line" in bad_key.stderr
+    assert "Traceback" not in bad_key.stderr
+
+
+def test_refuses_to_mix_two_runs_in_one_folder(tmp_path, tiny_model_dirs):
+    config = write_config(tmp_path, tiny_model_dirs["gpt2"], "lora", training={"epochs": 1}, checkpoints={"count": 1})
+    assert run_command([sys.executable, "trainer/train.py", str(config)]).returncode == 0
+    again = run_command([sys.executable, "trainer/train.py", str(config)])
+    assert again.returncode == 1 and "already holds a run" in again.stderr and "overwrite_output_dir=true" in again.stderr
+    forced = run_command([sys.executable, "trainer/train.py", str(config), "overwrite_output_dir=true", "checkpoints.count=2"])
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]

@@ -1,0 +1,346 @@
+"""The run configuration: typed, validated once, saved into the run folder.
+
+A config is a YAML file plus `section.key=value` overrides from the command line
+(values are parsed as YAML, so `training.learning_rate=3e-4` is a number and
+`checkpoints.count=7` an integer). Every field has a docstring: they are the
+config reference (`python scripts/config_reference.py` prints it for the README).
+
+Unknown keys, wrong types and impossible combinations raise `UserError` naming
+the key, where it came from (the file or the command line) and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainer.errors import UsageError, UserError
+
+
+class _Section(BaseModel):
+    """Base for every config section: unknown keys are errors, docstrings are descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str
+    """Hugging Face model id (e.g. `EleutherAI/gpt-j-6b`: from the local HF cache, or downloaded where
+    the machine can reach the Hub) or a local folder made by `save_pretrained`."""
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Dtype the weights are loaded in. `auto`: bfloat16 on a CUDA GPU that supports it, else float32."""
+
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model repository. Off unless you trust the source."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: much less memory, about 30% more compute."""
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0)
+    """LoRA rank."""
+
+    alpha: float = Field(32.0, gt=0)
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+
+    target_modules: Union[Literal["auto", "all-linear"], list[str]] = "auto"
+    """Modules that get adapters. `auto` picks per family: GPT-J q_proj, k_proj, v_proj, out_proj,
+    fc_in, fc_out; GPT-NeoX query_key_value, dense, dense_h_to_4h, dense_4h_to_h; GPT-2 c_attn,
+    c_proj, c_fc; any other family: every linear layer (`all-linear`). Or a list of module names."""
+
+
+class DataConfig(_Section):
+    train_file: str
+    """Training data: JSONL, one `{"prompt": ..., "completion": ...}` object a line, UTF-8.
+    An empty prompt makes an open-ended text example."""
+
+    validation_file: str | None = None
+    """Held-out data in the same format, for the eval loss at each checkpoint."""
+
+    validation_split: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of the training file held out for validation (deterministic, by `training.seed`),
+    when there is no `validation_file`. 0 means no eval loss."""
+
+    max_seq_len: int = Field(2048, gt=0)
+    """Longest example in tokens (prompt + completion + EOS)."""
+
+    too_long: Literal["error", "drop", "truncate"] = "error"
+    """What to do with an example over `max_seq_len`: stop with its line number (`error`), skip it
+    (`drop`), or cut the completion's end (`truncate`; an example whose prompt alone is too long is
+    dropped). The number affected is reported either way."""
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> "DataConfig":
+        if self.validation_file and self.validation_split > 0:
+            raise ValueError(
+                "set either data.validation_file or data.validation_split, not both "
+                "(remove one of them)"
+            )
+        return self
+
+
+class TrainingConfig(_Section):
+    epochs: Union[float, Literal["auto"]] = "auto"
+    """Passes over the training data (may be fractional). `auto` uses the table by training-file
+    size: under 10 MB 4, under 100 MB 3, under 500 MB 2, larger 1 (the upper end of the usual
+    range, because the checkpoints let you pick an earlier one)."""
+
+    micro_batch_size: int = Field(4, gt=0)
+    """Examples per forward pass on each process."""
+
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    """Micro-batches per optimizer step. The loss is normalized by the supervised tokens of the
+    whole step, so accumulation gives the same update as one large batch."""
+
+    learning_rate: float = Field(1e-4, gt=0)
+    """Peak learning rate (AdamW)."""
+
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    """Shape after warmup: constant, linear decay to 0, or cosine decay to 0."""
+
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    """Fraction of the optimizer steps spent warming up linearly from 0 to the peak."""
+
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay (not applied to biases and norm weights)."""
+
+    max_grad_norm: float | None = Field(1.0, ge=0.0)
+    """Clip the global gradient norm to this value; 0 or null turns clipping off."""
+
+    seed: int = 42
+    """Seed for initialisation, data order, dropout, the validation split and sampling."""
+
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
+    """Autocast for the forward pass. `auto`: bf16 on a CUDA GPU that supports it, else none."""
+
+
+class CheckpointsConfig(_Section):
+    count: int = Field(5, ge=1)
+    """How many checkpoints to save, at evenly spaced optimizer steps; the last is the final step.
+    Checkpoint i of N is at step ceil(i * total_steps / N)."""
+
+
+class TestPrompt(_Section):
+    __test__: ClassVar[bool] = False  # not a pytest test class, despite the name
+    prompt: str
+    """Text given to the model at every checkpoint, exactly as at inference (include the separator)."""
+
+    temperature: float = Field(0.0, ge=0.0)
+    """Sampling temperature; 0 means greedy decoding."""
+
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling: keep the smallest set of tokens whose probability sums to top_p."""
+
+    top_k: int = Field(0, ge=0)
+    """Keep only the k most likely tokens; 0 turns this filter off."""
+
+    max_new_tokens: int = Field(64, gt=0)
+    """Longest completion in tokens."""
+
+    stop: list[str] = Field(default_factory=list)
+    """Stop sequences: the completion is cut before the first one. It also ends at EOS."""
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _single_stop_string(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class Config(_Section):
+    model: ModelConfig
+    """The base model."""
+
+    method: Literal["lora", "full", "qlora"] = "lora"
+    """`lora` trains low-rank adapters on frozen weights; `full` trains every weight. (`qlora` is
+    reserved and not available yet.)"""
+
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    """LoRA settings, used when `method` is `lora`."""
+
+    data: DataConfig
+    """Training and validation data."""
+
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    """Optimisation settings."""
+
+    checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
+    """Checkpoint schedule."""
+
+    test_prompts: list[TestPrompt] = Field(default_factory=list)
+    """Prompts every checkpoint answers, each with its own sampling parameters. A plain string is a
+    prompt with the defaults."""
+
+    output_dir: str = "runs/run"
+    """The run folder: resolved config, metrics.jsonl, checkpoint-<step>/ folders, report.md."""
+
+    overwrite_output_dir: bool = False
+    """Allow a run in an `output_dir` that already holds a run; its checkpoints and metrics are removed first."""
+
+    @field_validator("test_prompts", mode="before")
+    @classmethod
+    def _plain_string_prompts(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"prompt": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _method_is_available(self) -> "Config":
+        if self.method == "qlora":
+            raise ValueError("method 'qlora' is not available yet: use method=lora (or method=full)")
+        if self.method == "full" and self.model.dtype == "float16":
+            raise ValueError(
+                "full fine-tuning cannot train float16 weights (the optimizer state underflows): "
+                "set model.dtype to bfloat16 or float32"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`["training.learning_rate=3e-4", ...]` -> `{"training.learning_rate": 0.0003, ...}`.
+
+    Values are YAML, so numbers, booleans, lists and null are typed as in the file.
+    """
+    overrides: dict[str, Any] = {}
+    for arg in args:
+        key, sep, raw = arg.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UsageError(
+                f"override '{arg}' is not of the form section.key=value "
+                "(example: training.learning_rate=3e-4)"
+            )
+        try:
+            overrides[key] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as err:
+            raise UsageError(f"override '{arg}': the value is not valid YAML ({err})") from None
+    return overrides
+
+
+def _apply_override(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted_key.split(".")
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[leaf] = value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist: check the path (it is relative to {Path.cwd()})")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text: re-save it as UTF-8") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise UserError(f"config file {path} is not valid YAML{where}: {problem}. Fix the syntax there.") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise UserError(f"config file {path} must be a mapping of sections (model:, data:, ...), not a {type(tree).__name__}")
+    return tree
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_known_keys(annotation, prefix + name + "."))
+    return keys
+
+
+def _field_path(loc: tuple) -> tuple:
+    """The part of an error location that names config keys: pydantic appends the member of a
+    union that failed (e.g. `training.epochs.float`), which means nothing to a user."""
+    path: list = []
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            path.append(part)
+            continue
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            break
+        path.append(part)
+        annotation = fields[part].annotation
+        inner = getattr(annotation, "__args__", (annotation,))[0] if getattr(annotation, "__origin__", None) is list else annotation
+        model = inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
+    return tuple(path) if path else tuple(loc)
+
+
+def _merge_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One error per key: a union's per-member failures become 'X or Y'."""
+    merged: dict[tuple, dict[str, Any]] = {}
+    for error in errors:
+        # An unknown or missing key is named in full; other errors by the key that holds the value.
+        path = error["loc"] if error["type"] in ("extra_forbidden", "missing") else _field_path(error["loc"])
+        if path in merged:
+            merged[path]["msg"] += " or " + error["msg"][0].lower() + error["msg"][1:]
+        else:
+            merged.setdefault(path, dict(error, loc=path))
+    return list(merged.values())
+
+
+def _describe_error(error: dict[str, Any], source: Path, overrides: dict[str, Any]) -> str:
+    loc = ".".join(str(part) for part in error["loc"])
+    from_cli = any(loc == key or loc.startswith(key + ".") or key.startswith(loc + ".") for key in overrides)
+    where = "on the command line" if from_cli else f"in {source}"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(loc, _known_keys(Config), n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else "remove it (see the config reference in README.md)"
+        return f"unknown key '{loc}' {where}: {hint}"
+    if kind == "missing":
+        return f"missing key '{loc}' {where}: add it (see the config reference in README.md)"
+    if not error["loc"]:  # a cross-field check on the whole config
+        return f"{error['msg'].removeprefix('Value error, ')} ({where})"
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    return f"key '{loc}' {where}: {message}{shown}"
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read, override and validate a config. Raises `UserError` with every problem found."""
+    path = Path(path)
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    overrides = overrides or {}
+    tree = _read_yaml(path)
+    for key, value in overrides.items():
+        _apply_override(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        problems = [_describe_error(e, path, overrides) for e in _merge_union_errors(err.errors())]
+        if len(problems) == 1:
+            raise UserError(f"config error: {problems[0]}") from None
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise UserError(f"config has {len(problems)} errors:\n{listed}") from None
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML; it loads back with `load_config` to the same values."""
+    Path(path).write_text(
+        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8"
+    )

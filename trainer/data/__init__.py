@@ -1,0 +1,1 @@
+"""Data: read -> validate -> tokenize with loss mask -> batches."""

@@ -1,0 +1,86 @@
+"""Data order and padded batches.
+
+The order of examples is a pure function of (seed, epoch), and the micro-batches of an optimizer
+step are a pure function of the step number, so every process can compute the whole step's
+supervised-token count without communicating, and a resumed run sees the same data.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from trainer.data.tokenize import IGNORE_INDEX, TokenizedExample
+
+
+@functools.lru_cache(maxsize=2)  # one shuffle per epoch, not per step
+def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    """A permutation of the example indices, the same in every process and on every resume."""
+    order = list(range(num_examples))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Which examples each micro-batch of one optimizer step holds, on every process."""
+
+    epoch: int
+    micro_batches: list[list[int]]
+    """Global micro-batches: example indices over all processes, `micro_batch_size * world_size` at most."""
+
+
+class DataSchedule:
+    """Maps optimizer steps to examples: `micro_batch_size` per process per micro-batch,
+    `gradient_accumulation_steps` micro-batches per step, `steps_per_epoch` steps per epoch.
+    The last step of an epoch may hold fewer micro-batches; the token-normalized loss makes that exact."""
+
+    def __init__(self, num_examples: int, *, micro_batch_size: int, accumulation: int, world_size: int, seed: int):
+        self.num_examples = num_examples
+        self.global_batch = micro_batch_size * world_size
+        self.accumulation = accumulation
+        self.seed = seed
+        self.micro_batches_per_epoch = math.ceil(num_examples / self.global_batch)
+        self.steps_per_epoch = math.ceil(self.micro_batches_per_epoch / accumulation)
+
+    def total_steps(self, epochs: float) -> int:
+        return max(1, math.ceil(self.steps_per_epoch * epochs))
+
+    def plan(self, step: int) -> StepPlan:
+        """The micro-batches of optimizer step `step` (1-based)."""
+        epoch, step_in_epoch = divmod(step - 1, self.steps_per_epoch)
+        order = epoch_order(self.num_examples, self.seed, epoch)
+        first = step_in_epoch * self.accumulation
+        last = min(first + self.accumulation, self.micro_batches_per_epoch)
+        micro_batches = [order[m * self.global_batch : (m + 1) * self.global_batch] for m in range(first, last)]
+        return StepPlan(epoch=epoch, micro_batches=micro_batches)
+
+
+def shard(global_micro_batch: list[int], rank: int, world_size: int) -> tuple[list[int], bool]:
+    """This process's share of a global micro-batch, and whether it is real.
+
+    A short last micro-batch can leave a process with nothing; it then runs the first example with
+    every label masked (weight 0), because every process must take part in each backward pass.
+    """
+    mine = global_micro_batch[rank::world_size]
+    return (mine, True) if mine else (global_micro_batch[:1], False)
+
+
+def collate(examples: list[TokenizedExample], pad_id: int, *, supervise: bool = True) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example. Padding gets label IGNORE_INDEX because it is padding
+    (by position), never by token id, so EOS stays supervised when pad == eos."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        attention_mask[row, :n] = 1
+        if supervise:
+            labels[row, :n] = torch.tensor(example.labels)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

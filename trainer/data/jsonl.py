@@ -1,0 +1,78 @@
+"""Read a JSONL file into (line number, object) rows, reporting every broken line at once.
+
+Problems are collected rather than raised one by one, so a user fixes a file in one pass.
+The message names the file and each line, and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import UserError
+
+MAX_LISTED_PROBLEMS = 20
+
+
+def raise_problems(path: Path, problems: list[str]) -> None:
+    """Raise one `UserError` listing `problems` (each already starting with 'line N: ...')."""
+    if not problems:
+        return
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    more = len(problems) - len(shown)
+    listed = "\n".join(f"  {p}" for p in shown)
+    tail = f"\n  ... and {more} more" if more else ""
+    noun = "problem" if len(problems) == 1 else "problems"
+    raise UserError(f"{path}: {len(problems)} {noun}:\n{listed}{tail}")
+
+
+def _guess_encoding(raw: bytes) -> str:
+    """Name the likely encoding of bytes that are not UTF-8 (a hint for the fix, not a guarantee)."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    try:
+        raw.decode("cp1252")
+        return "Windows-1252 (or Latin-1)"
+    except UnicodeDecodeError:
+        return "an unknown 8-bit encoding"
+
+
+def read_jsonl(path: str | Path) -> tuple[list[tuple[int, Any]], list[str]]:
+    """Parse every non-blank line of `path` as JSON; line numbers are 1-based.
+
+    Returns the parsed rows and a problem ('line N: ...') for each line that is not UTF-8 or not
+    JSON, so the caller can report them together with its own checks. Raises `UserError` if the
+    file is missing or holds no line at all.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file {path} does not exist: check the path (relative paths start at {Path.cwd()})")
+    rows: list[tuple[int, Any]] = []
+    problems: list[str] = []
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark is harmless; drop it
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                problems.append(
+                    f"line {line_no}: byte 0x{raw[err.start]:02x} at column {err.start + 1} is not UTF-8 "
+                    f"(the file looks like {_guess_encoding(raw)}). Fix: re-save the file as UTF-8, e.g. "
+                    f"`iconv -f CP1252 -t UTF-8 {path.name} > fixed.jsonl` or 'Save as... UTF-8' in your editor"
+                )
+                continue
+            if not text.strip():
+                continue
+            try:
+                rows.append((line_no, json.loads(text)))
+            except json.JSONDecodeError as err:
+                problems.append(
+                    f"line {line_no}: invalid JSON ({err.msg} at column {err.colno}). Fix: each line must be "
+                    "one complete JSON object; check quotes, commas and escaped newlines (\\n)"
+                )
+    if not rows and not problems:
+        raise UserError(f"{path} is empty: it needs one JSON object per line, e.g. "
+                        '{"prompt": "banana ->", "completion": " yellow<|endoftext|>"}')
+    return rows, problems

@@ -1,0 +1,99 @@
+"""Load the tokenizer and the model, and prepare it for the chosen method (LoRA or full)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from trainer.config import Config
+from trainer.errors import UserError
+
+# Per-family LoRA targets: every projection in attention and MLP (QLoRA paper: all linear layers
+# matter). Names from the transformers implementations.
+LORA_TARGETS_BY_FAMILY = {
+    "gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on a CUDA GPU that supports it, else float32 (CPU smoke tests)."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _load_error(config: Config, what: str, err: Exception) -> UserError:
+    return UserError(
+        f"could not load the {what} from model.name_or_path='{config.model.name_or_path}': {err}\n"
+        "Fix: give a local folder made by save_pretrained, or a Hugging Face model id that is in your "
+        "local cache (or reachable from this machine)."
+    )
+
+
+def load_tokenizer(config: Config):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            config.model.name_or_path, trust_remote_code=config.model.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise _load_error(config, "tokenizer", err) from None
+    if tokenizer.pad_token_id is None:
+        # Safe because labels are masked by position, not by pad id (see data/tokenize.py).
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(config: Config, dtype: torch.dtype) -> PreTrainedModel:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model.name_or_path, dtype=dtype, trust_remote_code=config.model.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise _load_error(config, "model", err) from None
+    model.config.use_cache = False  # the KV cache is for generation; training only wastes memory on it
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def lora_target_modules(config: Config, model: PreTrainedModel) -> list[str] | str:
+    targets = config.lora.target_modules
+    if targets != "auto":
+        return targets
+    return LORA_TARGETS_BY_FAMILY.get(model.config.model_type, "all-linear")
+
+
+def apply_method(config: Config, model: PreTrainedModel) -> PreTrainedModel:
+    """Full fine-tuning trains every weight; LoRA freezes them and wraps the targets with adapters."""
+    if config.method == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_modules(config, model)
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=targets,
+        # GPT-2 stores its projections as Conv1D with transposed weights.
+        fan_in_fan_out=model.config.model_type == "gpt2",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:
+        raise UserError(f"key 'lora.target_modules': {err}. Fix: name modules that exist in this model, or use auto") from None
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,50 @@
+"""Pure functions of the step: learning rate, checkpoint steps, epochs by dataset size."""
+
+from __future__ import annotations
+
+import math
+
+from trainer.errors import UserError
+
+# The seeds' recommendation, at the upper end of each range: the N checkpoints let the user pick
+# an earlier, less trained one ("slightly overtrain, then pick").
+EPOCHS_BY_SIZE = ((1_000_000, 4), (10_000_000, 4), (100_000_000, 3), (500_000_000, 2))
+
+
+def auto_epochs(train_bytes: int) -> int:
+    """Epochs for a training file of `train_bytes` bytes (under 1 MB 4, 10 MB 4, 100 MB 3, 500 MB 2, else 1)."""
+    for limit, epochs in EPOCHS_BY_SIZE:
+        if train_bytes < limit:
+            return epochs
+    return 1
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    return math.ceil(total_steps * warmup_ratio)
+
+
+def learning_rate_at(step: int, *, peak: float, total_steps: int, warmup: int, schedule: str) -> float:
+    """Learning rate for optimizer step `step` (1-based): linear warmup over `warmup` steps, then
+    constant, linear or cosine decay that reaches 0 after the last step."""
+    if step <= warmup:
+        return peak * step / warmup
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if schedule == "linear":
+        return peak * (1.0 - progress)
+    if schedule == "cosine":
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def checkpoint_steps(total_steps: int, count: int) -> list[int]:
+    """`count` evenly spaced optimizer steps, the last one `total_steps`: step ceil(i * T / N) for
+    i = 1..N. Distinct when N <= T; raises `UserError` otherwise."""
+    if count > total_steps:
+        raise UserError(
+            f"checkpoints.count={count} but training has only {total_steps} optimizer steps: "
+            f"lower checkpoints.count to at most {total_steps}, or train longer (training.epochs) "
+            "or with smaller steps (training.micro_batch_size, training.gradient_accumulation_steps)"
+        )
+    return [-(-i * total_steps // count) for i in range(1, count + 1)]

@@ -1,0 +1,340 @@
+"""Fine-tune a causal language model from a YAML config: the training recipe.
+
+    accelerate launch trainer/train.py CONFIG.yaml [section.key=value ...]
+    python trainer/train.py CONFIG.yaml [section.key=value ...]
+    python -m trainer.train CONFIG.yaml [section.key=value ...]
+
+`setup` prepares everything in a fixed order (data is read and checked before any model is
+loaded, so a broken file fails in seconds), then `train` runs the loop and, at each of the N
+checkpoint steps: eval loss -> test prompts -> atomic checkpoint -> report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python trainer/train.py`: make the `trainer` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers.utils import logging as hf_logging
+from tqdm.auto import tqdm
+
+from trainer.checkpoint import CHECKPOINT_PREFIX, save_checkpoint
+from trainer.config import Config, load_config, save_config
+from trainer.data.batching import DataSchedule, collate, shard
+from trainer.data.examples import Example, read_examples, split_validation
+from trainer.data.tokenize import TokenizedExample, tokenize_examples
+from trainer.errors import UsageError, UserError
+from trainer.generate import complete
+from trainer.loss import supervised_loss_sum
+from trainer.metrics import MetricsLog
+from trainer.model import apply_method, count_parameters, load_model, load_tokenizer, lora_target_modules, resolve_dtype
+from trainer.report import CheckpointSummary, write_report
+from trainer.schedule import auto_epochs, checkpoint_steps, learning_rate_at, warmup_steps
+
+USAGE = "usage: accelerate launch trainer/train.py CONFIG.yaml [section.key=value ...]"
+RUN_FILES = ("config.yaml", "metrics.jsonl", "report.md")
+
+
+def mixed_precision_mode(setting: str) -> str:
+    """`auto`: bf16 autocast on a CUDA GPU that supports it, none elsewhere."""
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool, is_main: bool) -> None:
+    """Refuse to mix two runs in one folder, unless told to clear the old one."""
+    old = sorted(p.name for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")) + [
+        name for name in RUN_FILES if (output_dir / name).exists()
+    ]
+    if old and not overwrite:
+        raise UserError(
+            f"output_dir {output_dir} already holds a run ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}). "
+            "Fix: choose a new folder (output_dir=runs/another) or set overwrite_output_dir=true"
+        )
+    if is_main:
+        for name in old:
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for partial in output_dir.glob(f".{CHECKPOINT_PREFIX}*.partial"):
+            shutil.rmtree(partial)
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+
+class FineTuneRecipe:
+    def __init__(self, config: Config):
+        self.config = config
+        self.accelerator = Accelerator(
+            mixed_precision=mixed_precision_mode(config.training.mixed_precision),
+            # Without a GPU, say so: only then does accelerate join torchrun/mpirun CPU processes.
+            cpu=not torch.cuda.is_available(),
+        )
+        self.is_main = self.accelerator.is_main_process
+        self.output_dir = Path(config.output_dir)
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message)
+
+    # ------------------------------------------------------------------------------------------
+    # Setup, in order
+
+    def setup(self) -> None:
+        cfg, acc = self.config, self.accelerator
+        set_seed(cfg.training.seed)
+
+        # 1. Run folder: fail before any work if it would mix two runs.
+        prepare_output_dir(self.output_dir, cfg.overwrite_output_dir, self.is_main)
+        acc.wait_for_everyone()
+
+        # 2. Data: read and check every line before any model is loaded.
+        train_examples, valid_examples = self._read_examples()
+
+        # 3. Tokenizer, then tokenize with the loss mask and the length policy.
+        self.tokenizer = load_tokenizer(cfg)
+        self.train_data = self._tokenize(train_examples, "training")
+        self.valid_data = self._tokenize(valid_examples, "validation") if valid_examples else []
+
+        # 4. Schedule: steps, warmup, checkpoint steps (a bad checkpoints.count fails here, still early).
+        if cfg.training.epochs == "auto":
+            cfg.training.epochs = float(auto_epochs(os.path.getsize(cfg.data.train_file)))
+        self.schedule = DataSchedule(
+            len(self.train_data),
+            micro_batch_size=cfg.training.micro_batch_size,
+            accumulation=cfg.training.gradient_accumulation_steps,
+            world_size=acc.num_processes,
+            seed=cfg.training.seed,
+        )
+        self.total_steps = self.schedule.total_steps(cfg.training.epochs)
+        self.warmup_steps = warmup_steps(self.total_steps, cfg.training.warmup_ratio)
+        self.checkpoint_steps = checkpoint_steps(self.total_steps, cfg.checkpoints.count)
+
+        # 5. Model: dtype -> load -> gradient checkpointing -> LoRA or full.
+        dtype = resolve_dtype(cfg.model.dtype, acc.device)
+        cfg.model.dtype = str(dtype).removeprefix("torch.")
+        model = load_model(cfg, dtype)
+        if cfg.method == "lora":
+            cfg.lora.target_modules = lora_target_modules(cfg, model)
+        model = apply_method(cfg, model)
+        trainable, total = count_parameters(model)
+
+        # 6. Optimizer, then let accelerate place and wrap both (DDP across processes).
+        optimizer = torch.optim.AdamW(self._parameter_groups(model), lr=cfg.training.learning_rate)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+
+        # 7. The resolved config (auto values filled in) goes into the run folder.
+        if self.is_main:
+            save_config(cfg, self.output_dir / "config.yaml")
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=self.is_main)
+        self.checkpoints: list[CheckpointSummary] = []
+        self.log(
+            f"model {cfg.model.name_or_path} ({cfg.model.dtype}, {cfg.method}): "
+            f"{trainable:,} of {total:,} parameters trainable\n"
+            f"{len(self.train_data)} training and {len(self.valid_data)} validation examples; "
+            f"{cfg.training.epochs:g} epochs = {self.total_steps} optimizer steps on {acc.num_processes} process(es); "
+            f"checkpoints at steps {self.checkpoint_steps}"
+        )
+
+    def _read_examples(self) -> tuple[list[Example], list[Example]]:
+        data = self.config.data
+        train = read_examples(data.train_file)
+        if data.validation_file:
+            return train, read_examples(data.validation_file)
+        if data.validation_split > 0:
+            return split_validation(train, data.validation_split, self.config.training.seed)
+        return train, []
+
+    def _tokenize(self, examples: list[Example], which: str) -> list[TokenizedExample]:
+        data = self.config.data
+        tokenized, report = tokenize_examples(
+            examples, self.tokenizer, max_seq_len=data.max_seq_len, too_long=data.too_long
+        )
+        if report.dropped or report.truncated:
+            self.log(f"{which} data: {report.summary()} (data.max_seq_len={data.max_seq_len})")
+        if not tokenized:
+            raise UserError(
+                f"no {which} examples are left after data.too_long={data.too_long}: "
+                "raise data.max_seq_len or shorten the examples"
+            )
+        return tokenized
+
+    def _parameter_groups(self, model: torch.nn.Module) -> list[dict]:
+        """Weight decay on matrices only: decaying biases and norm gains hurts and helps nothing."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in trainable if p.ndim >= 2]
+        no_decay = [p for p in trainable if p.ndim < 2]
+        return [
+            {"params": decay, "weight_decay": self.config.training.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    # ------------------------------------------------------------------------------------------
+    # Training
+
+    def train(self) -> None:
+        cfg, acc = self.config, self.accelerator
+        self.model.train()
+        # In a batch job's log file, a bar redrawn ten times a second is noise: redraw every 30 s.
+        progress = tqdm(
+            total=self.total_steps, disable=not self.is_main, desc="training", unit="step",
+            mininterval=0.1 if sys.stderr.isatty() else 30,
+        )
+        loss_since_checkpoint, tokens_since_checkpoint = 0.0, 0
+        for step in range(1, self.total_steps + 1):
+            loss, supervised = self.train_step(step)
+            loss_since_checkpoint += loss * supervised
+            tokens_since_checkpoint += supervised
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}")
+            if step in self.checkpoint_steps:
+                self.save_checkpoint(step, loss_since_checkpoint / tokens_since_checkpoint)
+                loss_since_checkpoint, tokens_since_checkpoint = 0.0, 0
+        progress.close()
+        if self.is_main:
+            print(self.report_text)
+            print(f"run folder: {self.output_dir}")
+
+    def accumulate_gradients(self, step: int) -> tuple[torch.Tensor, list[TokenizedExample], int]:
+        """Forward and backward over every micro-batch of optimizer step `step`.
+
+        Leaves in `.grad` (sum of all token losses of the step, on all processes) / (the step's
+        supervised tokens). Returns this process's loss sum, the step's examples (all processes)
+        and its supervised-token count.
+        """
+        acc = self.accelerator
+        plan = self.schedule.plan(step)
+        # Every process knows the whole step's examples, so the normalizer needs no communication.
+        step_examples = [self.train_data[i] for mb in plan.micro_batches for i in mb]
+        step_tokens = sum(e.supervised_tokens for e in step_examples)
+        loss_sum = torch.zeros((), device=acc.device)
+        for index, global_micro_batch in enumerate(plan.micro_batches):
+            mine, real = shard(global_micro_batch, acc.process_index, acc.num_processes)
+            batch = collate([self.train_data[i] for i in mine], self.tokenizer.pad_token_id, supervise=real)
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            last = index == len(plan.micro_batches) - 1
+            # Gradients are all-reduced once per optimizer step, on its last micro-batch.
+            with nullcontext() if last else acc.no_sync(self.model):
+                micro_loss = supervised_loss_sum(self.model, batch)
+                # DDP averages gradients over processes; times num_processes makes it the sum, so
+                # the update is (sum of all token losses of the step) / (its supervised tokens).
+                acc.backward(micro_loss * acc.num_processes / step_tokens)
+            loss_sum += micro_loss.detach()
+        return loss_sum, step_examples, step_tokens
+
+    def train_step(self, step: int) -> tuple[float, int]:
+        """One optimizer step; returns (mean token loss over the step, supervised tokens)."""
+        cfg, acc = self.config, self.accelerator
+        started = time.perf_counter()
+        learning_rate = learning_rate_at(
+            step, peak=cfg.training.learning_rate, total_steps=self.total_steps,
+            warmup=self.warmup_steps, schedule=cfg.training.lr_scheduler,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        loss_sum, step_examples, step_tokens = self.accumulate_gradients(step)
+
+        max_norm = cfg.training.max_grad_norm or math.inf
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        # .item() waits for the GPU: once per step, for the log line.
+        loss = acc.reduce(loss_sum, reduction="sum").item() / step_tokens
+        grad_norm = float(grad_norm)
+        seconds = time.perf_counter() - started
+        tokens = sum(len(e.input_ids) for e in step_examples)
+        self.metrics.write(
+            step=step,
+            epoch=round(step / self.schedule.steps_per_epoch, 4),
+            loss=loss,
+            learning_rate=learning_rate,
+            grad_norm=grad_norm,
+            tokens=tokens,
+            supervised_tokens=step_tokens,
+            tokens_per_second=round(tokens / seconds, 1),
+        )
+        return loss, step_tokens
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Token-level mean loss over the validation data, split across processes."""
+        if not self.valid_data:
+            return None
+        acc = self.accelerator
+        self.model.eval()
+        by_length = sorted(range(len(self.valid_data)), key=lambda i: len(self.valid_data[i].input_ids))
+        width = self.config.training.micro_batch_size * acc.num_processes
+        loss_sum = torch.zeros((), device=acc.device)
+        for start in range(0, len(by_length), width):
+            mine, real = shard(by_length[start : start + width], acc.process_index, acc.num_processes)
+            batch = collate([self.valid_data[i] for i in mine], self.tokenizer.pad_token_id, supervise=real)
+            loss_sum += supervised_loss_sum(self.model, {k: v.to(acc.device) for k, v in batch.items()})
+        self.model.train()
+        total_tokens = sum(e.supervised_tokens for e in self.valid_data)
+        return acc.reduce(loss_sum, reduction="sum").item() / total_tokens  # GPU sync
+
+    @torch.no_grad()
+    def generate_samples(self) -> list[dict]:
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        with self.accelerator.autocast():
+            samples = [complete(model, self.tokenizer, p, seed=self.config.training.seed) for p in self.config.test_prompts]
+        model.train()
+        return samples
+
+    def save_checkpoint(self, step: int, train_loss: float) -> None:
+        cfg, acc = self.config, self.accelerator
+        eval_loss = self.evaluate()
+        epoch = step / self.schedule.steps_per_epoch
+        if eval_loss is not None:
+            self.metrics.write(step=step, epoch=round(epoch, 4), eval_loss=eval_loss)
+        if self.is_main:
+            samples = self.generate_samples()
+            info = {"step": step, "epoch": epoch, "train_loss": train_loss, "eval_loss": eval_loss}
+            path = save_checkpoint(
+                self.output_dir, step, model=acc.unwrap_model(self.model), tokenizer=self.tokenizer,
+                config=cfg, samples=samples, info=info,
+            )
+            self.checkpoints.append(CheckpointSummary(step, epoch, train_loss, eval_loss, samples))
+            self.report_text = write_report(
+                self.output_dir / "report.md", f"Run report: {self.output_dir}",
+                [p.prompt for p in cfg.test_prompts], self.checkpoints,
+            )
+            eval_text = "-" if eval_loss is None else f"{eval_loss:.4f}"
+            self.log(f"saved {path} (train loss {train_loss:.4f}, eval loss {eval_text})")
+        acc.wait_for_everyone()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    hf_logging.disable_progress_bar()  # transformers' per-file load/save bars drown the training log
+    try:
+        if not argv or argv[0] in ("-h", "--help"):
+            if argv:
+                print(f"{USAGE}\n\n{__doc__}")
+                return 0
+            raise UsageError(f"no config file given\n{USAGE}")
+        config = load_config(argv[0], argv[1:])
+        recipe = FineTuneRecipe(config)
+        recipe.setup()
+        recipe.train()
+    except UserError as err:
+        # Every process hits the same user error; one message is enough.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
