@@ -1,6 +1,7 @@
 """Print the config reference (every key, its default, its meaning) as a markdown table.
 
-    python scripts/config_reference.py
+    python scripts/config_reference.py                 # print it
+    python scripts/config_reference.py --write-readme  # replace README.md's copy
 
 The README's "Config reference" section is this output; a test keeps the two in step.
 """
@@ -47,5 +48,19 @@ def reference() -> str:
     return "\n".join(["| key | default | meaning |", "|---|---|---|", *_rows(Config)]) + "\n"
 
 
+README = Path(__file__).resolve().parent.parent / "README.md"
+START, END = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+
+
+def write_readme() -> None:
+    text = README.read_text(encoding="utf-8")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(head + START + reference() + END + tail, encoding="utf-8")
+
+
 if __name__ == "__main__":
-    print(reference(), end="")
+    if sys.argv[1:] == ["--write-readme"]:
+        write_readme()
+    else:
+        print(reference(), end="")

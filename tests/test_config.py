@@ -82,7 +82,8 @@ def test_missing_required_key(tmp_path):
     "override, expected",
     [
         (["data.validation_file=v.jsonl", "data.validation_split=0.1"], "either data.validation_file or data.validation_split"),
-        (["method=qlora"], "method 'qlora' is not available yet"),
+        (["training.optimizer=adamw_8bit"], "is for full fine-tuning"),
+        (["test_prompts=[{temperature: 1}]"], "either `prompt` (text) or `messages` (chat)"),
         (["method=full", "model.dtype=float16"], "set model.dtype to bfloat16 or float32"),
         (["checkpoints.count=0"], "checkpoints.count"),
         (["data.validation_split=1.5"], "data.validation_split"),

@@ -41,6 +41,11 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: much less memory, about 30% more compute."""
 
+    attention: Literal["auto", "eager", "sdpa", "varlen", "flex"] = "auto"
+    """Attention kernel. `auto` picks the fastest correct one for the device and model (checked at
+    start); `eager` is transformers' reference path; `sdpa` is torch's scaled_dot_product_attention;
+    `varlen` and `flex` attend within each packed example without padding (CUDA)."""
+
 
 class LoraConfig(_Section):
     r: int = Field(16, gt=0)
@@ -59,12 +64,38 @@ class LoraConfig(_Section):
 
 
 class DataConfig(_Section):
-    train_file: str
-    """Training data: JSONL, one `{"prompt": ..., "completion": ...}` object a line, UTF-8.
-    An empty prompt makes an open-ended text example."""
+    train_file: Union[str, list[str]]
+    """Training data, one file or a list: JSONL (UTF-8, one JSON object a line), or local parquet /
+    arrow files. Rows are `{"prompt", "completion"}` (an empty prompt makes an open-ended example),
+    `{"messages": [{"role", "content"}, ...]}` (chat) or `{"text"}` (open-ended text)."""
 
-    validation_file: str | None = None
-    """Held-out data in the same format, for the eval loss at each checkpoint."""
+    validation_file: Union[str, list[str], None] = None
+    """Held-out data in the same format(s), for the eval loss at each checkpoint."""
+
+    format: Literal["auto", "prompt_completion", "chat", "text"] = "auto"
+    """Row format. `auto` detects it per file; a file that mixes formats is an error."""
+
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    """Chat data: train every assistant turn of a thread, or only the last one."""
+
+    chat_template: str | None = None
+    """Chat data: a Jinja chat template. Default: the tokenizer's own template, or for models without
+    one (GPT-J, GPT-NeoX) a plain-text template; the same one renders chat test prompts."""
+
+    on_error: Literal["error", "skip"] = "error"
+    """Invalid lines stop the run before training (`error`), or are skipped and listed in the run
+    folder (`skip`)."""
+
+    packing: bool = False
+    """Pack several examples into each `max_seq_len` row (no padding); each example still attends
+    only to itself and keeps its own positions."""
+
+    cache_dir: str | None = None
+    """Where tokenized data is cached (keyed by file content, tokenizer and settings), so a rerun
+    does not tokenize again. Default: the `datasets` cache."""
+
+    num_proc: int | None = Field(None, ge=1)
+    """Processes for tokenization. Default: several for large data, one for small."""
 
     validation_split: float = Field(0.0, ge=0.0, lt=1.0)
     """Fraction of the training file held out for validation (deterministic, by `training.seed`),
@@ -122,6 +153,13 @@ class TrainingConfig(_Section):
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
     """Autocast for the forward pass. `auto`: bf16 on a CUDA GPU that supports it, else none."""
 
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    """`adamw` (torch); `adamw_8bit` and `paged_adamw_8bit` keep optimizer state in 8 bits
+    (bitsandbytes, CUDA): about 6 bytes less per trained parameter."""
+
+    compile: bool = False
+    """Compile the model with torch.compile (slower start, faster steps)."""
+
 
 class CheckpointsConfig(_Section):
     count: int = Field(5, ge=1)
@@ -129,10 +167,23 @@ class CheckpointsConfig(_Section):
     Checkpoint i of N is at step ceil(i * total_steps / N)."""
 
 
+class ChatMessage(_Section):
+    role: Literal["system", "user", "assistant"]
+    """Who speaks."""
+
+    content: str
+    """What they say."""
+
+
 class TestPrompt(_Section):
     __test__: ClassVar[bool] = False  # not a pytest test class, despite the name
-    prompt: str
+
+    prompt: str | None = None
     """Text given to the model at every checkpoint, exactly as at inference (include the separator)."""
+
+    messages: list[ChatMessage] | None = None
+    """A chat-form test prompt instead of `prompt`: rendered with the same chat template as the
+    training data, ending with the assistant's turn to speak."""
 
     temperature: float = Field(0.0, ge=0.0)
     """Sampling temperature; 0 means greedy decoding."""
@@ -154,17 +205,30 @@ class TestPrompt(_Section):
     def _single_stop_string(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> "TestPrompt":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give a test prompt either `prompt` (text) or `messages` (chat), exactly one of them")
+        return self
+
+    @property
+    def label(self) -> str:
+        """How the prompt is shown in reports."""
+        if self.prompt is not None:
+            return self.prompt
+        return " | ".join(f"{m.role}: {m.content}" for m in self.messages)
+
 
 class Config(_Section):
     model: ModelConfig
     """The base model."""
 
     method: Literal["lora", "full", "qlora"] = "lora"
-    """`lora` trains low-rank adapters on frozen weights; `full` trains every weight. (`qlora` is
-    reserved and not available yet.)"""
+    """`lora` trains low-rank adapters on frozen weights; `qlora` does the same on 4-bit NF4 weights
+    (bitsandbytes, CUDA); `full` trains every weight."""
 
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    """LoRA settings, used when `method` is `lora`."""
+    """LoRA settings, used when `method` is `lora` or `qlora`."""
 
     data: DataConfig
     """Training and validation data."""
@@ -194,8 +258,11 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _method_is_available(self) -> "Config":
-        if self.method == "qlora":
-            raise ValueError("method 'qlora' is not available yet: use method=lora (or method=full)")
+        if self.training.optimizer != "adamw" and self.method != "full":
+            raise ValueError(
+                f"training.optimizer={self.training.optimizer} is for full fine-tuning (adapters are small): "
+                "set training.optimizer=adamw or method=full"
+            )
         if self.method == "full" and self.model.dtype == "float16":
             raise ValueError(
                 "full fine-tuning cannot train float16 weights (the optimizer state underflows): "

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from trainer.checkpoint import CHECKPOINT_PREFIX, save_checkpoint
 from trainer.config import Config, load_config, save_config
 from trainer.data.batching import DataSchedule, collate, shard
-from trainer.data.examples import Example, read_examples, split_validation
-from trainer.data.tokenize import TokenizedExample, tokenize_examples
+from trainer.data.pipeline import read_data, tokenize_split, train_file_bytes
+from trainer.data.tokenize import TokenizedExample
 from trainer.errors import UsageError, UserError
 from trainer.generate import complete
 from trainer.loss import supervised_loss_sum
@@ -98,16 +98,16 @@ class FineTuneRecipe:
         acc.wait_for_everyone()
 
         # 2. Data: read and check every line before any model is loaded.
-        train_examples, valid_examples = self._read_examples()
+        raw = read_data(cfg)
 
         # 3. Tokenizer, then tokenize with the loss mask and the length policy.
         self.tokenizer = load_tokenizer(cfg)
-        self.train_data = self._tokenize(train_examples, "training")
-        self.valid_data = self._tokenize(valid_examples, "validation") if valid_examples else []
+        self.train_data = tokenize_split(cfg, raw.train, self.tokenizer, "training", self.log)
+        self.valid_data = tokenize_split(cfg, raw.valid, self.tokenizer, "validation", self.log) if raw.valid else []
 
         # 4. Schedule: steps, warmup, checkpoint steps (a bad checkpoints.count fails here, still early).
         if cfg.training.epochs == "auto":
-            cfg.training.epochs = float(auto_epochs(os.path.getsize(cfg.data.train_file)))
+            cfg.training.epochs = float(auto_epochs(train_file_bytes(cfg)))
         self.schedule = DataSchedule(
             len(self.train_data),
             micro_batch_size=cfg.training.micro_batch_size,
@@ -144,29 +144,6 @@ class FineTuneRecipe:
             f"{cfg.training.epochs:g} epochs = {self.total_steps} optimizer steps on {acc.num_processes} process(es); "
             f"checkpoints at steps {self.checkpoint_steps}"
         )
-
-    def _read_examples(self) -> tuple[list[Example], list[Example]]:
-        data = self.config.data
-        train = read_examples(data.train_file)
-        if data.validation_file:
-            return train, read_examples(data.validation_file)
-        if data.validation_split > 0:
-            return split_validation(train, data.validation_split, self.config.training.seed)
-        return train, []
-
-    def _tokenize(self, examples: list[Example], which: str) -> list[TokenizedExample]:
-        data = self.config.data
-        tokenized, report = tokenize_examples(
-            examples, self.tokenizer, max_seq_len=data.max_seq_len, too_long=data.too_long
-        )
-        if report.dropped or report.truncated:
-            self.log(f"{which} data: {report.summary()} (data.max_seq_len={data.max_seq_len})")
-        if not tokenized:
-            raise UserError(
-                f"no {which} examples are left after data.too_long={data.too_long}: "
-                "raise data.max_seq_len or shorten the examples"
-            )
-        return tokenized
 
     def _parameter_groups(self, model: torch.nn.Module) -> list[dict]:
         """Weight decay on matrices only: decaying biases and norm gains hurts and helps nothing."""
@@ -308,7 +285,7 @@ class FineTuneRecipe:
             self.checkpoints.append(CheckpointSummary(step, epoch, train_loss, eval_loss, samples))
             self.report_text = write_report(
                 self.output_dir / "report.md", f"Run report: {self.output_dir}",
-                [p.prompt for p in cfg.test_prompts], self.checkpoints,
+                [p.label for p in cfg.test_prompts], self.checkpoints,
             )
             eval_text = "-" if eval_loss is None else f"{eval_loss:.4f}"
             self.log(f"saved {path} (train loss {train_loss:.4f}, eval loss {eval_text})")

@@ -88,3 +88,35 @@ def test_validation_split_is_deterministic_and_disjoint(tmp_path):
     assert len(valid) == 5 and len(train) == 15
     assert {e.line for e in train}.isdisjoint({e.line for e in valid})
     assert split_validation(examples, 0.25, seed=4)[1] != valid
+
+
+def test_chat_and_text_rows(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(lines(
+        json.dumps({"messages": [{"role": "system", "content": "Marv."}, {"role": "user", "content": "Hi?"}, {"role": "agent", "content": "Hello."}]}),
+    ))
+    [chat] = read_examples(path)
+    assert chat.format == "chat" and chat.messages == (("system", "Marv."), ("user", "Hi?"), ("assistant", "Hello."))
+    path.write_bytes(lines(json.dumps({"text": "Once upon a time."})))
+    [text] = read_examples(path)
+    assert (text.prompt, text.completion, text.format) == ("", "Once upon a time.", "prompt_completion")
+
+
+def test_a_file_that_mixes_formats_names_the_first_line_that_differs(tmp_path):
+    message = problems_of(tmp_path, lines(GOOD, GOOD, json.dumps({"text": "x"}), GOOD))
+    assert "1 problem:" in message and "line 3: this line is in text format but the file is in prompt_completion format" in message
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ({"messages": [{"role": "user", "content": "Hi"}]}, "no assistant turn"),
+        ({"messages": [{"role": "bot", "content": "Hi"}]}, "unknown role 'bot'"),
+        ({"messages": [{"role": "user"}]}, "messages[0] is missing 'content'"),
+        ({"messages": []}, "non-empty list"),
+        ({"text": ""}, "'text' is empty"),
+    ],
+)
+def test_chat_and_text_errors(tmp_path, row, expected):
+    assert f"line 1: " in problems_of(tmp_path, lines(json.dumps(row)))
+    assert expected in problems_of(tmp_path, lines(json.dumps(row)))

@@ -1,54 +1,70 @@
-"""Prompt/completion examples: the schema of one JSONL row, checked line by line."""
+"""Read data files into examples: detect the format, check every row, keep where each came from."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from trainer.data.formats import ROLE_ALIASES, row_format, row_problem
 from trainer.data.jsonl import raise_problems, read_jsonl
 
-PROMPT_COMPLETION_KEYS = ("prompt", "completion")
+Message = tuple[str, str]  # (role, content), with aliases already mapped (agent -> assistant)
 
 
 @dataclass(frozen=True)
 class Example:
-    """One training example as the user wrote it, with where it came from."""
+    """One training example as the user wrote it, with where it came from.
+
+    Prompt/completion rows fill `prompt` and `completion`; text rows are open-ended examples with
+    an empty prompt; chat rows fill `messages` and leave the other two empty.
+    """
 
     prompt: str
     completion: str
     source: str
     line: int
+    messages: tuple[Message, ...] | None = None
+
+    @property
+    def format(self) -> str:
+        return "chat" if self.messages is not None else "prompt_completion"
 
 
-def _row_problem(obj: object) -> str | None:
-    if not isinstance(obj, dict):
-        return f"expected a JSON object with keys 'prompt' and 'completion', got a {type(obj).__name__}"
-    missing = [key for key in PROMPT_COMPLETION_KEYS if key not in obj]
-    if missing:
-        return f"missing key {', '.join(repr(k) for k in missing)}. Fix: every line needs \"prompt\" and \"completion\""
-    unknown = sorted(set(obj) - set(PROMPT_COMPLETION_KEYS))
-    if unknown:
-        return f"unknown key {', '.join(repr(k) for k in unknown)}. Fix: only \"prompt\" and \"completion\" are read; remove the others"
-    for key in PROMPT_COMPLETION_KEYS:
-        if not isinstance(obj[key], str):
-            return f"'{key}' must be a string, got {type(obj[key]).__name__}. Fix: quote the value"
-    if not obj["completion"].strip():
-        return "'completion' is empty: there is nothing to learn. Fix: write the ideal output, or remove the line"
-    return None
+def detect_format(path: Path, rows: list[tuple[int, Any]], requested: str) -> str:
+    """The file's format: `requested`, or with `auto` the format of its first recognisable row
+    (prompt_completion when no row is recognisable: every row then gets its own message)."""
+    if requested != "auto":
+        return requested
+    return next((found for _, obj in rows if (found := row_format(obj))), "prompt_completion")
 
 
-def read_examples(path: str | Path) -> list[Example]:
-    """Read and check a prompt/completion JSONL file; raises `UserError` listing every bad line."""
+def _example(obj: dict, data_format: str, source: str, line: int) -> Example:
+    if data_format == "chat":
+        messages = tuple((ROLE_ALIASES.get(m["role"], m["role"]), m["content"]) for m in obj["messages"])
+        return Example("", "", source, line, messages)
+    if data_format == "text":
+        return Example("", obj["text"], source, line)
+    return Example(obj["prompt"], obj["completion"], source, line)
+
+
+def read_examples(path: str | Path, data_format: str = "auto") -> list[Example]:
+    """Read and check one JSONL file; raises `UserError` listing every bad line.
+
+    A file that mixes formats is an error at the first line that differs from the first format seen.
+    """
     path = Path(path)
     rows, problems = read_jsonl(path)
     examples: list[Example] = []
-    for line_no, obj in rows:
-        problem = _row_problem(obj)
-        if problem:
-            problems.append(f"line {line_no}: {problem}")
-        else:
-            examples.append(Example(obj["prompt"], obj["completion"], str(path), line_no))
+    if rows:
+        data_format = detect_format(path, rows, data_format)
+        for line_no, obj in rows:
+            problem = row_problem(obj, data_format)
+            if problem:
+                problems.append(f"line {line_no}: {problem}")
+            else:
+                examples.append(_example(obj, data_format, str(path), line_no))
     problems.sort(key=lambda p: int(p.split(":", 1)[0].removeprefix("line ")))
     raise_problems(path, problems)
     return examples
