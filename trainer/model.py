@@ -49,15 +49,47 @@ def load_tokenizer(config: Config):
     return tokenizer
 
 
-def load_model(config: Config, dtype: torch.dtype) -> PreTrainedModel:
+def quantization_options(config: Config, device: torch.device) -> dict:
+    """QLoRA: weights stored as 4-bit NF4 with double quantization (the quantization constants are
+    quantized too, about 0.4 bits a parameter saved), matrix products computed in bfloat16."""
+    if config.method != "qlora":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    from trainer.optim import require_bitsandbytes
+
+    require_bitsandbytes("method=qlora", device)
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
+        # A quantized model is placed at load time, each process on its own GPU.
+        "device_map": {"": device.index or 0},
+    }
+
+
+def load_model(config: Config, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> PreTrainedModel:
+    quantization = quantization_options(config, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            config.model.name_or_path, dtype=dtype, trust_remote_code=config.model.trust_remote_code
+            config.model.name_or_path, dtype=dtype, trust_remote_code=config.model.trust_remote_code, **quantization
         )
     except (OSError, ValueError) as err:
         raise _load_error(config, "model", err) from None
     model.config.use_cache = False  # the KV cache is for generation; training only wastes memory on it
-    if config.model.gradient_checkpointing:
+    if quantization:
+        from peft import prepare_model_for_kbit_training
+
+        # Casts norms and the head to fp32 and enables input gradients, as k-bit training needs.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
@@ -70,7 +102,7 @@ def lora_target_modules(config: Config, model: PreTrainedModel) -> list[str] | s
 
 
 def apply_method(config: Config, model: PreTrainedModel) -> PreTrainedModel:
-    """Full fine-tuning trains every weight; LoRA freezes them and wraps the targets with adapters."""
+    """Full fine-tuning trains every weight; LoRA and QLoRA freeze them and wrap the targets with adapters."""
     if config.method == "full":
         model.requires_grad_(True)
         return model

@@ -37,6 +37,7 @@ from trainer.errors import UsageError, UserError
 from trainer.generate import complete
 from trainer.loss import supervised_loss_sum
 from trainer.metrics import MetricsLog
+from trainer.optim import build_optimizer, require_device_features
 from trainer.model import apply_method, count_parameters, load_model, load_tokenizer, lora_target_modules, resolve_dtype
 from trainer.report import CheckpointSummary, write_report
 from trainer.schedule import auto_epochs, checkpoint_steps, learning_rate_at, warmup_steps
@@ -119,17 +120,18 @@ class FineTuneRecipe:
         self.warmup_steps = warmup_steps(self.total_steps, cfg.training.warmup_ratio)
         self.checkpoint_steps = checkpoint_steps(self.total_steps, cfg.checkpoints.count)
 
-        # 5. Model: dtype -> load -> gradient checkpointing -> LoRA or full.
+        # 5. Model: dtype -> load (4-bit for QLoRA) -> gradient checkpointing -> LoRA or full.
+        require_device_features(cfg, acc.device)
         dtype = resolve_dtype(cfg.model.dtype, acc.device)
         cfg.model.dtype = str(dtype).removeprefix("torch.")
-        model = load_model(cfg, dtype)
-        if cfg.method == "lora":
+        model = load_model(cfg, dtype, acc.device)
+        if cfg.method in ("lora", "qlora"):
             cfg.lora.target_modules = lora_target_modules(cfg, model)
         model = apply_method(cfg, model)
         trainable, total = count_parameters(model)
 
         # 6. Optimizer, then let accelerate place and wrap both (DDP across processes).
-        optimizer = torch.optim.AdamW(self._parameter_groups(model), lr=cfg.training.learning_rate)
+        optimizer = build_optimizer(cfg, model, acc.device)
         self.model, self.optimizer = acc.prepare(model, optimizer)
 
         # 7. The resolved config (auto values filled in) goes into the run folder.
@@ -144,16 +146,6 @@ class FineTuneRecipe:
             f"{cfg.training.epochs:g} epochs = {self.total_steps} optimizer steps on {acc.num_processes} process(es); "
             f"checkpoints at steps {self.checkpoint_steps}"
         )
-
-    def _parameter_groups(self, model: torch.nn.Module) -> list[dict]:
-        """Weight decay on matrices only: decaying biases and norm gains hurts and helps nothing."""
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in trainable if p.ndim >= 2]
-        no_decay = [p for p in trainable if p.ndim < 2]
-        return [
-            {"params": decay, "weight_decay": self.config.training.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
 
     # ------------------------------------------------------------------------------------------
     # Training
