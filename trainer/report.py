@@ -28,7 +28,7 @@ def render_report(title: str, prompts: list[str], checkpoints: list[CheckpointSu
     lines = [f"# {title}", ""]
     if prompts:
         lines += ["Test prompts:", ""]
-        lines += [f"{i}. `{_cell(p)}`" for i, p in enumerate(prompts, start=1)]
+        lines += [f"{i}. `{_cell(p.replace(chr(10), chr(92) + 'n'))}`" for i, p in enumerate(prompts, start=1)]
         lines.append("")
     header = ["checkpoint", "epoch", "train loss", "eval loss"] + [f"prompt {i}" for i in range(1, len(prompts) + 1)]
     lines.append("| " + " | ".join(header) + " |")
