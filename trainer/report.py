@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def render_report(title: str, prompts: list[str], checkpoints: list[CheckpointSu
     lines = [f"# {title}", ""]
     if prompts:
         lines += ["Test prompts:", ""]
-        lines += [f"{i}. `{_cell(p.replace(chr(10), chr(92) + 'n'))}`" for i, p in enumerate(prompts, start=1)]
+        # JSON string syntax shows newlines and spaces unambiguously.
+        lines += [f"{i}. `{json.dumps(p, ensure_ascii=False)}`" for i, p in enumerate(prompts, start=1)]
         lines.append("")
     header = ["checkpoint", "epoch", "train loss", "eval loss"] + [f"prompt {i}" for i in range(1, len(prompts) + 1)]
     lines.append("| " + " | ".join(header) + " |")
