@@ -138,6 +138,14 @@ def test_train_command_end_to_end(tmp_path, tiny_model_dirs, family, method, lau
         assert resolved["lora"]["target_modules"] == LORA_TARGETS_BY_FAMILY[family]
 
 
+def test_packed_training_end_to_end(tmp_path, tiny_model_dirs):
+    config = write_config(tmp_path, tiny_model_dirs["gptj"], "full", data={"packing": True}, training={"micro_batch_size": 2})
+    result = run_command([sys.executable, "trainer/train.py", str(config)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "packing: packed 48 examples" in result.stdout + result.stderr
+    check_run(tmp_path / "run", tiny_model_dirs["gptj"], "full")
+
+
 def test_module_entry_point_with_overrides(tmp_path, tiny_model_dirs):
     config = write_config(tmp_path, tiny_model_dirs["gpt2"], "lora")
     result = run_command([sys.executable, "-m", "trainer.train", str(config), "checkpoints.count=2", "training.epochs=1",

@@ -126,7 +126,8 @@ class TrainingConfig(_Section):
     range, because the checkpoints let you pick an earlier one)."""
 
     micro_batch_size: int = Field(4, gt=0)
-    """Examples per forward pass on each process."""
+    """Examples per forward pass on each process (packed rows of `data.max_seq_len` tokens when
+    `data.packing` is on)."""
 
     gradient_accumulation_steps: int = Field(1, gt=0)
     """Micro-batches per optimizer step. The loss is normalized by the supervised tokens of the

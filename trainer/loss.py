@@ -1,24 +1,126 @@
-"""The training loss: token cross-entropies summed over supervised positions.
+"""The training loss: token cross-entropies summed over supervised positions, without ever
+building full-vocabulary float32 logits.
 
 Returning a sum (not a mean) is what makes gradient accumulation exact: the loop divides the sum
 of every micro-batch of an optimizer step, on every process, by the step's total supervised tokens.
+
+Why not `model(...).logits`: GPT-J and GPT-NeoX have a 50k vocabulary, so the logits of a 4 x 2048
+micro-batch are 0.8 GB in bfloat16, and accelerate's mixed-precision wrapper converts every output
+of the model to float32 (1.7 GB more), before any of them is even looked at. Instead:
+
+1. The model runs as usual, through its own `__call__` (and so through DDP's forward, accelerate's
+   autocast, PEFT), with `logits_to_keep=1`: the head sees one position per row. A forward hook
+   on the decoder body keeps the final hidden states (after the last layer norm).
+2. Only the supervised positions' hidden states are kept (hidden at t predicts the label at t+1).
+3. Cross-entropy runs over chunks of `chunk_rows` of them; each chunk's logits are recomputed in
+   the backward pass (activation checkpointing), so peak memory is one chunk's logits.
+
+DDP: calling the body or the head directly would bypass `DistributedDataParallel.forward`, which is
+what arms the gradient all-reduce (`prepare_for_backward`) and honours `no_sync()`; the gradients
+would silently stay local. Here DDP's forward does run: the body and the head are used inside it,
+and the head applied to the chunks afterwards only adds to the same parameters' gradients in the
+same backward pass, which the armed reducer all-reduces like any other (tests/test_loss.py checks
+two processes end with identical, averaged gradients). The chunks run under the autocast state that
+was active inside the model's forward, so mixed precision is the same as if the model had computed
+the logits itself.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from trainer.data.tokenize import IGNORE_INDEX
 
+#: Rows (supervised tokens) per cross-entropy chunk: 4096 x 50k float32 logits are 0.8 GB.
+DEFAULT_CHUNK_ROWS = 4096
 
-def supervised_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over supervised positions of -log p(label | prefix), in float32."""
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
-    targets = batch["labels"][:, 1:]
+#: Batch keys the model gets (labels stay out: the model would compute its own full-logits loss).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP / torch.compile / PEFT wrappers (to find its parts)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The decoder body (whose output is the final, normalized hidden states) and the output head
+    (a Linear, with a bias for GPT-J; LoRA-wrapped if LoRA targets it) of a causal LM."""
+    inner = _unwrap(model)
+    head = inner.get_output_embeddings()
+    body = inner.base_model
+    if head is None or body is inner:
+        raise TypeError(f"{type(inner).__name__} has no separate decoder body and output head")
+    return body, head
+
+
+def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # Logits in the head's (autocast) dtype, softmax in float32: as `logits.float()` did before.
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy_sum(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> torch.Tensor:
+    """Sum of CE(head(hidden[i]), targets[i]) over rows, one chunk of logits alive at a time.
+
+    With zero rows the head still runs (on an empty chunk), so it stays in the autograd graph:
+    under DDP every trained parameter must get a gradient, a zero one included.
+    """
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, max(len(hidden), 1), chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, head, hidden[rows], targets[rows], use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, hidden[rows], targets[rows])
+    return total
+
+
+def supervised_loss_sum(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> torch.Tensor:
+    """Sum over supervised positions of -log p(label | prefix), in float32.
+
+    `batch` holds `input_ids` and `labels`, and either `attention_mask` (a padded batch from
+    `collate`) or `position_ids` (packed rows from `collate_packed`, no 2D mask: the model then
+    keeps the packed examples apart). `model` may be a transformers causal LM, a PEFT model, or
+    either wrapped by DDP / torch.compile.
+    """
+    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+    body, head = body_and_head(model)
+    captured: dict[str, object] = {}
+
+    def keep_hidden_states(module, args, output):
+        captured["hidden"] = output[0]
+        device_type = output[0].device.type
+        captured["autocast"] = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
+
+    handle = body.register_forward_hook(keep_hidden_states)
+    try:
+        # use_cache=False: with a cache, transformers would not isolate packed examples.
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    except TypeError as err:  # a (remote-code) model without logits_to_keep: its full logits, then
+        if "logits_to_keep" not in str(err):
+            raise
+        model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    hidden = captured["hidden"]
+
+    targets = batch["labels"][:, 1:].to(hidden.device)
     supervised = targets != IGNORE_INDEX
-    # Only the supervised positions go through the float32 softmax.
-    selected = logits[:, :-1][supervised].float()
-    return F.cross_entropy(selected, targets[supervised], reduction="sum")
+    selected = hidden[:, :-1][supervised]  # GPU sync (data-dependent size): once per micro-batch
+    device_type, dtype, enabled = captured["autocast"]
+    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        return chunked_cross_entropy_sum(head, selected, targets[supervised], chunk_rows)

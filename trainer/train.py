@@ -30,7 +30,9 @@ from tqdm.auto import tqdm
 
 from trainer.checkpoint import CHECKPOINT_PREFIX, save_checkpoint
 from trainer.config import Config, load_config, save_config
+from trainer.attention import configure_attention
 from trainer.data.batching import DataSchedule, collate, shard
+from trainer.data.packing import collate_packed, pack_examples, packing_stats
 from trainer.data.pipeline import read_data, tokenize_split, train_file_bytes
 from trainer.data.tokenize import TokenizedExample
 from trainer.errors import UsageError, UserError
@@ -106,6 +108,14 @@ class FineTuneRecipe:
         self.train_data = tokenize_split(cfg, raw.train, self.tokenizer, "training", self.log)
         self.valid_data = tokenize_split(cfg, raw.valid, self.tokenizer, "validation", self.log) if raw.valid else []
 
+        # 3b. Packing: several examples per max_seq_len row, each attending only to itself. The
+        # schedule then runs over packed rows; evaluation stays on padded batches.
+        self.collate_train = collate
+        if cfg.data.packing:
+            self.train_data = pack_examples(self.train_data, cfg.data.max_seq_len)
+            self.collate_train = collate_packed
+            self.log(f"packing: {packing_stats(self.train_data, cfg.data.max_seq_len).summary()}")
+
         # 4. Schedule: steps, warmup, checkpoint steps (a bad checkpoints.count fails here, still early).
         if cfg.training.epochs == "auto":
             cfg.training.epochs = float(auto_epochs(train_file_bytes(cfg)))
@@ -125,6 +135,7 @@ class FineTuneRecipe:
         dtype = resolve_dtype(cfg.model.dtype, acc.device)
         cfg.model.dtype = str(dtype).removeprefix("torch.")
         model = load_model(cfg, dtype, acc.device)
+        cfg.model.attention = configure_attention(model, cfg.model.attention, acc.device)
         if cfg.method in ("lora", "qlora"):
             cfg.lora.target_modules = lora_target_modules(cfg, model)
         model = apply_method(cfg, model)
@@ -140,9 +151,10 @@ class FineTuneRecipe:
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=self.is_main)
         self.checkpoints: list[CheckpointSummary] = []
         self.log(
-            f"model {cfg.model.name_or_path} ({cfg.model.dtype}, {cfg.method}): "
+            f"model {cfg.model.name_or_path} ({cfg.model.dtype}, {cfg.method}, {cfg.model.attention} attention): "
             f"{trainable:,} of {total:,} parameters trainable\n"
-            f"{len(self.train_data)} training and {len(self.valid_data)} validation examples; "
+            f"{len(self.train_data)} training {'rows' if cfg.data.packing else 'examples'} and "
+            f"{len(self.valid_data)} validation examples; "
             f"{cfg.training.epochs:g} epochs = {self.total_steps} optimizer steps on {acc.num_processes} process(es); "
             f"checkpoints at steps {self.checkpoint_steps}"
         )
@@ -164,7 +176,7 @@ class FineTuneRecipe:
             loss_since_checkpoint += loss * supervised
             tokens_since_checkpoint += supervised
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}")
+            progress.set_postfix(loss=f"{loss:.4f}", refresh=False)  # redraw on tqdm's own schedule
             if step in self.checkpoint_steps:
                 self.save_checkpoint(step, loss_since_checkpoint / tokens_since_checkpoint)
                 loss_since_checkpoint, tokens_since_checkpoint = 0.0, 0
@@ -188,7 +200,7 @@ class FineTuneRecipe:
         loss_sum = torch.zeros((), device=acc.device)
         for index, global_micro_batch in enumerate(plan.micro_batches):
             mine, real = shard(global_micro_batch, acc.process_index, acc.num_processes)
-            batch = collate([self.train_data[i] for i in mine], self.tokenizer.pad_token_id, supervise=real)
+            batch = self.collate_train([self.train_data[i] for i in mine], self.tokenizer.pad_token_id, supervise=real)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             last = index == len(plan.micro_batches) - 1
             # Gradients are all-reduced once per optimizer step, on its last micro-batch.

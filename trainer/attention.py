@@ -1,0 +1,391 @@
+"""Attention backends (`model.attention`): eager, sdpa, varlen and flex for GPT-2, GPT-J and GPT-NeoX.
+
+Every backend gives each packed example its own attention (see trainer/data/packing.py), and the
+eager backend's result within floating-point tolerance (tests/test_attention.py):
+
+* `eager`: transformers' reference code. GPT-J's builds the full T x T score matrix in float32.
+* `sdpa`: torch's scaled_dot_product_attention. GPT-2 and GPT-NeoX use transformers' own sdpa
+  path. GPT-J has none in transformers, so its attention modules get a forward that keeps
+  transformers' rotary code and calls the same sdpa function. Packed rows (position_ids restarting
+  at 0, no 2D mask, use_cache=False) get a block-diagonal causal mask from transformers'
+  `create_causal_mask` (verified in masking_utils: `find_packed_sequence_indices`).
+* `varlen` (CUDA): torch's variable-length flash attention (`torch.nn.attention.varlen`), fed the
+  sequence boundaries found in `position_ids` (restarts) and the padding mask, so packed rows need
+  no T x T mask at all and padding is never attended to. Registered in transformers'
+  AttentionInterface as `trainer_varlen`; with a KV cache (generation) it hands over to sdpa.
+* `flex` (CUDA; GPT-J and GPT-NeoX, transformers refuses it for GPT-2): transformers'
+  flex_attention path (a compiled kernel and a BlockMask built from the same packed/padding
+  rules). Compiling costs time at start and on new shapes.
+
+`auto` picks, for packed and unpacked (padded) batches alike:
+
+* CPU: `sdpa` (torch's fused CPU kernel; flex has no CPU backward, varlen no CPU kernel);
+* CUDA: `varlen` when the installed torch has `torch.nn.attention.varlen`, the weights are bfloat16
+  or float16, the head size is a multiple of 8 up to 256 and attention dropout is 0 (GPT-J-6B,
+  GPT-NeoX-20B); otherwise `sdpa`. Flex is never picked automatically (compile time).
+
+The chosen backend lives in `model.config._attn_implementation`, which transformers does not save,
+so checkpoints load with the library's default attention everywhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import types
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from trainer.errors import UserError
+
+IMPLEMENTATIONS = ("auto", "eager", "sdpa", "varlen", "flex")
+
+#: The name our varlen function has in transformers' Attention(Mask)Interface (no "sdpa"/"flex"
+#: inside: transformers matches those substrings to run its own checks).
+VARLEN_NAME = "trainer_varlen"
+
+#: `model.attention` value -> `config._attn_implementation` value.
+TRANSFORMERS_NAMES = {"eager": "eager", "sdpa": "sdpa", "flex": "flex_attention", "varlen": VARLEN_NAME}
+
+
+# ---------------------------------------------------------------------------------------------
+# Availability: checked at start, so a missing kernel fails before any training.
+
+
+def varlen_kernel():
+    """torch's varlen attention function, or None if this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pretrained(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP / torch.compile / PEFT wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def _attention_dropout(config) -> float:
+    for key in ("attn_pdrop", "attention_dropout"):
+        value = getattr(config, key, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def _head_size(config) -> int:
+    return config.hidden_size // config.num_attention_heads
+
+
+def _unavailable(requested: str, reason: str) -> UserError:
+    return UserError(
+        f"key 'model.attention': {requested} is not available here: {reason}. "
+        "Fix: set model.attention=auto (or sdpa, which runs everywhere)"
+    )
+
+
+def choose_attention(model: torch.nn.Module, requested: str, device: torch.device | str) -> str:
+    """Resolve `auto` and check that the requested backend can run here; raise UserError if not."""
+    if requested not in IMPLEMENTATIONS:
+        raise UserError(f"key 'model.attention': unknown value {requested!r}. Fix: use one of {', '.join(IMPLEMENTATIONS)}")
+    device = torch.device(device)
+    inner = _pretrained(model)
+    dropout = _attention_dropout(inner.config)
+    head = _head_size(inner.config)
+    dtype = inner.dtype  # transformers: the first floating-point weight's (4-bit QLoRA weights are not)
+    if requested == "auto":
+        fits_flash = dtype in (torch.bfloat16, torch.float16) and head % 8 == 0 and head <= 256 and dropout == 0
+        return "varlen" if device.type == "cuda" and varlen_kernel() is not None and fits_flash else "sdpa"
+    if requested == "varlen":
+        if device.type != "cuda":
+            raise _unavailable("varlen", f"it is a CUDA kernel and this run is on {device.type}")
+        if varlen_kernel() is None:
+            raise _unavailable("varlen", f"torch {torch.__version__} has no torch.nn.attention.varlen (newer versions do)")
+        if head % 8 or head > 256:
+            raise _unavailable("varlen", f"flash kernels take head sizes that are multiples of 8 up to 256, this model's is {head}")
+    if requested == "flex":
+        if device.type != "cuda":
+            raise _unavailable("flex", f"torch's flex_attention has no backward pass on {device.type}")
+        if not flex_available():
+            raise _unavailable("flex", f"torch {torch.__version__} has no torch.nn.attention.flex_attention")
+    if requested in ("varlen", "flex") and dropout > 0:
+        raise _unavailable(requested, f"the model config sets attention dropout {dropout}, which {requested} kernels do not support")
+    return requested
+
+
+def configure_attention(model: torch.nn.Module, requested: str, device: torch.device | str) -> str:
+    """Set the attention backend of a loaded model (before LoRA, accelerate.prepare or compile).
+
+    `requested` is `model.attention`: auto | eager | sdpa | varlen | flex. Returns the backend
+    chosen (`auto` resolved: sdpa on CPU; varlen on CUDA where it can run, else sdpa; see the
+    module docstring). Raises UserError, naming the fix, for a backend that cannot run here.
+    """
+    chosen = choose_attention(model, requested, device)
+    install_attention(model, chosen)
+    return chosen
+
+
+def install_attention(model: torch.nn.Module, implementation: str) -> None:
+    """Switch `model` to `implementation` without availability checks (tests use this to run the
+    varlen logic on CPU, where a reference kernel stands in for flash attention)."""
+    model = _pretrained(model)
+    name = TRANSFORMERS_NAMES[implementation]
+    gptj_layers = [m for m in model.modules() if _is_gptj_attention(m)]
+    if gptj_layers:
+        for layer in gptj_layers:
+            if implementation == "eager":
+                layer.__dict__.pop("forward", None)  # back to transformers' own forward
+            else:
+                layer.forward = types.MethodType(_gptj_attention_forward, layer)
+        # GPT-J picks its modules at construction and reads the config only to build the mask, so
+        # set it directly: the mask then comes in the form the chosen function expects.
+        model.config._attn_implementation = name
+        return
+    refusal = "it does not use transformers' AttentionInterface"
+    if model.config._attn_implementation != name:
+        try:
+            model.set_attn_implementation(name)
+        except (ValueError, ImportError) as err:  # e.g. GPT-2 does not declare flex support
+            refusal = str(err).split(". ")[0]
+    if model.config._attn_implementation != name:  # refused, or transformers only warned
+        raise UserError(
+            f"key 'model.attention': {type(model).__name__} cannot use {implementation} attention ({refusal}). "
+            f"Fix: set model.attention=auto, sdpa or eager"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT-J: transformers' rotary embedding, then any attention function of the AttentionInterface.
+
+
+def _is_gptj_attention(module: torch.nn.Module) -> bool:
+    from transformers.models.gptj.modeling_gptj import GPTJAttention
+
+    return isinstance(module, GPTJAttention)
+
+
+def _gptj_attention_forward(
+    self,
+    hidden_states: torch.Tensor,
+    layer_past=None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    use_cache: bool | None = False,
+    output_attentions: bool | None = False,
+    **kwargs,
+):
+    """GPTJAttention.forward of transformers 5 up to the attention itself (same projections, same
+    rotary code, same cache update), which then goes through transformers' AttentionInterface
+    instead of `_attn`. The scale is 1/sqrt(head_dim), as `_attn` divides by sqrt(head_dim).
+
+    `_attn` upcasts query and key to float32 so fp16 scores cannot overflow; sdpa's and flash's
+    fused kernels accumulate the scores and the softmax in float32 themselves, and bfloat16 has
+    float32's range."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb
+
+    query = self._split_heads(self.q_proj(hidden_states), self.num_attention_heads, self.head_dim, True)
+    key = self._split_heads(self.k_proj(hidden_states), self.num_attention_heads, self.head_dim, True)
+    value = self._split_heads(self.v_proj(hidden_states), self.num_attention_heads, self.head_dim, False)
+
+    embed_positions = self._get_embed_positions(position_ids)
+    repeated_position_ids = position_ids.unsqueeze(-1).repeat(1, 1, embed_positions.shape[-1])
+    sincos = torch.gather(embed_positions, 1, repeated_position_ids).to(key.dtype)
+    sin, cos = torch.split(sincos, sincos.shape[-1] // 2, dim=-1)
+    if self.rotary_dim is not None:
+        k_rot, k_pass = key[:, :, :, : self.rotary_dim], key[:, :, :, self.rotary_dim :]
+        q_rot, q_pass = query[:, :, :, : self.rotary_dim], query[:, :, :, self.rotary_dim :]
+        key = torch.cat([apply_rotary_pos_emb(k_rot, sin, cos), k_pass], dim=-1)
+        query = torch.cat([apply_rotary_pos_emb(q_rot, sin, cos), q_pass], dim=-1)
+    else:
+        key = apply_rotary_pos_emb(key, sin, cos)
+        query = apply_rotary_pos_emb(query, sin, cos)
+    key = key.permute(0, 2, 1, 3)  # (batch, heads, time, head_dim)
+    query = query.permute(0, 2, 1, 3)
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, self.layer_idx)
+
+    attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+    attn_output, attn_weights = attention(
+        self, query, key, value, attention_mask,
+        scaling=1.0 / self.scale_attn,
+        dropout=self.attn_dropout.p if self.training else 0.0,
+        position_ids=position_ids,
+    )
+    attn_output = attn_output.reshape(*attn_output.shape[:2], -1)  # (batch, time, heads * head_dim)
+    attn_output = self.resid_dropout(self.out_proj(attn_output))
+    return attn_output, attn_weights
+
+
+# ---------------------------------------------------------------------------------------------
+# varlen: one flash-attention call over every sequence of the batch, cut at position restarts.
+
+
+class _LastBoundaries:
+    """The boundaries of the last batch seen. Every layer gets the same position_ids and mask
+    tensors, so they are computed (with their one GPU sync) once per forward, not once per layer."""
+
+    keys: tuple = ()
+    value: tuple[torch.Tensor, int] | None = None
+
+
+def _same_tensors(refs: tuple, tensors: tuple) -> bool:
+    if len(refs) != len(tensors):
+        return False
+    for ref, tensor in zip(refs, tensors):
+        if tensor is None or ref is None:
+            if tensor is not ref:
+                return False
+        elif ref[0]() is not tensor or ref[1] != tensor._version:
+            return False
+    return True
+
+
+def sequence_boundaries(
+    position_ids: torch.Tensor | None, padding_mask: torch.Tensor | None, batch: int, length: int, device
+) -> tuple[torch.Tensor, int]:
+    """`(cu_seqlens, max_seqlen)` of the flattened (batch * length) tokens.
+
+    A sequence starts at every row start, wherever the position does not continue (+1) from the
+    previous token (packed examples restart at 0, as in transformers' `find_packed_sequence_indices`)
+    and wherever the padding mask changes, so a run of padding is a sequence of its own and no
+    real token ever attends to it.
+    """
+    tensors = (position_ids, padding_mask)
+    if _LastBoundaries.value is not None and _same_tensors(_LastBoundaries.keys, tensors):
+        return _LastBoundaries.value
+    if position_ids is None:
+        position_ids = torch.arange(length, device=device)[None]
+    positions = position_ids.to(device).expand(batch, length)
+    starts = torch.ones((batch, length), dtype=torch.bool, device=device)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    if padding_mask is not None:
+        mask = padding_mask.to(device=device, dtype=torch.bool)
+        starts[:, 1:] |= mask[:, 1:] != mask[:, :-1]
+    first_tokens = starts.flatten().nonzero().flatten()  # GPU sync: once per forward (cached)
+    cu_seqlens = torch.cat([first_tokens, first_tokens.new_tensor([batch * length])]).to(torch.int32)
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # GPU sync
+    _LastBoundaries.keys = tuple(None if t is None else (weakref.ref(t), t._version) for t in tensors)
+    _LastBoundaries.value = (cu_seqlens, max_seqlen)
+    return cu_seqlens, max_seqlen
+
+
+def _reference_varlen(query, key, value, cu_seqlens, max_seqlen, scale):
+    """What torch's varlen kernel computes, one sequence at a time with sdpa: the CPU stand-in
+    that lets the tests check boundaries and layouts without a GPU."""
+    bounds = cu_seqlens.tolist()
+    pieces = [
+        F.scaled_dot_product_attention(
+            query[s:e].transpose(0, 1), key[s:e].transpose(0, 1), value[s:e].transpose(0, 1), is_causal=True, scale=scale
+        ).transpose(0, 1)
+        for s, e in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(pieces)
+
+
+def _flash_varlen(query, key, value, cu_seqlens, max_seqlen, scale):
+    varlen_attn = varlen_kernel()
+    causal = {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters else {"is_causal": True}
+    dtype = query.dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        # Flash kernels take 16-bit inputs: follow autocast as transformers' flash path does.
+        if not torch.is_autocast_enabled(query.device.type):
+            raise RuntimeError(
+                "model.attention=varlen needs bfloat16 or float16 activations: set model.dtype=bfloat16 "
+                "(or training.mixed_precision=bf16), or model.attention=sdpa"
+            )
+        half = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(half), key.to(half), value.to(half)
+    out = varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **causal)
+    return out.to(dtype)
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """An AttentionInterface function: query/key/value (batch, heads, time, head_dim) in,
+    (batch, time, heads, head_dim) out."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, length, head_dim = query.shape
+    if key.shape[2] != length or (attention_mask is not None and attention_mask.ndim != 2):
+        # Decoding with a KV cache: the mask function gave an sdpa mask; let sdpa do it.
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if dropout:
+        raise RuntimeError("model.attention=varlen does not support attention dropout; set model.attention=sdpa")
+    if position_ids is None:
+        # Without positions, packed examples cannot be told apart: refuse rather than mix them.
+        raise RuntimeError(
+            f"{type(module).__name__} does not pass position_ids to its attention function, which "
+            "model.attention=varlen needs to find packed sequences; set model.attention=sdpa"
+        )
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(head_dim)
+    cu_seqlens, max_seqlen = sequence_boundaries(position_ids, attention_mask, batch, length, query.device)
+    flat = [t.transpose(1, 2).reshape(batch * length, heads, head_dim) for t in (query, key, value)]
+    kernel = _flash_varlen if query.is_cuda else _reference_varlen
+    out = kernel(*flat, cu_seqlens, max_seqlen, scale)
+    return out.view(batch, length, heads, head_dim), None
+
+
+def varlen_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+):
+    """An AttentionMaskInterface function. Without a cache (training, evaluation, prefill) the
+    varlen function needs at most the 2D padding mask (None when nothing is padded): sequences come
+    from position_ids. With a cache it returns transformers' sdpa mask for the sdpa fallback."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    if q_length == kv_length and isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0:
+        if attention_mask is None:
+            return None
+        mask = attention_mask[:, -kv_length:]
+        return None if bool(mask.all()) else mask  # GPU sync, once per forward
+    return sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+        mask_function=mask_function or causal_mask_function, attention_mask=attention_mask, **kwargs,
+    )
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_NAME, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_NAME, varlen_mask)
+
+
+_register()
