@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -50,3 +51,54 @@ def test_sampling_is_reproducible_with_the_seed(tiny_model_dirs, tokenizer):
     first = greedy(model, tokenizer, temperature=1.0, top_k=50, max_new_tokens=10)
     second = greedy(model, tokenizer, temperature=1.0, top_k=50, max_new_tokens=10)
     assert first == second
+
+
+# Chat test prompts: the template and the tokens are those of training.
+
+CONVERSATION = [("system", "Marv."), ("user", "Hi?"), ("assistant", "Hello."), ("user", "Bye?"), ("assistant", "Bye now.")]
+TAGGED_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def chat_prompt(messages, **params):
+    return TestPrompt(messages=[{"role": r, "content": c} for r, c in messages], **params)
+
+
+def training_context_ids(tokenizer, chat_template):
+    """Training's ids before each trained assistant turn of CONVERSATION."""
+    from trainer.data.examples import Example
+    from trainer.data.tokenize import IGNORE_INDEX, tokenize_examples
+
+    [row], _ = tokenize_examples([Example("", "", "chat.jsonl", 1, tuple(CONVERSATION))], tokenizer,
+                                 max_seq_len=256, too_long="error", chat_template=chat_template)
+    starts = [i for i in range(1, len(row.labels)) if row.labels[i] != IGNORE_INDEX and row.labels[i - 1] == IGNORE_INDEX]
+    return [row.input_ids[:start] for start in starts]
+
+
+@pytest.mark.parametrize("template", ["default", "tokenizer's own", "config"])
+def test_chat_test_prompt_ids_equal_the_training_context_before_each_assistant_turn(tokenizer, template):
+    import copy
+
+    from trainer.generate import encode_test_prompt
+
+    chat_template = None
+    if template == "tokenizer's own":
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.chat_template = TAGGED_TEMPLATE
+    elif template == "config":
+        chat_template = TAGGED_TEMPLATE
+    first, second = training_context_ids(tokenizer, chat_template)
+    assert encode_test_prompt(tokenizer, chat_prompt(CONVERSATION[:2]), chat_template) == first
+    assert encode_test_prompt(tokenizer, chat_prompt(CONVERSATION[:4]), chat_template) == second
+    if template != "default":  # the template really was used
+        assert first[: len(tokenizer("<|system|>", add_special_tokens=False)["input_ids"])] == tokenizer("<|system|>", add_special_tokens=False)["input_ids"]
+
+
+def test_chat_sample_records_the_rendered_prompt_and_the_messages(tiny_model_dirs, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["gpt2"]).eval()
+    sample = complete(model, tokenizer, chat_prompt(CONVERSATION[:2], max_new_tokens=4), seed=0)
+    assert sample["prompt"] == "System: Marv.\n\nUser: Hi?\n\nAssistant:"
+    assert sample["messages"] == [{"role": "system", "content": "Marv."}, {"role": "user", "content": "Hi?"}]
+    assert "messages" not in sample["parameters"] and sample["parameters"]["max_new_tokens"] == 4

@@ -185,7 +185,7 @@ def test_usage_and_user_errors_have_exit_codes_and_no_traceback(tmp_path, tiny_m
     (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": " b"}\n{"prompt": "a"\n', encoding="utf-8")
     bad_data = run_command([sys.executable, "trainer/train.py", str(config)])
     assert bad_data.returncode == 1
-    assert "train.jsonl: 1 problem:" in bad_data.stderr and "line 2: invalid JSON" in bad_data.stderr
+    assert "the data has 1 error:" in bad_data.stderr and "train.jsonl line 2: invalid JSON" in bad_data.stderr
     assert "Traceback" not in bad_data.stderr
 
     bad_key = run_command([sys.executable, "trainer/train.py", str(config), "training.lr=1"])

@@ -6,7 +6,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from trainer.config import TestPrompt
-from trainer.data.tokenize import encode_prompt
+from trainer.data.tokenize import encode_chat_prompt, encode_prompt, render_chat_prompt
 
 
 class _StopOnSequences(StoppingCriteria):
@@ -28,17 +28,39 @@ def cut_completion(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+def _messages(test_prompt: TestPrompt) -> list[tuple[str, str]]:
+    return [(message.role, message.content) for message in test_prompt.messages]
+
+
+def encode_test_prompt(tokenizer, test_prompt: TestPrompt, chat_template: str | None = None) -> list[int]:
+    """The ids the model is given, encoded exactly as training encodes a context: `encode_prompt`
+    for a text prompt; for a chat prompt `encode_chat_prompt` with the training data's template
+    (`data.chat_template`, else the tokenizer's, else the plain-text default)."""
+    if test_prompt.messages is not None:
+        return encode_chat_prompt(tokenizer, _messages(test_prompt), chat_template)
+    return encode_prompt(tokenizer, test_prompt.prompt)
+
+
 @torch.no_grad()
-def complete(model, tokenizer, test_prompt: TestPrompt, *, seed: int) -> dict:
-    """Generate one completion; the same prompt tokens as training (`encode_prompt`)."""
-    prompt_ids = encode_prompt(tokenizer, test_prompt.prompt)
+def complete(model, tokenizer, test_prompt: TestPrompt, *, seed: int, chat_template: str | None = None) -> dict:
+    """Generate one completion from the same prompt tokens as training (`encode_test_prompt`);
+    `chat_template` is `data.chat_template` (None: the tokenizer's template, else the default)."""
+    ids = encode_test_prompt(tokenizer, test_prompt, chat_template)
+    prompt_text = (
+        test_prompt.prompt if test_prompt.messages is None
+        else render_chat_prompt(tokenizer, _messages(test_prompt), chat_template)
+    )
+    return _generate(model, tokenizer, test_prompt, ids, prompt_text, seed)
+
+
+def _generate(model, tokenizer, test_prompt: TestPrompt, prompt_ids: list[int], prompt_text: str, seed: int) -> dict:
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids], device=device)
     # Never generate past the model's position limit (its embeddings would index out of range).
     position_limit = getattr(model.config, "max_position_embeddings", None) or 10**9
     max_new_tokens = min(test_prompt.max_new_tokens, position_limit - len(prompt_ids))
     if max_new_tokens < 1:
-        return _sample(test_prompt, "", "length", seed)
+        return _sample(test_prompt, prompt_text, "", "length", seed)
     sampling = test_prompt.temperature > 0
     options = dict(do_sample=sampling, max_new_tokens=max_new_tokens)
     if sampling:
@@ -64,14 +86,17 @@ def complete(model, tokenizer, test_prompt: TestPrompt, *, seed: int) -> dict:
     text, stopped = cut_completion(tokenizer.decode(new_ids), test_prompt.stop)
     if stopped:
         finish_reason = "stop"
-    return _sample(test_prompt, text, finish_reason, seed)
+    return _sample(test_prompt, prompt_text, text, finish_reason, seed)
 
 
-def _sample(test_prompt: TestPrompt, completion: str, finish_reason: str, seed: int) -> dict:
-    """One line of samples.jsonl: the prompt, the completion, why it ended, the parameters used."""
-    return {
-        "prompt": test_prompt.prompt,
+def _sample(test_prompt: TestPrompt, prompt_text: str, completion: str, finish_reason: str, seed: int) -> dict:
+    """One line of samples.jsonl: the prompt (for a chat prompt, the rendered text the model got,
+    plus the messages), the completion, why it ended, the parameters used."""
+    sample = {"prompt": prompt_text}
+    if test_prompt.messages is not None:
+        sample["messages"] = [message.model_dump() for message in test_prompt.messages]
+    return sample | {
         "completion": completion,
         "finish_reason": finish_reason,
-        "parameters": test_prompt.model_dump(exclude={"prompt"}) | {"seed": seed},
+        "parameters": test_prompt.model_dump(exclude={"prompt", "messages"}) | {"seed": seed},
     }

@@ -90,7 +90,12 @@ def load_model(config: Config, dtype: torch.dtype, device: torch.device = torch.
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif config.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) without extra hooks. Later
+        # transformers 5 releases renamed the method; earlier ones only have the old name.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -33,7 +33,9 @@ from trainer.config import Config, load_config, save_config
 from trainer.attention import configure_attention
 from trainer.data.batching import DataSchedule, collate, shard
 from trainer.data.packing import collate_packed, pack_examples, packing_stats
-from trainer.data.pipeline import read_data, tokenize_split, train_file_bytes
+from trainer.data.chat import resolve_chat_template
+from trainer.data.pipeline import SKIPPED_LINES_FILE, prepare_data, train_file_bytes, write_skipped_lines
+from trainer.data.validate import preflight_data
 from trainer.data.tokenize import TokenizedExample
 from trainer.errors import UsageError, UserError
 from trainer.generate import complete
@@ -45,7 +47,8 @@ from trainer.report import CheckpointSummary, write_report
 from trainer.schedule import auto_epochs, checkpoint_steps, learning_rate_at, warmup_steps
 
 USAGE = "usage: accelerate launch trainer/train.py CONFIG.yaml [section.key=value ...]"
-RUN_FILES = ("config.yaml", "metrics.jsonl", "report.md")
+DATA_REPORT_FILE = "data_report.json"
+RUN_FILES = ("config.yaml", "metrics.jsonl", "report.md", DATA_REPORT_FILE, SKIPPED_LINES_FILE)
 
 
 def mixed_precision_mode(setting: str) -> str:
@@ -100,13 +103,21 @@ class FineTuneRecipe:
         prepare_output_dir(self.output_dir, cfg.overwrite_output_dir, self.is_main)
         acc.wait_for_everyone()
 
-        # 2. Data: read and check every line before any model is loaded.
-        raw = read_data(cfg)
+        # 2. Preflight: the checks of `scripts/prepare_data.py validate`, before anything heavy loads.
+        #    Errors stop the run (unless data.on_error=skip); warnings are printed and saved.
+        preflight_data(cfg, log=self.log, report_path=self.output_dir / DATA_REPORT_FILE if self.is_main else None)
 
-        # 3. Tokenizer, then tokenize with the loss mask and the length policy.
+        # 3. Tokenizer, then the data: read, tokenize with the loss mask (cached, so a rerun or a
+        #    resume only hashes the files), split off validation data, apply the length policy.
+        #    The main process goes first; the others then load its cache instead of tokenizing too.
         self.tokenizer = load_tokenizer(cfg)
-        self.train_data = tokenize_split(cfg, raw.train, self.tokenizer, "training", self.log)
-        self.valid_data = tokenize_split(cfg, raw.valid, self.tokenizer, "validation", self.log) if raw.valid else []
+        # Checkpoints carry the chat template training used, so apply_chat_template matches it.
+        self.tokenizer.chat_template = resolve_chat_template(self.tokenizer, cfg.data.chat_template)
+        with acc.main_process_first():
+            data = prepare_data(cfg, self.tokenizer, self.log)
+        self.train_data, self.valid_data = data.train, data.valid
+        if self.is_main and data.skipped:
+            write_skipped_lines(self.output_dir / SKIPPED_LINES_FILE, data.skipped)
 
         # 3b. Packing: several examples per max_seq_len row, each attending only to itself. The
         # schedule then runs over packed rows; evaluation stays on padded batches.
@@ -269,7 +280,10 @@ class FineTuneRecipe:
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
         with self.accelerator.autocast():
-            samples = [complete(model, self.tokenizer, p, seed=self.config.training.seed) for p in self.config.test_prompts]
+            samples = [
+                complete(model, self.tokenizer, p, seed=self.config.training.seed, chat_template=self.config.data.chat_template)
+                for p in self.config.test_prompts
+            ]
         model.train()
         return samples
 

@@ -94,3 +94,36 @@ def test_too_long_truncate_cuts_the_completion_and_drops_prompts_that_fill_the_w
     assert rows[1].labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
     assert report.truncated == ["data.jsonl line 2"] and report.dropped == ["data.jsonl line 4"]
     assert report.summary() == "2 examples kept, 1 dropped, 1 truncated as too long"
+
+
+def test_batched_encoding_equals_the_one_example_reference(tokenizer):
+    from trainer.data.tokenize import encode_completion
+
+    cases = [("banana ->", " yellow<|endoftext|>"), ("", "Hello world"), ("kiwi -", "> green"), ("lemon ->", " yellow")]
+    rows, _ = tokenize(tokenizer, [example(p, c, line=i) for i, (p, c) in enumerate(cases, start=1)])
+    for row, (prompt, completion) in zip(rows, cases):
+        prompt_ids, completion_ids = encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion)
+        assert row.input_ids == prompt_ids + completion_ids
+        assert row.labels == [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+
+
+def test_the_batch_encoder_takes_the_plain_call_when_the_fast_path_disagrees(tokenizer, monkeypatch):
+    from trainer.data.tokenize import BatchEncoder
+
+    encoder = BatchEncoder(tokenizer)
+    monkeypatch.setattr(encoder, "_fast", lambda texts, add_special_tokens: [[0] for _ in texts])
+    texts = ["banana ->", " yellow"]
+    assert encoder(texts, add_special_tokens=False) == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert encoder._backend is None  # and keeps taking it
+
+
+def test_tokenized_data_counts_match_the_examples_after_truncation(tokenizer):
+    from trainer.data.tokenize import TokenizedData, apply_length_policy, encode_examples
+
+    rows, _ = encode_examples(long_and_short(tokenizer) + [example("", "Hello world", line=5)], tokenizer)
+    data, report = apply_length_policy(TokenizedData([rows]), max_seq_len=20, too_long="truncate")
+    assert data.lengths.tolist() == [len(e.input_ids) for e in data] and max(data.lengths) == 20
+    assert data.supervised_tokens.tolist() == [e.supervised_tokens for e in data]
+    assert [e.line for e in data[1:]] == [2, 5] and data[-1].line == 5
+    with pytest.raises(IndexError):
+        data[3]

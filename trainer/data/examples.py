@@ -1,16 +1,24 @@
-"""Read data files into examples: detect the format, check every row, keep where each came from."""
+"""Read data files into examples: detect the format, check every row, keep where each came from.
+
+`read_file` is the whole story for one file: rows (JSONL, parquet or arrow) -> the file's format ->
+the row checks of `formats.py` -> examples, plus the rows it skipped (`on_error: skip`) and warnings
+(e.g. the role `agent`, read as `assistant`). `read_examples` is the short form that only returns
+the examples and raises on any invalid row.
+"""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence, TypeVar
 
 from trainer.data.formats import ROLE_ALIASES, row_format, row_problem
-from trainer.data.jsonl import raise_problems, read_jsonl
+from trainer.data.jsonl import raise_problems
+from trainer.data.readers import read_rows, row_unit
 
 Message = tuple[str, str]  # (role, content), with aliases already mapped (agent -> assistant)
+MAX_LISTED_LINES = 5
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,41 @@ class Example:
         return "chat" if self.messages is not None else "prompt_completion"
 
 
+@dataclass(frozen=True)
+class SkippedLine:
+    """An invalid line left out of training with `data.on_error: skip` (the run folder lists them)."""
+
+    source: str
+    line: int
+    message: str
+
+    def to_json(self) -> dict:
+        return {"file": self.source, "line": self.line, "message": self.message}
+
+
+@dataclass
+class FileData:
+    """What reading one file gave: its examples, the lines skipped as invalid, and warnings to show."""
+
+    path: str
+    format: str
+    examples: list[Example]
+    skipped: list[SkippedLine] = field(default_factory=list)
+    alias_lines: list[int] = field(default_factory=list)
+    """Chat lines that use a role alias (`agent`), read as `assistant`."""
+
+    @property
+    def warnings(self) -> list[str]:
+        return [alias_warning(self.path, self.alias_lines)] if self.alias_lines else []
+
+
+def listed_lines(lines: list[int], unit: str = "line") -> str:
+    """'lines 3, 7, 9 and 12 more': a short pointer into a file for a warning."""
+    shown = ", ".join(str(n) for n in lines[:MAX_LISTED_LINES])
+    more = f" and {len(lines) - MAX_LISTED_LINES} more" if len(lines) > MAX_LISTED_LINES else ""
+    return f"{unit}{'s' if len(lines) > 1 else ''} {shown}{more}"
+
+
 def detect_format(path: Path, rows: list[tuple[int, Any]], requested: str) -> str:
     """The file's format: `requested`, or with `auto` the format of its first recognisable row
     (prompt_completion when no row is recognisable: every row then gets its own message)."""
@@ -49,29 +92,60 @@ def _example(obj: dict, data_format: str, source: str, line: int) -> Example:
     return Example(obj["prompt"], obj["completion"], source, line)
 
 
-def read_examples(path: str | Path, data_format: str = "auto") -> list[Example]:
-    """Read and check one JSONL file; raises `UserError` listing every bad line.
+def _uses_alias(obj: dict) -> bool:
+    return any(m["role"] in ROLE_ALIASES for m in obj["messages"])
 
-    A file that mixes formats is an error at the first line that differs from the first format seen.
+
+def alias_warning(path: str | Path, lines: list[int]) -> str:
+    """The warning for chats that say `agent` (seed 000 does): accepted, but not a standard role."""
+    aliases = " or ".join(repr(alias) for alias in ROLE_ALIASES)
+    verb = "use" if len(lines) > 1 else "uses"
+    return (
+        f"{path}: {listed_lines(lines, row_unit(path))} {verb} the role {aliases}, read as 'assistant'. "
+        "Fix: write \"assistant\" (the role chat templates know)"
+    )
+
+
+def read_file(path: str | Path, data_format: str = "auto", *, on_error: str = "error") -> FileData:
+    """Read and check one file (JSONL, or a local parquet / arrow table).
+
+    With `on_error="error"` any invalid row raises one `UserError` listing every bad line; with
+    `"skip"` the bad lines are left out and returned in `skipped` (a file with no valid line still
+    raises). A file that mixes formats is a problem at each line that differs from the first format
+    seen.
     """
     path = Path(path)
-    rows, problems = read_jsonl(path)
+    rows, problems = read_rows(path)
     examples: list[Example] = []
-    if rows:
-        data_format = detect_format(path, rows, data_format)
-        for line_no, obj in rows:
-            problem = row_problem(obj, data_format)
-            if problem:
-                problems.append(f"line {line_no}: {problem}")
-            else:
-                examples.append(_example(obj, data_format, str(path), line_no))
-    problems.sort(key=lambda p: int(p.split(":", 1)[0].removeprefix("line ")))
-    raise_problems(path, problems)
-    return examples
+    alias_lines: list[int] = []
+    data_format = detect_format(path, rows, data_format) if rows else data_format
+    for number, obj in rows:
+        problem = row_problem(obj, data_format)
+        if problem:
+            problems.append((number, problem))
+            continue
+        examples.append(_example(obj, data_format, str(path), number))
+        if data_format == "chat" and _uses_alias(obj):
+            alias_lines.append(number)
+    problems.sort()
+    unit = row_unit(path)
+    if problems and (on_error == "error" or not examples):
+        raise_problems(path, [f"{unit} {number}: {message}" for number, message in problems])
+    skipped = [SkippedLine(str(path), number, message) for number, message in problems]
+    return FileData(str(path), data_format, examples, skipped, alias_lines)
 
 
-def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out `fraction` of the examples (at least one, never all), chosen by `seed`."""
+def read_examples(path: str | Path, data_format: str = "auto", *, on_error: str = "error") -> list[Example]:
+    """Read and check one file; raises `UserError` listing every bad line (see `read_file`)."""
+    return read_file(path, data_format, on_error=on_error).examples
+
+
+T = TypeVar("T")
+
+
+def split_validation(examples: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """Hold out `fraction` of the examples (at least one, never all), chosen by `seed`; both parts
+    keep the file order. Works on any sequence (the pipeline splits row indices)."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     held_out = min(max(1, round(len(examples) * fraction)), len(examples) - 1)

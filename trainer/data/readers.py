@@ -1,0 +1,91 @@
+"""Read one data file into numbered rows, whatever its container: JSONL, parquet or arrow.
+
+Every reader returns the same thing, `(rows, problems)`: rows are `(number, object)` with 1-based
+numbers (the line of a JSONL file, the row of a table), and problems are `(number, message)` for
+rows that could not even be parsed. The row checks of `formats.py` then run on every row alike,
+so a parquet file gets exactly the messages a JSONL file gets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trainer.data.jsonl import read_jsonl
+from trainer.errors import UserError
+
+Problem = tuple[int, str]  # (line or row number, message)
+TABLE_SUFFIXES = (".parquet", ".arrow")
+
+
+def row_unit(path: str | Path) -> str:
+    """What a row number counts in this file, for messages: a table's rows, or a JSONL file's lines."""
+    return "row" if Path(path).suffix.lower() in TABLE_SUFFIXES else "line"
+
+
+def _split_problem(text: str) -> Problem:
+    """`read_jsonl` writes problems as 'line N: message'; keep the number apart for sorting and skipping."""
+    head, _, message = text.partition(": ")
+    return int(head.removeprefix("line ")), message
+
+
+def _without_nulls(value: Any) -> Any:
+    """A table gives every row every column, null where the row has none. A null is a missing key
+    (so a prompt/completion row of a mixed table is not 'unknown key text'), also inside messages."""
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
+
+
+def _read_arrow_table(path: Path):
+    """An arrow file as `datasets` writes it (IPC stream, e.g. `save_to_disk`), or an IPC/Feather file."""
+    import datasets
+    import pyarrow as pa
+
+    try:
+        return datasets.Dataset.from_file(str(path)).data.table
+    except (pa.ArrowInvalid, OSError):
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_file(source).read_all()
+
+
+def _read_table(path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if path.suffix.lower() == ".parquet":
+            return pq.read_table(path)
+        return _read_arrow_table(path)
+    except (pa.ArrowException, OSError) as err:
+        kind = path.suffix.lower().lstrip(".")
+        raise UserError(
+            f"{path} is not a readable {kind} file ({err}). Fix: re-export it as {kind}, or convert it to JSONL "
+            "(one JSON object a line)"
+        ) from None
+
+
+def read_table_rows(path: str | Path) -> list[tuple[int, Any]]:
+    """Rows of a local parquet or arrow file as dicts, numbered from 1. Raises `UserError` when the file
+    is missing, unreadable or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file {path} does not exist: check the path (relative paths start at {Path.cwd()})")
+    table = _read_table(path)
+    if table.num_rows == 0:
+        raise UserError(f"{path} has no rows: it needs one example a row, with columns prompt and completion, "
+                        "or messages, or text")
+    return [(number, _without_nulls(row)) for number, row in enumerate(table.to_pylist(), start=1)]
+
+
+def read_rows(path: str | Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
+    """Numbered rows of a data file, and the rows that could not be parsed (JSONL only: a table's
+    rows are always well-formed). Parquet and arrow files are recognised by their suffix; any other
+    name is read as JSONL."""
+    path = Path(path)
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        return read_table_rows(path), []
+    rows, problems = read_jsonl(path)
+    return rows, [_split_problem(p) for p in problems]
