@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.errors import UserError
+from trainer.model import transformers_model
 
 IMPLEMENTATIONS = ("auto", "eager", "sdpa", "varlen", "flex")
 
@@ -71,19 +72,6 @@ def flex_available() -> bool:
     return True
 
 
-def _pretrained(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP / torch.compile / PEFT wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
-
-
 def _attention_dropout(config) -> float:
     for key in ("attn_pdrop", "attention_dropout"):
         value = getattr(config, key, None)
@@ -108,7 +96,7 @@ def choose_attention(model: torch.nn.Module, requested: str, device: torch.devic
     if requested not in IMPLEMENTATIONS:
         raise UserError(f"key 'model.attention': unknown value {requested!r}. Fix: use one of {', '.join(IMPLEMENTATIONS)}")
     device = torch.device(device)
-    inner = _pretrained(model)
+    inner = transformers_model(model)
     dropout = _attention_dropout(inner.config)
     head = _head_size(inner.config)
     dtype = inner.dtype  # transformers: the first floating-point weight's (4-bit QLoRA weights are not)
@@ -147,7 +135,7 @@ def configure_attention(model: torch.nn.Module, requested: str, device: torch.de
 def install_attention(model: torch.nn.Module, implementation: str) -> None:
     """Switch `model` to `implementation` without availability checks (tests use this to run the
     varlen logic on CPU, where a reference kernel stands in for flash attention)."""
-    model = _pretrained(model)
+    model = transformers_model(model)
     name = TRANSFORMERS_NAMES[implementation]
     gptj_layers = [m for m in model.modules() if _is_gptj_attention(m)]
     if gptj_layers:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from trainer.data.tokenize import IGNORE_INDEX
+from trainer.model import transformers_model
 
 #: Rows (supervised tokens) per cross-entropy chunk: 4096 x 50k float32 logits are 0.8 GB.
 DEFAULT_CHUNK_ROWS = 4096
@@ -40,23 +41,10 @@ DEFAULT_CHUNK_ROWS = 4096
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP / torch.compile / PEFT wrappers (to find its parts)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
-
-
 def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The decoder body (whose output is the final, normalized hidden states) and the output head
     (a Linear, with a bias for GPT-J; LoRA-wrapped if LoRA targets it) of a causal LM."""
-    inner = _unwrap(model)
+    inner = transformers_model(model)
     head = inner.get_output_embeddings()
     body = inner.base_model
     if head is None or body is inner:

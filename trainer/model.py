@@ -129,6 +129,19 @@ def apply_method(config: Config, model: PreTrainedModel) -> PreTrainedModel:
         raise UserError(f"key 'lora.target_modules': {err}. Fix: name modules that exist in this model, or use auto") from None
 
 
+def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP / torch.compile / PEFT wrappers (to reach its parts)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
