@@ -152,8 +152,11 @@ class FineTuneRecipe:
         model = apply_method(cfg, model)
         trainable, total = count_parameters(model)
 
-        # 6. Optimizer, then let accelerate place and wrap both (DDP across processes).
+        # 6. Optimizer, then let accelerate place and wrap both (DDP across processes). Compiling
+        #    goes last: it wraps the finished model, and unwrap_model strips it again for saving.
         optimizer = build_optimizer(cfg, model, acc.device)
+        if cfg.training.compile:
+            model = torch.compile(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
 
         # 7. The resolved config (auto values filled in) goes into the run folder.
