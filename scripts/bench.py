@@ -448,8 +448,11 @@ def prepare_model(settings: Settings, ours: bool):
             model, use_gradient_checkpointing=settings.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif settings.gradient_checkpointing:  # as trainer.model.load_model: the new name where it exists
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_method(cfg, model)
     model.train()
     optimizer = build_optimizer(cfg, model, device)
@@ -801,8 +804,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # transformers 5 renamed gradient checkpointing (peft and the trainer still use the old names,
-    # which work); the deprecation notes would bury the table.
+    # transformers 5 renamed gradient checkpointing; peft still asks under the old name, and the
+    # deprecation notes would bury the table.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
     # transformers warns that packed input_ids "may be padded" without an attention_mask: packed rows
     # have none on purpose (trainer/data/packing.py); the table is the output, not the log.

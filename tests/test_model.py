@@ -14,7 +14,7 @@ def config(model_dir, **sections) -> Config:
 @pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox"])
 def test_lora_auto_targets_every_projection_of_the_family(tiny_model_dirs, family):
     cfg = config(tiny_model_dirs[family], method="lora")
-    model = apply_method(cfg, load_model(cfg, torch.float32))
+    model = apply_method(cfg, load_model(cfg, torch.float32)[0])
     targets = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if ".lora_A" in name}
     assert targets == set(LORA_TARGETS_BY_FAMILY[family])
     trainable, total = count_parameters(model)
@@ -28,7 +28,9 @@ def test_gradient_checkpointing_trains_the_same_gradients(tiny_model_dirs):
     batch = torch.tensor([[5, 6, 7, 8, 9, 10]])
     grads = []
     for cfg in (plain_cfg, checkpointed_cfg):
-        model = load_model(cfg, torch.float32).train()
+        model, attention = load_model(cfg, torch.float32)
+        assert attention == "sdpa"  # auto on CPU
+        model.train()
         assert model.is_gradient_checkpointing == cfg.model.gradient_checkpointing
         model(input_ids=batch, labels=batch).loss.backward()
         grads.append(model.transformer.h[0].attn.q_proj.weight.grad.clone())

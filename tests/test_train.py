@@ -39,9 +39,10 @@ def gradients(r: FineTuneRecipe) -> dict[str, torch.Tensor]:
 def test_accumulated_micro_batches_equal_one_batch_of_the_same_examples(tmp_path, tiny_model_dirs):
     one = recipe(tmp_path, tiny_model_dirs["gpt2"], "one", micro_batch_size=6, gradient_accumulation_steps=1)
     split = recipe(tmp_path, tiny_model_dirs["gpt2"], "split", micro_batch_size=2, gradient_accumulation_steps=3)
-    loss_one, examples_one, tokens_one = one.accumulate_gradients(1)
-    loss_split, examples_split, tokens_split = split.accumulate_gradients(1)
-    assert sorted(e.line for e in examples_one) == sorted(e.line for e in examples_split) == [1, 2, 3, 4, 5, 6]
+    loss_one, items_one, tokens_one = one.accumulate_gradients(1)
+    loss_split, items_split, tokens_split = split.accumulate_gradients(1)
+    lines = lambda r, items: sorted(r.train_data[i].line for i in items)
+    assert lines(one, items_one) == lines(split, items_split) == [1, 2, 3, 4, 5, 6]
     assert tokens_one == tokens_split
     assert abs(loss_one.item() - loss_split.item()) < 1e-5 * tokens_one
     reference, accumulated = gradients(one), gradients(split)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -64,7 +64,7 @@ class LoraConfig(_Section):
 
 
 class DataConfig(_Section):
-    train_file: Union[str, list[str]]
+    train_file: Union[str, Annotated[list[str], Field(min_length=1)]]
     """Training data, one file or a list: JSONL (UTF-8, one JSON object a line), or local parquet /
     arrow files. Rows are `{"prompt", "completion"}` (an empty prompt makes an open-ended example),
     `{"messages": [{"role", "content"}, ...]}` (chat) or `{"text"}` (open-ended text)."""
@@ -204,7 +204,9 @@ class TestPrompt(_Section):
     @field_validator("stop", mode="before")
     @classmethod
     def _single_stop_string(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+        value = [value] if isinstance(value, str) else value
+        # An empty stop string would match at once and cut every completion to one token.
+        return [stop for stop in value if stop != ""] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> "TestPrompt":

@@ -68,16 +68,19 @@ def _generate(model, tokenizer, test_prompt: TestPrompt, prompt_ids: list[int], 
     else:
         options.update(temperature=None, top_p=None, top_k=None)  # silence warnings from model defaults
     stopping = StoppingCriteriaList([_StopOnSequences(tokenizer, len(prompt_ids), test_prompt.stop)]) if test_prompt.stop else None
-    torch.manual_seed(seed)  # each prompt samples the same way at every checkpoint
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        stopping_criteria=stopping,
-        use_cache=True,
-        **options,
-    )
+    # Each prompt samples the same way at every checkpoint; fork_rng leaves the training RNG (dropout)
+    # where it was, so the main process stays in step with the others.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            stopping_criteria=stopping,
+            use_cache=True,
+            **options,
+        )
     new_ids = output[0, len(prompt_ids) :].tolist()  # GPU->CPU sync, once per prompt
     finish_reason = "length"
     if tokenizer.eos_token_id in new_ids:

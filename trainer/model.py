@@ -71,7 +71,10 @@ def quantization_options(config: Config, device: torch.device) -> dict:
     }
 
 
-def load_model(config: Config, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> PreTrainedModel:
+def load_model(config: Config, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> tuple[PreTrainedModel, str]:
+    """The model, ready for `apply_method`, and the attention implementation chosen for it."""
+    from trainer.attention import configure_attention
+
     quantization = quantization_options(config, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -80,6 +83,8 @@ def load_model(config: Config, dtype: torch.dtype, device: torch.device = torch.
     except (OSError, ValueError) as err:
         raise _load_error(config, "model", err) from None
     model.config.use_cache = False  # the KV cache is for generation; training only wastes memory on it
+    # Attention is chosen from the weights' dtype, so before k-bit preparation casts norms to fp32.
+    attention = configure_attention(model, config.model.attention, device)
     if quantization:
         from peft import prepare_model_for_kbit_training
 
@@ -96,7 +101,7 @@ def load_model(config: Config, dtype: torch.dtype, device: torch.device = torch.
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return model, attention
 
 
 def lora_target_modules(config: Config, model: PreTrainedModel) -> list[str] | str:

@@ -22,6 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python trainer/train.py`: make the `trainer` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -30,15 +31,14 @@ from tqdm.auto import tqdm
 
 from trainer.checkpoint import CHECKPOINT_PREFIX, save_checkpoint
 from trainer.config import Config, load_config, save_config
-from trainer.attention import configure_attention
 from trainer.data.batching import DataSchedule, collate, shard
 from trainer.data.packing import collate_packed, pack_examples, packing_stats
 from trainer.data.chat import resolve_chat_template
 from trainer.data.pipeline import SKIPPED_LINES_FILE, prepare_data, train_file_bytes, write_skipped_lines
-from trainer.data.validate import preflight_data
+from trainer.data.validate import preflight_data, write_data_reports
 from trainer.data.tokenize import TokenizedExample
 from trainer.errors import UsageError, UserError
-from trainer.generate import complete
+from trainer.generate import complete, encode_test_prompt
 from trainer.loss import supervised_loss_sum
 from trainer.metrics import MetricsLog
 from trainer.optim import build_optimizer, require_device_features
@@ -58,23 +58,44 @@ def mixed_precision_mode(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def prepare_output_dir(output_dir: Path, overwrite: bool, is_main: bool) -> None:
-    """Refuse to mix two runs in one folder, unless told to clear the old one."""
-    old = sorted(p.name for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")) + [
+def previous_run(output_dir: Path) -> list[str]:
+    """What an earlier run left in `output_dir` (checkpoints and run files)."""
+    return sorted(p.name for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")) + [
         name for name in RUN_FILES if (output_dir / name).exists()
     ]
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder, unless told to replace the old one."""
+    old = previous_run(output_dir)
     if old and not overwrite:
         raise UserError(
             f"output_dir {output_dir} already holds a run ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}). "
             "Fix: choose a new folder (output_dir=runs/another) or set overwrite_output_dir=true"
         )
-    if is_main:
-        for name in old:
-            path = output_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        for partial in output_dir.glob(f".{CHECKPOINT_PREFIX}*.partial"):
-            shutil.rmtree(partial)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"output_dir {output_dir} is a file. Fix: choose a folder (output_dir=runs/another)")
+
+
+def clear_output_dir(output_dir: Path) -> None:
+    """Remove an earlier run's files (overwrite_output_dir) and create the folder. Called only once
+    the new run's data has passed its checks, so a typo never costs the old checkpoints."""
+    for name in previous_run(output_dir):
+        path = output_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for partial in output_dir.glob(f".{CHECKPOINT_PREFIX}*.partial"):
+        shutil.rmtree(partial)
+    try:
         output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create output_dir {output_dir} ({err.strerror}). Fix: choose a folder you can write to") from None
+
+
+def item_sizes(items) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, supervised tokens) of every training item, computed once; steps only sum them."""
+    if hasattr(items, "lengths"):  # TokenizedData keeps them as arrays already
+        return items.lengths, items.supervised_tokens
+    return np.array([len(i.input_ids) for i in items]), np.array([i.supervised_tokens for i in items])
 
 
 class FineTuneRecipe:
@@ -100,24 +121,35 @@ class FineTuneRecipe:
         set_seed(cfg.training.seed)
 
         # 1. Run folder: fail before any work if it would mix two runs.
-        prepare_output_dir(self.output_dir, cfg.overwrite_output_dir, self.is_main)
+        check_output_dir(self.output_dir, cfg.overwrite_output_dir)
+
+        # 2. Preflight, on the main process: the checks of `scripts/prepare_data.py validate`
+        #    before anything heavy loads. Errors stop the run (unless data.on_error=skip); warnings
+        #    are printed now and saved in the run folder below.
+        data_reports = preflight_data(cfg, log=self.log) if self.is_main else []
         acc.wait_for_everyone()
 
-        # 2. Preflight: the checks of `scripts/prepare_data.py validate`, before anything heavy loads.
-        #    Errors stop the run (unless data.on_error=skip); warnings are printed and saved.
-        preflight_data(cfg, log=self.log, report_path=self.output_dir / DATA_REPORT_FILE if self.is_main else None)
-
-        # 3. Tokenizer, then the data: read, tokenize with the loss mask (cached, so a rerun or a
-        #    resume only hashes the files), split off validation data, apply the length policy.
-        #    The main process goes first; the others then load its cache instead of tokenizing too.
+        # 3. Tokenizer, then the data: read, tokenize with the loss mask (cached: a rerun or a resume
+        #    only hashes the files), split off validation data, apply the length policy. Each node's
+        #    main process goes first; the others then load its cache instead of tokenizing too.
         self.tokenizer = load_tokenizer(cfg)
         # Checkpoints carry the chat template training used, so apply_chat_template matches it.
         self.tokenizer.chat_template = resolve_chat_template(self.tokenizer, cfg.data.chat_template)
-        with acc.main_process_first():
+        with acc.local_main_process_first():
             data = prepare_data(cfg, self.tokenizer, self.log)
         self.train_data, self.valid_data = data.train, data.valid
-        if self.is_main and data.skipped:
-            write_skipped_lines(self.output_dir / SKIPPED_LINES_FILE, data.skipped)
+        # Test prompts are encoded once now: a template that cannot render one fails here, not
+        # after hours of training at the first checkpoint.
+        for test_prompt in cfg.test_prompts:
+            encode_test_prompt(self.tokenizer, test_prompt, cfg.data.chat_template)
+
+        # The data passed: only now may an earlier run in output_dir be replaced.
+        if self.is_main:
+            clear_output_dir(self.output_dir)
+            write_data_reports(self.output_dir / DATA_REPORT_FILE, data_reports)
+            if data.skipped:
+                write_skipped_lines(self.output_dir / SKIPPED_LINES_FILE, data.skipped)
+        acc.wait_for_everyone()
 
         # 3b. Packing: several examples per max_seq_len row, each attending only to itself. The
         # schedule then runs over packed rows; evaluation stays on padded batches.
@@ -137,6 +169,7 @@ class FineTuneRecipe:
             world_size=acc.num_processes,
             seed=cfg.training.seed,
         )
+        self.train_tokens, self.train_supervised = item_sizes(self.train_data)
         self.total_steps = self.schedule.total_steps(cfg.training.epochs)
         self.warmup_steps = warmup_steps(self.total_steps, cfg.training.warmup_ratio)
         self.checkpoint_steps = checkpoint_steps(self.total_steps, cfg.checkpoints.count)
@@ -145,8 +178,7 @@ class FineTuneRecipe:
         require_device_features(cfg, acc.device)
         dtype = resolve_dtype(cfg.model.dtype, acc.device)
         cfg.model.dtype = str(dtype).removeprefix("torch.")
-        model = load_model(cfg, dtype, acc.device)
-        cfg.model.attention = configure_attention(model, cfg.model.attention, acc.device)
+        model, cfg.model.attention = load_model(cfg, dtype, acc.device)
         if cfg.method in ("lora", "qlora"):
             cfg.lora.target_modules = lora_target_modules(cfg, model)
         model = apply_method(cfg, model)
@@ -199,18 +231,18 @@ class FineTuneRecipe:
             print(self.report_text)
             print(f"run folder: {self.output_dir}")
 
-    def accumulate_gradients(self, step: int) -> tuple[torch.Tensor, list[TokenizedExample], int]:
+    def accumulate_gradients(self, step: int) -> tuple[torch.Tensor, list[int], int]:
         """Forward and backward over every micro-batch of optimizer step `step`.
 
         Leaves in `.grad` (sum of all token losses of the step, on all processes) / (the step's
-        supervised tokens). Returns this process's loss sum, the step's examples (all processes)
-        and its supervised-token count.
+        supervised tokens). Returns this process's loss sum, the indices of the step's training
+        items (all processes) and its supervised-token count.
         """
         acc = self.accelerator
         plan = self.schedule.plan(step)
-        # Every process knows the whole step's examples, so the normalizer needs no communication.
-        step_examples = [self.train_data[i] for mb in plan.micro_batches for i in mb]
-        step_tokens = sum(e.supervised_tokens for e in step_examples)
+        # Every process knows the whole step's items, so the normalizer needs no communication.
+        step_items = [i for mb in plan.micro_batches for i in mb]
+        step_tokens = int(self.train_supervised[step_items].sum())
         loss_sum = torch.zeros((), device=acc.device)
         for index, global_micro_batch in enumerate(plan.micro_batches):
             mine, real = shard(global_micro_batch, acc.process_index, acc.num_processes)
@@ -224,7 +256,7 @@ class FineTuneRecipe:
                 # the update is (sum of all token losses of the step) / (its supervised tokens).
                 acc.backward(micro_loss * acc.num_processes / step_tokens)
             loss_sum += micro_loss.detach()
-        return loss_sum, step_examples, step_tokens
+        return loss_sum, step_items, step_tokens
 
     def train_step(self, step: int) -> tuple[float, int]:
         """One optimizer step; returns (mean token loss over the step, supervised tokens)."""
@@ -236,7 +268,7 @@ class FineTuneRecipe:
         )
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
-        loss_sum, step_examples, step_tokens = self.accumulate_gradients(step)
+        loss_sum, step_items, step_tokens = self.accumulate_gradients(step)
 
         max_norm = cfg.training.max_grad_norm or math.inf
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -247,7 +279,7 @@ class FineTuneRecipe:
         loss = acc.reduce(loss_sum, reduction="sum").item() / step_tokens
         grad_norm = float(grad_norm)
         seconds = time.perf_counter() - started
-        tokens = sum(len(e.input_ids) for e in step_examples)
+        tokens = int(self.train_tokens[step_items].sum())
         self.metrics.write(
             step=step,
             epoch=round(step / self.schedule.steps_per_epoch, 4),
@@ -267,7 +299,8 @@ class FineTuneRecipe:
             return None
         acc = self.accelerator
         self.model.eval()
-        by_length = sorted(range(len(self.valid_data)), key=lambda i: len(self.valid_data[i].input_ids))
+        valid_tokens, valid_supervised = item_sizes(self.valid_data)
+        by_length = np.argsort(valid_tokens, kind="stable").tolist()  # less padding per batch
         width = self.config.training.micro_batch_size * acc.num_processes
         loss_sum = torch.zeros((), device=acc.device)
         for start in range(0, len(by_length), width):
@@ -275,7 +308,7 @@ class FineTuneRecipe:
             batch = collate([self.valid_data[i] for i in mine], self.tokenizer.pad_token_id, supervise=real)
             loss_sum += supervised_loss_sum(self.model, {k: v.to(acc.device) for k, v in batch.items()})
         self.model.train()
-        total_tokens = sum(e.supervised_tokens for e in self.valid_data)
+        total_tokens = int(valid_supervised.sum())
         return acc.reduce(loss_sum, reduction="sum").item() / total_tokens  # GPU sync
 
     @torch.no_grad()
@@ -327,9 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         recipe.setup()
         recipe.train()
     except UserError as err:
-        # Every process hits the same user error; one message is enough.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr)
+        # Usually every process hits the same error, but one that only a single rank hits must
+        # not vanish: rank 0 prints it plainly, the others with their rank.
+        rank = os.environ.get("RANK", "0")
+        print(f"error: {err}" if rank == "0" else f"[rank {rank}] error: {err}", file=sys.stderr)
         return err.exit_code
     return 0
 

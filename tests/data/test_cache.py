@@ -151,3 +151,16 @@ def test_an_unusable_cache_dir_is_a_user_error(tmp_path, tokenizer):
     (tmp_path / "cache").write_text("a file, not a folder")
     with pytest.raises(UserError, match=r"cannot write the tokenized-data cache in .*cache .*Fix: set data.cache_dir"):
         run(make_config(tmp_path, path), tokenizer)
+
+
+def test_a_damaged_entry_is_rebuilt(tmp_path, tokenizer, counted):
+    path = write_jsonl(tmp_path / "train.jsonl", fruit_rows(8))
+    config = make_config(tmp_path, path)
+    first, _ = run(config, tokenizer)
+    expected = list(first.train)  # read before the damage: the rows are memory-mapped from the shard
+    [entry] = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    [shard] = list(entry.glob("shard-*"))
+    shard.write_bytes(shard.read_bytes()[:20])  # a crash or a full disk mid-write
+    second, messages = run(config, tokenizer)
+    assert counted == {"read": 2, "encode": 2} and "tokenized with" in messages[0]
+    assert list(second.train) == expected

@@ -8,8 +8,9 @@ import pytest
 
 from tests.helpers import fruit_rows, write_jsonl
 from trainer.config import Config
-from trainer.data.examples import read_file, read_examples
-from trainer.data.pipeline import SKIPPED_LINES_FILE, prepare_data, read_data, tokenize_split, write_skipped_lines
+from trainer.data.examples import read_examples, read_file, split_validation
+from trainer.data.pipeline import SKIPPED_LINES_FILE, prepare_data, write_skipped_lines
+from trainer.data.tokenize import tokenize_examples
 from trainer.errors import UserError
 
 GOOD = {"prompt": "banana ->", "completion": " yellow<|endoftext|>"}
@@ -106,9 +107,9 @@ def test_on_error_skip_leaves_out_invalid_lines_and_lists_them(tmp_path, tokeniz
     write_skipped_lines(tmp_path / SKIPPED_LINES_FILE, prepared.skipped)
     written = [json.loads(line) for line in (tmp_path / SKIPPED_LINES_FILE).read_text().splitlines()]
     assert written[1] == {"file": str(path), "line": 3, "message": prepared.skipped[1].message}
-    # The in-memory path agrees.
-    raw = read_data(make_config(tmp_path, train_file=str(path), on_error="skip"))
-    assert [e.line for e in raw.train] == [1, 4] and raw.skipped == prepared.skipped
+    # Reading the file directly agrees.
+    direct = read_file(path, on_error="skip")
+    assert [e.line for e in direct.examples] == [1, 4] and direct.skipped == prepared.skipped
 
 
 def test_a_file_with_no_valid_line_is_an_error_even_when_skipping(tmp_path):
@@ -123,9 +124,11 @@ def test_prepared_data_equals_the_in_memory_path(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     config = make_config(tmp_path, train_file=str(path), validation_split=0.2, max_seq_len=24, too_long="truncate")
     prepared, messages = prepare(config, tokenizer)
-    raw = read_data(config)
-    train = tokenize_split(config, raw.train, tokenizer, "training", lambda m: None)
-    valid = tokenize_split(config, raw.valid, tokenizer, "validation", lambda m: None)
+    # The reference: read, split and tokenize in memory, with no cache and no worker processes.
+    examples = read_file(path).examples
+    raw_train, raw_valid = split_validation(examples, 0.2, config.training.seed)
+    train, _ = tokenize_examples(raw_train, tokenizer, max_seq_len=24, too_long="truncate")
+    valid, _ = tokenize_examples(raw_valid, tokenizer, max_seq_len=24, too_long="truncate")
     assert list(prepared.train) == train and list(prepared.valid) == valid
     assert len(prepared.valid) == 4 and any(len(e.input_ids) == 24 for e in train)
     assert prepared.train.lengths.tolist() == [len(e.input_ids) for e in train]

@@ -37,7 +37,7 @@ from trainer.data.tokenize import TokenizedRows
 
 CACHE_FORMAT = 1  # bump when the layout of an entry changes
 META_FILE = "meta.json"
-_CODE_FILES = ("cache.py", "chat.py", "examples.py", "formats.py", "jsonl.py", "readers.py", "tokenize.py")
+_CODE_FILES = ("cache.py", "chat.py", "examples.py", "formats.py", "jsonl.py", "pipeline.py", "readers.py", "tokenize.py")
 
 
 def default_cache_dir() -> Path:

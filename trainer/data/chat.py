@@ -119,8 +119,9 @@ class ChatRenderer:
                 add_generation_prompt=add_generation_prompt,
                 **self._variables,
             )
-        except jinja2.TemplateError as err:
-            raise ChatTemplateError(f"the chat template cannot render this conversation: {err}") from None
+        except Exception as err:  # noqa: BLE001 - a user's template can raise anything (TypeError, ...)
+            kind = "" if isinstance(err, jinja2.TemplateError) else f"{type(err).__name__}: "
+            raise ChatTemplateError(f"the chat template cannot render this conversation: {kind}{err}") from None
 
     def ends_turn(self, text: str) -> bool:
         """Whether an assistant segment ends with an end-of-turn token (so the model learns to stop)."""

@@ -8,8 +8,6 @@ tokens. Then it splits off the validation data and applies the length policy, bo
 on every run. `prepared.skipped` lists the lines `data.on_error: skip` left out, for the run folder
 (`write_skipped_lines`).
 
-`read_data` + `tokenize_split` are the uncached, in-memory path (kept for callers that want
-examples before a tokenizer exists).
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,12 +30,11 @@ from trainer.data.cache import (
     tokenizer_digest, write_meta, write_shard,
 )
 from trainer.data.chat import resolve_chat_template
-from trainer.data.examples import Example, FileData, SkippedLine, alias_warning, read_file, split_validation
+from trainer.data.examples import Example, SkippedLine, alias_warning, read_file, split_validation
 from trainer.data.jsonl import raise_problems
 from trainer.data.readers import row_unit
 from trainer.data.tokenize import (
-    ENCODE_BATCH, EncodeNotes, TokenizedData, TokenizedExample, TokenizedRows, apply_length_policy, encode_examples,
-    tokenize_examples,
+    ENCODE_BATCH, EncodeNotes, TokenizedData, TokenizedRows, apply_length_policy, encode_examples,
 )
 from trainer.errors import UserError
 
@@ -166,6 +164,8 @@ def tokenize_file(path: str, tokenizer, settings: TokenizeSettings, *, cache_dir
     found = load_entry(cache_dir, key, path)
     if found is not None:
         return _file_tokens(path, *found, from_cache=True, started=started)
+    # An entry that exists but does not load is damaged (a crash, a full disk): rebuild it.
+    shutil.rmtree(cache_dir / key, ignore_errors=True)
     processes = _build_entry(path, tokenizer, settings, cache_dir, key, num_proc)
     found = load_entry(cache_dir, key, path)
     if found is None:
@@ -263,56 +263,6 @@ def write_skipped_lines(path: str | Path, skipped: Sequence[SkippedLine]) -> Non
     with open(path, "w", encoding="utf-8") as handle:
         for line in skipped:
             handle.write(json.dumps(line.to_json(), ensure_ascii=False) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# The uncached, in-memory path
-
-
-@dataclass
-class RawData:
-    train: list[Example]
-    valid: list[Example]
-    skipped: list[SkippedLine] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-
-def read_files(paths: list[str], data_format: str, on_error: str = "error") -> list[FileData]:
-    _check_exist(paths)
-    return [read_file(path, data_format, on_error=on_error) for path in paths]
-
-
-def read_data(config: Config) -> RawData:
-    """Every training and validation example, checked line by line (no tokenizer needed)."""
-    data = config.data
-    train_files = read_files(_files(data.train_file), data.format, data.on_error)
-    valid_files = read_files(_files(data.validation_file), data.format, data.on_error)
-    skipped = [s for f in train_files + valid_files for s in f.skipped]
-    warnings = [w for f in train_files + valid_files for w in f.warnings]
-    train = [e for f in train_files for e in f.examples]
-    if valid_files:
-        return RawData(train, [e for f in valid_files for e in f.examples], skipped, warnings)
-    if data.validation_split > 0:
-        return RawData(*split_validation(train, data.validation_split, config.training.seed), skipped, warnings)
-    return RawData(train, [], skipped, warnings)
-
-
-def tokenize_split(config: Config, examples: list[Example], tokenizer, which: str, log: Callable[[str], None]) -> list[TokenizedExample]:
-    data = config.data
-    tokenized, report = tokenize_examples(
-        examples, tokenizer, max_seq_len=data.max_seq_len, too_long=data.too_long,
-        chat_template=data.chat_template, train_on=data.train_on, on_error=data.on_error,
-    )
-    for warning in report.warnings:
-        log(f"warning: {warning}")
-    if report.dropped or report.truncated:
-        log(f"{which} data: {report.summary()} (data.max_seq_len={data.max_seq_len})")
-    if not tokenized:
-        raise UserError(
-            f"no {which} examples are left after data.too_long={data.too_long}: "
-            "raise data.max_seq_len or shorten the examples"
-        )
-    return tokenized
 
 
 def train_file_bytes(config: Config) -> int:

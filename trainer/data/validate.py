@@ -833,12 +833,17 @@ def validate_config_data(config, tokenizer=None) -> list[ValidationReport]:
     return reports
 
 
+def write_data_reports(path: str | Path, reports: list[ValidationReport]) -> None:
+    """The preflight's reports as one JSON file (the run folder's data_report.json)."""
+    Path(path).write_text(json.dumps([r.to_dict() for r in reports], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def preflight_data(config, tokenizer=None, *, log=print, report_path: str | Path | None = None) -> list[ValidationReport]:
     """The trainer's data check before any model loads: errors stop the run (with `data.on_error:
     error`), warnings are logged; every report is saved as JSON to `report_path` when given."""
     reports = validate_config_data(config, tokenizer)
     if report_path is not None:
-        Path(report_path).write_text(json.dumps([r.to_dict() for r in reports], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_data_reports(report_path, reports)
     errors = [f"{r.path} {e.text(row_unit(r.path))}" for r in reports for e in r.errors]
     stop = bool(errors) and getattr(config.data, "on_error", "error") == "error"
     for report in reports:
