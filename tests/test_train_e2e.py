@@ -201,3 +201,19 @@ def test_refuses_to_mix_two_runs_in_one_folder(tmp_path, tiny_model_dirs):
     forced = run_command([sys.executable, "trainer/train.py", str(config), "overwrite_output_dir=true", "checkpoints.count=2"])
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+
+
+def test_the_embedded_default_learns_the_example_task(tmp_path):
+    """README command 1's job, as shipped: by the last checkpoint every held-out test prompt of
+    configs/tiny-gpt2.yaml is answered exactly right (greedy)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_example_data import TEST_PROMPTS
+
+    result = run_command([sys.executable, "trainer/train.py", "configs/tiny-gpt2.yaml", f"output_dir={tmp_path / 'run'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = sorted((tmp_path / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert [p.name for p in checkpoints] == ["checkpoint-76", "checkpoint-152", "checkpoint-227", "checkpoint-303", "checkpoint-378"]
+    samples = read_jsonl(checkpoints[-1] / "samples.jsonl")
+    assert [(s["prompt"], s["completion"]) for s in samples] == [(t["prompt"], t["expected"]) for t in TEST_PROMPTS]
+    first = read_jsonl(checkpoints[0] / "samples.jsonl")
+    assert [s["completion"] for s in first] != [t["expected"] for t in TEST_PROMPTS]  # it was learned, not given

@@ -120,3 +120,8 @@ def test_a_file_that_mixes_formats_names_the_first_line_that_differs(tmp_path):
 def test_chat_and_text_errors(tmp_path, row, expected):
     assert f"line 1: " in problems_of(tmp_path, lines(json.dumps(row)))
     assert expected in problems_of(tmp_path, lines(json.dumps(row)))
+
+
+def test_a_folder_is_not_a_data_file(tmp_path):
+    with pytest.raises(UserError, match=f"data file {tmp_path} is a folder, not a file"):
+        read_examples(tmp_path)

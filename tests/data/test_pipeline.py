@@ -83,7 +83,7 @@ def test_a_list_of_files_of_different_kinds(tmp_path, tokenizer):
 
 def test_missing_files_are_named_before_anything_is_read(tmp_path, tokenizer):
     good = write_jsonl(tmp_path / "a.jsonl", fruit_rows(2))
-    with pytest.raises(UserError, match=r"data files .*nope1.jsonl, .*nope2.jsonl do not exist"):
+    with pytest.raises(UserError, match=r"data file .*nope1.jsonl does not exist; .*nope2.jsonl does not exist"):
         prepare(make_config(tmp_path, train_file=[str(good), str(tmp_path / "nope1.jsonl")],
                             validation_file=str(tmp_path / "nope2.jsonl")), tokenizer)
 

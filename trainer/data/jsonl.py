@@ -27,6 +27,17 @@ def raise_problems(path: Path, problems: list[str]) -> None:
     raise UserError(f"{path}: {len(problems)} {noun}:\n{listed}{tail}")
 
 
+def require_files(paths) -> None:
+    """Every data path must be an existing file; say which are not, all at once."""
+    problems = [f"{p} is a folder, not a file" if Path(p).is_dir() else f"{p} does not exist"
+                for p in paths if not Path(p).is_file()]
+    if problems:
+        raise UserError(
+            f"data file {'; '.join(problems)}. Fix: give the path of a data file "
+            f"(relative paths start at {Path.cwd()})"
+        )
+
+
 def _guess_encoding(raw: bytes) -> str:
     """Name the likely encoding of bytes that are not UTF-8 (a hint for the fix, not a guarantee)."""
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -46,8 +57,7 @@ def read_jsonl(path: str | Path) -> tuple[list[tuple[int, Any]], list[str]]:
     file is missing or holds no line at all.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist: check the path (relative paths start at {Path.cwd()})")
+    require_files([path])
     rows: list[tuple[int, Any]] = []
     problems: list[str] = []
     with path.open("rb") as handle:

@@ -31,7 +31,7 @@ from trainer.data.cache import (
 )
 from trainer.data.chat import resolve_chat_template
 from trainer.data.examples import Example, SkippedLine, alias_warning, read_file, split_validation
-from trainer.data.jsonl import raise_problems
+from trainer.data.jsonl import raise_problems, require_files
 from trainer.data.readers import row_unit
 from trainer.data.tokenize import (
     ENCODE_BATCH, EncodeNotes, TokenizedData, TokenizedRows, apply_length_policy, encode_examples,
@@ -46,16 +46,6 @@ def _files(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else list(value)
-
-
-def _check_exist(paths: list[str]) -> None:
-    """Every data file must exist; say so before anything is read (all missing ones at once)."""
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise UserError(
-            f"data file{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-            f"{'do' if len(missing) > 1 else 'does'} not exist: check the path (relative paths start at {Path.cwd()})"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +214,7 @@ def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) 
     """
     data = config.data
     train_paths, valid_paths = _files(data.train_file), _files(data.validation_file)
-    _check_exist(train_paths + valid_paths)
+    require_files(train_paths + valid_paths)  # all missing ones at once, before anything is read
     settings = tokenize_settings(config, tokenizer)
     cache_dir = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
     fingerprint = tokenizer_digest(tokenizer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trainer.data.jsonl import read_jsonl
+from trainer.data.jsonl import read_jsonl, require_files
 from trainer.errors import UserError
 
 Problem = tuple[int, str]  # (line or row number, message)
@@ -71,8 +71,7 @@ def read_table_rows(path: str | Path) -> list[tuple[int, Any]]:
     """Rows of a local parquet or arrow file as dicts, numbered from 1. Raises `UserError` when the file
     is missing, unreadable or empty."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file {path} does not exist: check the path (relative paths start at {Path.cwd()})")
+    require_files([path])
     table = _read_table(path)
     if table.num_rows == 0:
         raise UserError(f"{path} has no rows: it needs one example a row, with columns prompt and completion, "
