@@ -217,3 +217,33 @@ def test_the_embedded_default_learns_the_example_task(tmp_path):
     assert [(s["prompt"], s["completion"]) for s in samples] == [(t["prompt"], t["expected"]) for t in TEST_PROMPTS]
     first = read_jsonl(checkpoints[0] / "samples.jsonl")
     assert [s["completion"] for s in first] != [t["expected"] for t in TEST_PROMPTS]  # it was learned, not given
+
+
+def test_chat_data_end_to_end(tmp_path, tiny_model_dirs):
+    """Chat rows in seed 000's form (its `agent` role included) on a model without a chat template:
+    the plain-text default renders training data and the chat test prompt alike, and the checkpoint's
+    tokenizer carries that template, so plain `apply_chat_template` reproduces the sample."""
+    system = {"role": "system", "content": "Marv."}  # short: the tiny models have 64 positions
+    pairs = [("kiwi?", "green"), ("banana?", "yellow"), ("tomato?", "red"), ("lime?", "green")]
+    rows = [{"messages": [system, {"role": "user", "content": q}, {"role": "agent" if i == 0 else "assistant", "content": a}]}
+            for i, (q, a) in enumerate(pairs * 6)]
+    config = write_config(tmp_path, tiny_model_dirs["gpt_neox"], "full", data={"format": "chat", "max_seq_len": 64})
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "valid.jsonl", rows[:4])
+    chat_prompt = {"messages": [system, {"role": "user", "content": "kiwi?"}], "max_new_tokens": 6}
+    result = run_command([sys.executable, "trainer/train.py", str(config), f"test_prompts=[{json.dumps(chat_prompt)}]"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "agent" in result.stdout + result.stderr  # the alias is accepted with a warning
+
+    run = tmp_path / "run"
+    last = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    [sample] = read_jsonl(last / "samples.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(last)
+    model = AutoModelForCausalLM.from_pretrained(last).eval()
+    ids = tokenizer.apply_chat_template(chat_prompt["messages"], add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert tokenizer.decode(ids) == sample["prompt"]
+    with torch.no_grad():
+        output = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.eos_token_id)
+    new = output[0, len(ids):].tolist()
+    new = new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+    assert tokenizer.decode(new) == sample["completion"]
