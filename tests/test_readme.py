@@ -1,7 +1,6 @@
 """The README is what a new user follows literally: keep its commands and reference true."""
 
 import importlib.util
-from pathlib import Path
 
 from tests.helpers import REPO
 

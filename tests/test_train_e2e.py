@@ -233,7 +233,9 @@ def test_chat_data_end_to_end(tmp_path, tiny_model_dirs):
     chat_prompt = {"messages": [system, {"role": "user", "content": "kiwi?"}], "max_new_tokens": 6}
     result = run_command([sys.executable, "trainer/train.py", str(config), f"test_prompts=[{json.dumps(chat_prompt)}]"])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "agent" in result.stdout + result.stderr  # the alias is accepted with a warning
+    # The alias (on line 1) is accepted, with a warning naming the file.
+    assert "warning: " + str(tmp_path / "train.jsonl") in result.stdout + result.stderr
+    assert "the role 'agent', read as 'assistant'" in result.stdout + result.stderr
 
     run = tmp_path / "run"
     last = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from trainer.config import Config, save_config
+from trainer.data.jsonl import write_jsonl
 
 CHECKPOINT_PREFIX = "checkpoint-"
 SAMPLES_FILE = "samples.jsonl"
@@ -21,12 +22,6 @@ INFO_FILE = "checkpoint.json"
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return output_dir / f"{CHECKPOINT_PREFIX}{step}"
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def save_checkpoint(
@@ -47,9 +42,3 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(partial, final)
     return final
-
-
-def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Checkpoint folders in step order; temporary (incomplete) ones are never listed."""
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))

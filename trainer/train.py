@@ -36,7 +36,6 @@ from trainer.data.packing import collate_packed, pack_examples, packing_stats
 from trainer.data.chat import resolve_chat_template
 from trainer.data.pipeline import SKIPPED_LINES_FILE, prepare_data, train_file_bytes, write_skipped_lines
 from trainer.data.validate import preflight_data, write_data_reports
-from trainer.data.tokenize import TokenizedExample
 from trainer.errors import UsageError, UserError
 from trainer.generate import complete, encode_test_prompt
 from trainer.loss import supervised_loss_sum
@@ -209,7 +208,6 @@ class FineTuneRecipe:
     # Training
 
     def train(self) -> None:
-        cfg, acc = self.config, self.accelerator
         self.model.train()
         # In a batch job's log file, a bar redrawn ten times a second is noise: redraw every 30 s.
         progress = tqdm(

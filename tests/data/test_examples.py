@@ -118,7 +118,7 @@ def test_a_file_that_mixes_formats_names_the_first_line_that_differs(tmp_path):
     ],
 )
 def test_chat_and_text_errors(tmp_path, row, expected):
-    assert f"line 1: " in problems_of(tmp_path, lines(json.dumps(row)))
+    assert "line 1: " in problems_of(tmp_path, lines(json.dumps(row)))
     assert expected in problems_of(tmp_path, lines(json.dumps(row)))
 
 

@@ -1,4 +1,4 @@
-"""Read a JSONL file into (line number, object) rows, reporting every broken line at once.
+"""JSONL files: read into (line number, object) rows, reporting every broken line at once; write.
 
 Problems are collected rather than raised one by one, so a user fixes a file in one pass.
 The message names the file and each line, and says how to fix it.
@@ -86,3 +86,10 @@ def read_jsonl(path: str | Path) -> tuple[list[tuple[int, Any]], list[str]]:
         raise UserError(f"{path} is empty: it needs one JSON object per line, e.g. "
                         '{"prompt": "banana ->", "completion": " yellow<|endoftext|>"}')
     return rows, problems
+
+
+def write_jsonl(path: Path, rows) -> None:
+    """One JSON object a line, UTF-8, non-ASCII kept readable."""
+    with Path(path).open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")

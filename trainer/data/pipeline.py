@@ -12,7 +12,6 @@ on every run. `prepared.skipped` lists the lines `data.on_error: skip` left out,
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import shutil
@@ -31,7 +30,7 @@ from trainer.data.cache import (
 )
 from trainer.data.chat import resolve_chat_template
 from trainer.data.examples import Example, SkippedLine, alias_warning, read_file, split_validation
-from trainer.data.jsonl import raise_problems, require_files
+from trainer.data.jsonl import raise_problems, require_files, write_jsonl
 from trainer.data.readers import row_unit
 from trainer.data.tokenize import (
     ENCODE_BATCH, EncodeNotes, TokenizedData, TokenizedRows, apply_length_policy, encode_examples,
@@ -209,8 +208,8 @@ def _length_policy(config: Config, data: TokenizedData, which: str, log: Callabl
 def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) -> PreparedData:
     """Read, check and tokenize every data file (cached), split off validation data, apply the length policy.
 
-    Call it on the main process first (`accelerator.main_process_first()`): the other processes
-    then find every file in the cache.
+    Call it on each node's main process first (`accelerator.local_main_process_first()`): the
+    other processes then find every file in the cache.
     """
     data = config.data
     train_paths, valid_paths = _files(data.train_file), _files(data.validation_file)
@@ -250,9 +249,7 @@ def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) 
 
 def write_skipped_lines(path: str | Path, skipped: Sequence[SkippedLine]) -> None:
     """`skipped_lines.jsonl`: one {"file", "line", "message"} object per skipped line."""
-    with open(path, "w", encoding="utf-8") as handle:
-        for line in skipped:
-            handle.write(json.dumps(line.to_json(), ensure_ascii=False) + "\n")
+    write_jsonl(path, [line.to_json() for line in skipped])
 
 
 def train_file_bytes(config: Config) -> int:
