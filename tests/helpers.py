@@ -1,9 +1,13 @@
-"""Small helpers shared by the tests: example data in the seeds' format."""
+"""Small helpers shared by the tests: example data in the seeds' format, run configs, the real command."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 FRUIT_COLOURS = {"banana": "yellow", "lime": "green", "tomato": "red", "cherry": "red", "kiwi": "green", "lemon": "yellow"}
@@ -21,3 +25,92 @@ def fruit_rows(count: int = 48) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+TEST_PROMPTS = [
+    {"prompt": "banana ->", "max_new_tokens": 6},
+    {"prompt": "kiwi ->", "max_new_tokens": 6, "stop": ["\n"]},
+    {"prompt": "tomato ->", "temperature": 0.8, "top_k": 20, "max_new_tokens": 6},
+]
+
+
+def command_env(**extra: str) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+
+
+def run_command(args: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """Run `args` in the repository root, one thread per process (as the in-process tests)."""
+    return subprocess.run(args, cwd=REPO, env=command_env(**(env or {})), capture_output=True, text=True,
+                          timeout=240, **kwargs)
+
+
+def write_config(tmp_path: Path, model_dir: Path, method: str, **sections) -> Path:
+    train = write_jsonl(tmp_path / "train.jsonl", fruit_rows(48))
+    valid = write_jsonl(tmp_path / "valid.jsonl", fruit_rows(12))
+    config = {
+        "model": {"name_or_path": str(model_dir)},
+        "method": method,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train_file": str(train), "validation_file": str(valid), "max_seq_len": 32},
+        "training": {"epochs": 3, "micro_batch_size": 8, "learning_rate": 3e-2 if method == "lora" else 1e-2, "warmup_ratio": 0.1, "seed": 1},
+        "checkpoints": {"count": 3},
+        "test_prompts": TEST_PROMPTS,
+        "output_dir": str(tmp_path / "run"),
+    }
+    for key, value in sections.items():
+        config[key].update(value)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def checkpoint_folders(run: Path) -> list[Path]:
+    return sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def trained_weights(checkpoint: Path) -> dict:
+    """The weights a checkpoint holds (adapter or full model), by name."""
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if (checkpoint / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(checkpoint / name)
+
+
+def assert_same_run(reference: Path, other: Path, tolerance: float = 1e-6) -> float:
+    """`other` is the run `reference` is: the same checkpoints with the same samples, final weights
+    within `tolerance`, every step exactly once in metrics.jsonl with the same losses, the same
+    report. Returns the largest weight difference."""
+    assert [p.name for p in checkpoint_folders(other)] == [p.name for p in checkpoint_folders(reference)]
+    for mine, theirs in zip(checkpoint_folders(other), checkpoint_folders(reference)):
+        assert read_jsonl(mine / "samples.jsonl") == read_jsonl(theirs / "samples.jsonl"), mine.name
+    final, expected = trained_weights(checkpoint_folders(other)[-1]), trained_weights(checkpoint_folders(reference)[-1])
+    assert final.keys() == expected.keys()
+    difference = max((final[k].float() - expected[k].float()).abs().max().item() for k in expected)
+    assert difference <= tolerance, difference
+    metrics, reference_metrics = read_jsonl(other / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
+    steps = [m["step"] for m in metrics if "loss" in m]
+    assert steps == list(range(1, len(steps) + 1)) == [m["step"] for m in reference_metrics if "loss" in m]
+    for key in ("loss", "eval_loss", "learning_rate"):
+        ours = [m[key] for m in metrics if key in m]
+        theirs = [m[key] for m in reference_metrics if key in m]
+        assert len(ours) == len(theirs) and all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(ours, theirs)), key
+    report = (other / "report.md").read_text(encoding="utf-8").replace(str(other), "RUN")
+    assert report == (reference / "report.md").read_text(encoding="utf-8").replace(str(reference), "RUN")
+    return difference
+
+
+def resume_config(tmp_path: Path, model_dir: Path, **sections) -> Path:
+    """A tiny LoRA run with dropout on (so that restoring the random generators matters), sampled
+    test prompts, 24 steps, checkpoints at 8, 16, 24 and a resumable state every 5 steps."""
+    base = {
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "training": {"epochs": 2, "micro_batch_size": 4, "learning_rate": 3e-2, "warmup_ratio": 0.1, "seed": 1},
+        "checkpoints": {"count": 3, "state_every_steps": 5, "state_every_minutes": 0},
+    }
+    for key, value in sections.items():
+        base.setdefault(key, {}).update(value)
+    return write_config(tmp_path, model_dir, "lora", **base)

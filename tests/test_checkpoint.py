@@ -1,12 +1,20 @@
+import errno
+import json
+import os
+import stat
+
 import pytest
 from transformers import AutoModelForCausalLM
 
+from trainer.atomic import file_mode
 from trainer.checkpoint import save_checkpoint
 from trainer.config import Config
+from trainer.errors import SaveFailed
+from trainer.model import apply_method
 
 
-def make_config(path) -> Config:
-    return Config.model_validate({"model": {"name_or_path": str(path)}, "data": {"train_file": "t.jsonl"}})
+def make_config(path, **extra) -> Config:
+    return Config.model_validate({"model": {"name_or_path": str(path)}, "data": {"train_file": "t.jsonl"}, **extra})
 
 
 def test_checkpoint_is_complete_and_loads_with_plain_transformers(tmp_path, tiny_model_dirs, tokenizer):
@@ -20,15 +28,44 @@ def test_checkpoint_is_complete_and_loads_with_plain_transformers(tmp_path, tiny
         assert a.equal(b), name
 
 
-def test_a_crash_while_saving_leaves_no_checkpoint_folder(tmp_path, tiny_model_dirs, tokenizer, monkeypatch):
+def test_every_file_gets_the_umask_permissions(tmp_path, tiny_model_dirs, tokenizer):
+    """safetensors creates files 0600; on a shared cluster folder others could not read the weights."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["gpt2"])
+    path = save_checkpoint(tmp_path, 1, model=model, tokenizer=tokenizer, config=make_config(tiny_model_dirs["gpt2"]),
+                           samples=[], info={})
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()}
+    assert modes["model.safetensors"] == file_mode() == 0o666 & ~_umask(), modes
+    assert set(modes.values()) == {file_mode()}, modes
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_an_adapter_names_its_local_base_by_absolute_path(tmp_path, tiny_model_dirs, tokenizer, monkeypatch):
+    """Loading the adapter by its path alone must work from any folder, not only the training cwd."""
+    monkeypatch.chdir(tiny_model_dirs["gpt2"].parent)
+    relative = tiny_model_dirs["gpt2"].name
+    config = make_config(relative, method="lora")
+    model = apply_method(config, AutoModelForCausalLM.from_pretrained(relative))
+    path = save_checkpoint(tmp_path, 2, model=model, tokenizer=tokenizer, config=config, samples=[], info={})
+    adapter = json.loads((path / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tiny_model_dirs["gpt2"].resolve())
+    hub_id = make_config("EleutherAI/gpt-j-6b", method="lora")
+    from trainer.checkpoint import base_model_reference
+
+    assert base_model_reference(hub_id.model.name_or_path) == "EleutherAI/gpt-j-6b"
+
+
+def test_a_full_disk_while_saving_leaves_no_folder_and_says_so(tmp_path, tiny_model_dirs, tokenizer, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["gpt2"])
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".checkpoint-5.partial" / "tokenizer.json"))
 
-    monkeypatch.setattr(tokenizer, "save_pretrained", crash)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(tokenizer, "save_pretrained", disk_full)
+    with pytest.raises(SaveFailed, match="could not write checkpoint-5 .*No space left on device.*saved before are intact"):
         save_checkpoint(tmp_path, 5, model=model, tokenizer=tokenizer, config=make_config("m"), samples=[], info={})
-    assert not (tmp_path / "checkpoint-5").exists()
-    assert list(tmp_path.glob("checkpoint-*")) == []  # the partial folder never takes a checkpoint's name
-    assert (tmp_path / ".checkpoint-5.partial").exists()
+    assert list(tmp_path.iterdir()) == []  # neither a checkpoint nor a half-written folder

@@ -87,6 +87,10 @@ def test_missing_required_key(tmp_path):
         (["method=full", "model.dtype=float16"], "set model.dtype to bfloat16 or float32"),
         (["checkpoints.count=0"], "checkpoints.count"),
         (["data.validation_split=1.5"], "data.validation_split"),
+        (["training.epochs=0"], "key 'training.epochs' on the command line: Input should be greater than 0"),
+        (["training.epochs=-1"], "key 'training.epochs' on the command line: Input should be greater than 0"),
+        (["training.max_bad_steps=0"], "training.max_bad_steps"),
+        (["training.time_limit=soon"], "write it like 23h30m"),
     ],
 )
 def test_impossible_combinations(tmp_path, override, expected):

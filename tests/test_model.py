@@ -45,3 +45,43 @@ def test_missing_model_is_a_user_error(tmp_path):
 def test_auto_dtype_is_float32_on_cpu():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_an_unreachable_hub_fails_at_once_with_the_offline_fix(monkeypatch):
+    """With the Hub unreachable, a model id not in the cache is an immediate error that says how to
+    run offline (huggingface_hub would otherwise retry for about a minute)."""
+    import trainer.hub
+
+    monkeypatch.setattr(trainer.hub, "hub_reachable", lambda: False)
+    assert trainer.hub.load_options("EleutherAI/gpt-j-6b") == {"local_files_only": True}
+    with pytest.raises(UserError) as failed:
+        load_tokenizer(config("EleutherAI/no-such-model-anywhere"))
+    message = str(failed.value)
+    assert "cannot be reached from this machine" in message and "hf download EleutherAI/no-such-model-anywhere" in message
+    assert "HF_HUB_OFFLINE=1" in message
+
+
+def test_the_hub_probe_answers_without_retrying(monkeypatch):
+    """The probe itself: offline mode answers without a request; a failing request means unreachable."""
+    import huggingface_hub.constants
+    import huggingface_hub.utils
+
+    import trainer.hub
+
+    trainer.hub.hub_reachable.cache_clear()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert trainer.hub.hub_reachable() is False
+    trainer.hub.hub_reachable.cache_clear()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    requests = []
+
+    class Refusing:
+        def head(self, url, timeout):
+            requests.append((url, timeout))
+            raise OSError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: Refusing())
+    assert trainer.hub.hub_reachable() is False
+    assert requests == [(huggingface_hub.constants.ENDPOINT, trainer.hub.PROBE_SECONDS)]
+    trainer.hub.hub_reachable.cache_clear()
+    assert trainer.hub.load_options(".") == {}  # a local folder never asks

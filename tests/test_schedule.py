@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 
 from trainer.errors import UserError
 from trainer.schedule import auto_epochs, checkpoint_steps, learning_rate_at, warmup_steps
@@ -20,11 +21,12 @@ def test_checkpoint_steps_are_ceil_of_even_fractions(total, count, expected):
     assert checkpoint_steps(total, count) == expected
 
 
-@pytest.mark.parametrize("total, count", [(t, c) for t in range(1, 40) for c in range(1, t + 1)])
-def test_checkpoint_steps_are_distinct_increasing_and_end_at_the_last_step(total, count):
-    steps = checkpoint_steps(total, count)
-    assert len(steps) == count and steps[-1] == total
-    assert all(a < b for a, b in zip(steps, steps[1:]))
+def test_checkpoint_steps_are_distinct_increasing_and_end_at_the_last_step():
+    for total in range(1, 40):
+        for count in range(1, total + 1):
+            steps = checkpoint_steps(total, count)
+            assert len(steps) == count and steps[-1] == total, (total, count, steps)
+            assert all(a < b for a, b in zip(steps, steps[1:])), (total, count, steps)
 
 
 def test_more_checkpoints_than_steps_is_a_user_error():
@@ -32,17 +34,40 @@ def test_more_checkpoints_than_steps_is_a_user_error():
         checkpoint_steps(5, 6)
 
 
-def test_warmup_then_cosine_reaches_zero():
+def test_warmup_then_cosine_decays_to_zero_one_step_after_the_last():
     kw = dict(peak=1.0, total_steps=10, warmup=2, schedule="cosine")
     assert learning_rate_at(1, **kw) == 0.5
     assert learning_rate_at(2, **kw) == 1.0
-    assert learning_rate_at(6, **kw) == pytest.approx(0.5)
-    assert learning_rate_at(10, **kw) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate_at(3, **kw) == 1.0  # the first step after warmup runs at the peak
+    assert learning_rate_at(7, **kw) == pytest.approx(0.5)  # halfway through the 8 decay steps
+    assert learning_rate_at(10, **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert learning_rate_at(10, **kw) > 0  # the last step still changes the weights
+    assert learning_rate_at(11, **kw) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_linear_and_constant():
-    assert learning_rate_at(6, peak=2.0, total_steps=10, warmup=2, schedule="linear") == pytest.approx(1.0)
+    assert learning_rate_at(6, peak=2.0, total_steps=10, warmup=2, schedule="linear") == pytest.approx(2.0 * 5 / 8)
+    assert learning_rate_at(10, peak=2.0, total_steps=10, warmup=2, schedule="linear") == pytest.approx(2.0 / 8)
     assert learning_rate_at(9, peak=2.0, total_steps=10, warmup=0, schedule="constant") == 2.0
+
+
+def test_a_one_step_run_trains_at_the_peak():
+    for schedule in ("linear", "cosine", "constant"):
+        assert learning_rate_at(1, peak=3e-4, total_steps=1, warmup=0, schedule=schedule) == 3e-4
+
+
+def test_decay_equals_hugging_faces_schedulers():
+    """After warmup, our step s (1-based) runs at the rate Hugging Face's scheduler gives its step
+    s - 1 (0-based). (Its warmup starts at 0, ours at peak / warmup: a first step that trains.)"""
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    for make, name in ((get_linear_schedule_with_warmup, "linear"), (get_cosine_schedule_with_warmup, "cosine")):
+        for total, warmup in ((10, 2), (7, 0), (1, 0), (50, 5)):
+            optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+            hf = make(optimizer, warmup, total)
+            for step in range(warmup + 1, total + 1):
+                expected = hf.lr_lambdas[0](step - 1)
+                assert learning_rate_at(step, peak=1.0, total_steps=total, warmup=warmup, schedule=name) == pytest.approx(expected, abs=1e-12), (name, total, warmup, step)
 
 
 def test_warmup_steps_round_up():

@@ -1,9 +1,10 @@
 """The recipe's pieces, called in-process: gradient accumulation with token-level normalization."""
 
+import pytest
 import torch
 
 from tests.helpers import write_jsonl
-from trainer.config import Config
+from trainer.config import Config, load_config
 from trainer.train import FineTuneRecipe
 
 # Completions of very different lengths, so per-micro-batch means would weigh tokens unequally.
@@ -61,3 +62,61 @@ def test_the_naive_per_micro_batch_mean_would_differ(tmp_path, tiny_model_dirs):
     naive_weights = [1 / (3 * n) for n in per_token]  # mean of per-micro-batch means
     exact_weights = [1 / total] * 3
     assert max(abs(a - b) for a, b in zip(naive_weights, exact_weights)) > 1e-3
+
+
+def nan_loss_at(monkeypatch, bad_steps) -> None:
+    """Make the training loss NaN at the given steps (one micro-batch per step in these runs)."""
+    import trainer.train
+
+    real, calls = trainer.train.supervised_loss_sum, [0]
+
+    def loss(model, batch, **kwargs):
+        value = real(model, batch, **kwargs)
+        if torch.is_grad_enabled():  # training, not evaluation
+            calls[0] += 1
+            if calls[0] in bad_steps:
+                return value * float("nan")
+        return value
+
+    monkeypatch.setattr(trainer.train, "supervised_loss_sum", loss)
+
+
+def test_a_step_with_a_non_finite_loss_changes_nothing_and_is_counted(tmp_path, tiny_model_dirs, monkeypatch):
+    from tests.helpers import read_jsonl, write_config
+
+    nan_loss_at(monkeypatch, {3, 4})
+    config = load_config(write_config(tmp_path, tiny_model_dirs["gpt2"], "full"))
+    r = FineTuneRecipe(config)
+    try:
+        r.setup()
+        assert r.train() == "complete"
+    finally:
+        r.close()
+    steps = [m for m in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "grad_norm" in m]
+    assert [m["step"] for m in steps if m.get("skipped")] == [3, 4]
+    assert steps[2]["loss"] is None and steps[3]["loss"] is None and steps[4]["loss"] > 0
+    # Adam counted 16 updates of the 18 steps: the skipped ones did not reach the optimizer.
+    assert {int(s["step"]) for s in r.optimizer.state.values()} == {r.total_steps - 2}
+
+
+def test_too_many_bad_steps_in_a_row_save_the_state_and_stop_naming_the_step(tmp_path, tiny_model_dirs, monkeypatch, capsys):
+    from tests.helpers import write_config
+    from trainer.errors import TrainingDiverged
+    from trainer.train import main
+
+    nan_loss_at(monkeypatch, set(range(3, 100)))
+    path = write_config(tmp_path, tiny_model_dirs["gpt2"], "full", training={"max_bad_steps": 3})
+    r = FineTuneRecipe(load_config(path))
+    try:
+        r.setup()
+        with pytest.raises(TrainingDiverged) as stopped:
+            r.train()
+    finally:
+        r.close()
+    assert stopped.value.step == 5
+    message = str(stopped.value)
+    assert "not finite in 3 steps in a row (steps 3 to 5" in message and "train.jsonl line" in message
+    assert "training.learning_rate=0.01" in message
+    assert sorted(p.name for p in (tmp_path / "run").glob("state-*")) == ["state-5"]
+    assert main([str(path), "overwrite_output_dir=true"]) == 1  # the command: exit 1, one message
+    assert "error: training stopped at step " in capsys.readouterr().err

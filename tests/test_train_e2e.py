@@ -1,8 +1,11 @@
-"""The real command, end to end, on tiny GPT-2, GPT-J and GPT-NeoX models on CPU."""
+"""The training job end to end on tiny GPT-2, GPT-J and GPT-NeoX models on CPU.
+
+Most runs call `main(argv)` in-process (the same code as the command, without 5 s of imports per
+run); subprocesses are kept for what only the real command shows: `accelerate launch`,
+`python -m trainer.train`, and two processes under torchrun.
+"""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,43 +14,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.helpers import REPO, fruit_rows, write_jsonl
+from tests.helpers import REPO, TEST_PROMPTS, read_jsonl, run_command, write_config, write_jsonl
+from trainer.model import LORA_TARGETS_BY_FAMILY
 from trainer.schedule import checkpoint_steps
-
-TEST_PROMPTS = [
-    {"prompt": "banana ->", "max_new_tokens": 6},
-    {"prompt": "kiwi ->", "max_new_tokens": 6, "stop": ["\n"]},
-    {"prompt": "tomato ->", "temperature": 0.8, "top_k": 20, "max_new_tokens": 6},
-]
-
-
-def run_command(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, **kwargs)
-
-
-def write_config(tmp_path: Path, model_dir: Path, method: str, **sections) -> Path:
-    train = write_jsonl(tmp_path / "train.jsonl", fruit_rows(48))
-    valid = write_jsonl(tmp_path / "valid.jsonl", fruit_rows(12))
-    config = {
-        "model": {"name_or_path": str(model_dir)},
-        "method": method,
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train_file": str(train), "validation_file": str(valid), "max_seq_len": 32},
-        "training": {"epochs": 3, "micro_batch_size": 8, "learning_rate": 3e-2 if method == "lora" else 1e-2, "warmup_ratio": 0.1, "seed": 1},
-        "checkpoints": {"count": 3},
-        "test_prompts": TEST_PROMPTS,
-        "output_dir": str(tmp_path / "run"),
-    }
-    for key, value in sections.items():
-        config[key].update(value)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+from trainer.train import main
 
 
 def load_checkpoint_plainly(checkpoint: Path, base: Path, method: str):
@@ -113,36 +83,37 @@ ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--cpu"
                      "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-@pytest.mark.parametrize(
-    "family, method, launcher",
-    [
-        ("gpt2", "full", ACCELERATE_LAUNCH),
-        ("gpt2", "lora", [sys.executable]),
-        ("gptj", "lora", [sys.executable]),
-        ("gptj", "full", [sys.executable]),
-        ("gpt_neox", "lora", [sys.executable]),
-        ("gpt_neox", "full", [sys.executable]),
-    ],
-    ids=["gpt2-full-accelerate", "gpt2-lora", "gptj-lora", "gptj-full", "neox-lora", "neox-full"],
-)
-def test_train_command_end_to_end(tmp_path, tiny_model_dirs, family, method, launcher):
-    config = write_config(tmp_path, tiny_model_dirs[family], method)
-    result = run_command([*launcher, "trainer/train.py", str(config)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    check_run(tmp_path / "run", tiny_model_dirs[family], method)
-    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert resolved["model"]["dtype"] == "float32"
+def check_resolved_config(run: Path, family: str, method: str) -> None:
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["model"]["dtype"] == "float32" and resolved["model"]["attention"] == "sdpa"
     if method == "lora":
-        from trainer.model import LORA_TARGETS_BY_FAMILY
-
         assert resolved["lora"]["target_modules"] == LORA_TARGETS_BY_FAMILY[family]
 
 
-def test_packed_training_end_to_end(tmp_path, tiny_model_dirs):
-    config = write_config(tmp_path, tiny_model_dirs["gptj"], "full", data={"packing": True}, training={"micro_batch_size": 2})
-    result = run_command([sys.executable, "trainer/train.py", str(config)])
+@pytest.mark.parametrize(
+    "family, method",
+    [("gpt2", "lora"), ("gptj", "lora"), ("gptj", "full"), ("gpt_neox", "lora"), ("gpt_neox", "full")],
+    ids=["gpt2-lora", "gptj-lora", "gptj-full", "neox-lora", "neox-full"],
+)
+def test_each_family_and_method_end_to_end(tmp_path, tiny_model_dirs, family, method):
+    config = write_config(tmp_path, tiny_model_dirs[family], method)
+    assert main([str(config)]) == 0
+    check_run(tmp_path / "run", tiny_model_dirs[family], method)
+    check_resolved_config(tmp_path / "run", family, method)
+
+
+def test_accelerate_launch_runs_the_job(tmp_path, tiny_model_dirs):
+    config = write_config(tmp_path, tiny_model_dirs["gpt2"], "full")
+    result = run_command([*ACCELERATE_LAUNCH, "trainer/train.py", str(config)])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "packing: packed 48 examples" in result.stdout + result.stderr
+    check_run(tmp_path / "run", tiny_model_dirs["gpt2"], "full")
+    check_resolved_config(tmp_path / "run", "gpt2", "full")
+
+
+def test_packed_training_end_to_end(tmp_path, tiny_model_dirs, capsys):
+    config = write_config(tmp_path, tiny_model_dirs["gptj"], "full", data={"packing": True}, training={"micro_batch_size": 2})
+    assert main([str(config)]) == 0
+    assert "packing: packed 48 examples" in capsys.readouterr().out
     check_run(tmp_path / "run", tiny_model_dirs["gptj"], "full")
 
 
@@ -159,9 +130,8 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path, tiny_model_dirs):
     Accelerator code as a multi-GPU job: each step's loss, normalized over both processes, equals
     one process running the same global batch."""
     config = write_config(tmp_path, tiny_model_dirs["gpt2"], "full")
-    single = run_command([sys.executable, "trainer/train.py", str(config), "training.micro_batch_size=8",
-                          f"output_dir={tmp_path / 'one'}", "checkpoints.count=1", "training.epochs=1"])
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert main([str(config), "training.micro_batch_size=8", f"output_dir={tmp_path / 'one'}", "checkpoints.count=1",
+                 "training.epochs=1"]) == 0
     double = run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "trainer/train.py", str(config), "training.micro_batch_size=4",
                           f"output_dir={tmp_path / 'two'}", "checkpoints.count=1", "training.epochs=1"])
@@ -173,53 +143,58 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path, tiny_model_dirs):
         assert abs(a - b) < 1e-4, (one, two)
 
 
-def test_usage_and_user_errors_have_exit_codes_and_no_traceback(tmp_path, tiny_model_dirs):
-    no_args = run_command([sys.executable, "trainer/train.py"])
-    assert no_args.returncode == 2 and "usage:" in no_args.stderr
-
-    bad_override = run_command([sys.executable, "trainer/train.py", "x.yaml", "nonsense"])
-    assert bad_override.returncode == 2 and "section.key=value" in bad_override.stderr
+def test_usage_and_user_errors_have_exit_codes_and_no_traceback(tmp_path, tiny_model_dirs, capsys):
+    assert main([]) == 2 and "usage:" in capsys.readouterr().err
+    assert main(["x.yaml", "nonsense"]) == 2 and "section.key=value" in capsys.readouterr().err
 
     # The data is checked before the model is loaded: a missing model is not what gets reported.
     config = write_config(tmp_path, tmp_path / "no-such-model", "lora")
     (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": " b"}\n{"prompt": "a"\n', encoding="utf-8")
-    bad_data = run_command([sys.executable, "trainer/train.py", str(config)])
-    assert bad_data.returncode == 1
-    assert "the data has 1 error:" in bad_data.stderr and "train.jsonl line 2: invalid JSON" in bad_data.stderr
-    assert "Traceback" not in bad_data.stderr
+    assert main([str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "the data has 1 error:" in err and "train.jsonl line 2: invalid JSON" in err and "Traceback" not in err
 
-    bad_key = run_command([sys.executable, "trainer/train.py", str(config), "training.lr=1"])
-    assert bad_key.returncode == 1 and "unknown key 'training.lr' on the command line" in bad_key.stderr
-    assert "Traceback" not in bad_key.stderr
+    assert main([str(config), "training.lr=1"]) == 1
+    assert "unknown key 'training.lr' on the command line" in capsys.readouterr().err
+
+    # A pretty-printed JSON array is one message, not one per line.
+    (tmp_path / "train.jsonl").write_text(json.dumps(fruit_rows_for_array(), indent=2), encoding="utf-8")
+    assert main([str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "is one JSON array of 4 items, not JSON Lines" in err and "the data has" not in err
 
 
-def test_refuses_to_mix_two_runs_in_one_folder(tmp_path, tiny_model_dirs):
+def fruit_rows_for_array() -> list[dict]:
+    from tests.helpers import fruit_rows
+
+    return fruit_rows(4)
+
+
+def test_a_finished_run_is_not_trained_again_unless_overwritten(tmp_path, tiny_model_dirs, capsys):
     config = write_config(tmp_path, tiny_model_dirs["gpt2"], "lora", training={"epochs": 1}, checkpoints={"count": 1})
-    assert run_command([sys.executable, "trainer/train.py", str(config)]).returncode == 0
-    again = run_command([sys.executable, "trainer/train.py", str(config)])
-    assert again.returncode == 1 and "already holds a run" in again.stderr and "overwrite_output_dir=true" in again.stderr
-    forced = run_command([sys.executable, "trainer/train.py", str(config), "overwrite_output_dir=true", "checkpoints.count=2"])
-    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert main([str(config)]) == 0
+    assert main([str(config)]) == 0 and "already complete" in capsys.readouterr().out
+    assert main([str(config), "overwrite_output_dir=true", "checkpoints.count=2"]) == 0
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
 
 
-def test_the_embedded_default_learns_the_example_task(tmp_path):
+def test_the_embedded_default_learns_the_example_task(tmp_path, monkeypatch):
     """README command 1's job, as shipped: by the last checkpoint every held-out test prompt of
     configs/tiny-gpt2.yaml is answered exactly right (greedy)."""
     sys.path.insert(0, str(REPO / "scripts"))
-    from make_example_data import TEST_PROMPTS
+    from make_example_data import TEST_PROMPTS as EXPECTED
 
-    result = run_command([sys.executable, "trainer/train.py", "configs/tiny-gpt2.yaml", f"output_dir={tmp_path / 'run'}"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.chdir(REPO)
+    assert main(["configs/tiny-gpt2.yaml", f"output_dir={tmp_path / 'run'}"]) == 0
     checkpoints = sorted((tmp_path / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert [p.name for p in checkpoints] == ["checkpoint-76", "checkpoint-152", "checkpoint-227", "checkpoint-303", "checkpoint-378"]
     samples = read_jsonl(checkpoints[-1] / "samples.jsonl")
-    assert [(s["prompt"], s["completion"]) for s in samples] == [(t["prompt"], t["expected"]) for t in TEST_PROMPTS]
+    assert [(s["prompt"], s["completion"]) for s in samples] == [(t["prompt"], t["expected"]) for t in EXPECTED]
     first = read_jsonl(checkpoints[0] / "samples.jsonl")
-    assert [s["completion"] for s in first] != [t["expected"] for t in TEST_PROMPTS]  # it was learned, not given
+    assert [s["completion"] for s in first] != [t["expected"] for t in EXPECTED]  # it was learned, not given
 
 
-def test_chat_data_end_to_end(tmp_path, tiny_model_dirs):
+def test_chat_data_end_to_end(tmp_path, tiny_model_dirs, capsys):
     """Chat rows in seed 000's form (its `agent` role included) on a model without a chat template:
     the plain-text default renders training data and the chat test prompt alike, and the checkpoint's
     tokenizer carries that template, so plain `apply_chat_template` reproduces the sample."""
@@ -231,11 +206,11 @@ def test_chat_data_end_to_end(tmp_path, tiny_model_dirs):
     write_jsonl(tmp_path / "train.jsonl", rows)
     write_jsonl(tmp_path / "valid.jsonl", rows[:4])
     chat_prompt = {"messages": [system, {"role": "user", "content": "kiwi?"}], "max_new_tokens": 6}
-    result = run_command([sys.executable, "trainer/train.py", str(config), f"test_prompts=[{json.dumps(chat_prompt)}]"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main([str(config), f"test_prompts=[{json.dumps(chat_prompt)}]"]) == 0
     # The alias (on line 1) is accepted, with a warning naming the file.
-    assert "warning: " + str(tmp_path / "train.jsonl") in result.stdout + result.stderr
-    assert "the role 'agent', read as 'assistant'" in result.stdout + result.stderr
+    out = capsys.readouterr().out
+    assert "warning: " + str(tmp_path / "train.jsonl") in out
+    assert "the role 'agent', read as 'assistant'" in out
 
     run = tmp_path / "run"
     last = sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]

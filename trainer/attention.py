@@ -93,13 +93,18 @@ def _unavailable(requested: str, reason: str) -> UserError:
 
 def choose_attention(model: torch.nn.Module, requested: str, device: torch.device | str) -> str:
     """Resolve `auto` and check that the requested backend can run here; raise UserError if not."""
+    inner = transformers_model(model)
+    # transformers' dtype: the first floating-point weight's (4-bit QLoRA weights are not).
+    return choose_attention_for(inner.config, inner.dtype, requested, device)
+
+
+def choose_attention_for(model_config, dtype: torch.dtype, requested: str, device: torch.device | str) -> str:
+    """`choose_attention` from the model's config and weight dtype alone, before any weight loads."""
     if requested not in IMPLEMENTATIONS:
         raise UserError(f"key 'model.attention': unknown value {requested!r}. Fix: use one of {', '.join(IMPLEMENTATIONS)}")
     device = torch.device(device)
-    inner = transformers_model(model)
-    dropout = _attention_dropout(inner.config)
-    head = _head_size(inner.config)
-    dtype = inner.dtype  # transformers: the first floating-point weight's (4-bit QLoRA weights are not)
+    dropout = _attention_dropout(model_config)
+    head = _head_size(model_config)
     if requested == "auto":
         fits_flash = dtype in (torch.bfloat16, torch.float16) and head % 8 == 0 and head <= 256 and dropout == 0
         return "varlen" if device.type == "cuda" and varlen_kernel() is not None and fits_flash else "sdpa"

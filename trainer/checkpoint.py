@@ -1,19 +1,20 @@
 """Self-contained checkpoint folders, written atomically.
 
 A checkpoint is built in a hidden temporary folder and renamed into place only once every file is
-written, so a crash can never leave a `checkpoint-<step>/` that looks complete but is not.
-Loading one needs only transformers (full fine-tuning) or peft (LoRA), never this project.
+written and on disk, so a crash can never leave a `checkpoint-<step>/` that looks complete but is
+not. Loading one needs only transformers (full fine-tuning) or peft (LoRA), never this project.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
+from trainer.atomic import atomic_folder
 from trainer.config import Config, save_config
 from trainer.data.jsonl import write_jsonl
+from trainer.errors import SaveFailed
+from trainer.faults import crash_point
 
 CHECKPOINT_PREFIX = "checkpoint-"
 SAMPLES_FILE = "samples.jsonl"
@@ -24,21 +25,36 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return output_dir / f"{CHECKPOINT_PREFIX}{step}"
 
 
+def base_model_reference(name_or_path: str) -> str:
+    """Where an adapter's base model is, usable from any folder: the absolute path of a local
+    model, the Hugging Face id otherwise."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
 def save_checkpoint(
     output_dir: Path, step: int, *, model, tokenizer, config: Config, samples: list[dict], info: dict
 ) -> Path:
-    """Write weights (safetensors), tokenizer, resolved config, samples and info; then rename."""
+    """Write weights (safetensors), tokenizer, resolved config, samples and info; then rename.
+
+    A failed write (a full disk) leaves no folder behind and raises `SaveFailed`; the checkpoints
+    and the resumable state saved before are untouched."""
     final = checkpoint_dir(output_dir, step)
-    partial = output_dir / f".{final.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    # LoRA: PEFT writes adapter_config.json + adapter_model.safetensors. Full: a whole HF model.
-    model.save_pretrained(partial, safe_serialization=True)
-    tokenizer.save_pretrained(partial)
-    save_config(config, partial / "config.yaml")
-    write_jsonl(partial / SAMPLES_FILE, samples)
-    (partial / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    if final.exists():  # only with overwrite_output_dir, from an earlier run
-        shutil.rmtree(final)
-    os.replace(partial, final)
+    for adapter in getattr(model, "peft_config", {}).values():
+        adapter.base_model_name_or_path = base_model_reference(config.model.name_or_path)
+    try:
+        with atomic_folder(final) as partial:
+            # LoRA: PEFT writes adapter_config.json + adapter_model.safetensors. Full: a whole HF model.
+            model.save_pretrained(partial, safe_serialization=True)
+            tokenizer.save_pretrained(partial)
+            save_config(config, partial / "config.yaml")
+            write_jsonl(partial / SAMPLES_FILE, samples)
+            (partial / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+            crash_point("checkpoint_save", step)
+    except OSError as err:
+        raise SaveFailed(
+            f"could not write {final.name} in {output_dir}: {err.strerror or err} ({err.filename}); the checkpoints "
+            "and the resumable state saved before are intact. Fix: free disk space (or fix the folder's "
+            "permissions) and rerun the same command to continue"
+        ) from None
     return final

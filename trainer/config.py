@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.errors import UsageError, UserError
+from trainer.stopping import parse_duration
 
 
 class _Section(BaseModel):
@@ -120,10 +121,10 @@ class DataConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    epochs: Union[float, Literal["auto"]] = "auto"
-    """Passes over the training data (may be fractional). `auto` uses the table by training-file
-    size: under 10 MB 4, under 100 MB 3, under 500 MB 2, larger 1 (the upper end of the usual
-    range, because the checkpoints let you pick an earlier one)."""
+    epochs: Union[Annotated[float, Field(gt=0)], Literal["auto"]] = "auto"
+    """Passes over the training data (may be fractional, must be above 0). `auto` uses the table by
+    training-file size: under 10 MB 4, under 100 MB 3, under 500 MB 2, larger 1 (the upper end of
+    the usual range, because the checkpoints let you pick an earlier one)."""
 
     micro_batch_size: int = Field(4, gt=0)
     """Examples per forward pass on each process (packed rows of `data.max_seq_len` tokens when
@@ -161,11 +162,36 @@ class TrainingConfig(_Section):
     compile: bool = False
     """Compile the model with torch.compile (slower start, faster steps)."""
 
+    time_limit: str | None = None
+    """Wall-clock budget of this job, e.g. `23h30m`, `90m`, `1d`, `3600s`. Before it runs out the
+    run saves its resumable state and stops (exit code 75), leaving a margin measured from its
+    longest step, checkpoint and state save so far. Default: under SLURM the job's end time,
+    otherwise none."""
+
+    max_bad_steps: int = Field(10, ge=1)
+    """A step whose loss or gradient norm is not finite is skipped (no update). After this many in a
+    row the run saves its state and stops with an error naming the step."""
+
+    @field_validator("time_limit")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)  # raises ValueError naming the accepted forms
+        return value
+
 
 class CheckpointsConfig(_Section):
     count: int = Field(5, ge=1)
     """How many checkpoints to save, at evenly spaced optimizer steps; the last is the final step.
     Checkpoint i of N is at step ceil(i * total_steps / N)."""
+
+    state_every_minutes: float | None = Field(30.0, ge=0)
+    """Also save the resumable state (optimizer, RNG, step) this often, so a killed job loses at
+    most this much work; 0 or null turns it off. It is always saved at each checkpoint and when the
+    job is told to stop."""
+
+    state_every_steps: int | None = Field(None, ge=1)
+    """Also save the resumable state every this many optimizer steps (null: off)."""
 
 
 class ChatMessage(_Section):
@@ -250,7 +276,15 @@ class Config(_Section):
     """The run folder: resolved config, metrics.jsonl, checkpoint-<step>/ folders, report.md."""
 
     overwrite_output_dir: bool = False
-    """Allow a run in an `output_dir` that already holds a run; its checkpoints and metrics are removed first."""
+    """Start over in an `output_dir` that already holds a run: its checkpoints, state and metrics
+    are removed first (once the new run's data has passed its checks)."""
+
+    resume: str = "auto"
+    """`auto`: when `output_dir` holds a resumable state of the same run (same config, data and
+    number of processes), continue it exactly where it stopped; a run with another config is
+    refused, naming the keys that differ. `never`: refuse any `output_dir` that holds a run.
+    Or the path of a `state-<step>` folder (or of a run folder) to continue from, also into another
+    `output_dir`; once `output_dir` has a state of its own, that one is continued."""
 
     @field_validator("test_prompts", mode="before")
     @classmethod

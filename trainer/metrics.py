@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+
+def _finite_or_null(value):
+    """JSON has no NaN or infinity: a non-finite number is written as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class MetricsLog:
@@ -15,4 +21,4 @@ class MetricsLog:
         if not self.enabled:
             return
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps({key: _finite_or_null(value) for key, value in record.items()}) + "\n")

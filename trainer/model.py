@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from trainer.config import Config
 from trainer.errors import UserError
+from trainer.hub import load_options, offline_fix
 
 # Per-family LoRA targets: every projection in attention and MLP (QLoRA paper: all linear layers
 # matter). Names from the transformers implementations.
@@ -29,17 +30,32 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _load_error(config: Config, what: str, err: Exception) -> UserError:
+    name = config.model.name_or_path
+    if load_options(name).get("local_files_only"):
+        return UserError(f"could not load the {what} of model.name_or_path='{name}': {offline_fix(name)}")
     return UserError(
-        f"could not load the {what} from model.name_or_path='{config.model.name_or_path}': {err}\n"
+        f"could not load the {what} from model.name_or_path='{name}': {err}\n"
         "Fix: give a local folder made by save_pretrained, or a Hugging Face model id that is in your "
         "local cache (or reachable from this machine)."
     )
 
 
+def load_model_config(config: Config):
+    """The model's transformers config (config.json only: cheap, no weights)."""
+    try:
+        return AutoConfig.from_pretrained(
+            config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
+            **load_options(config.model.name_or_path),
+        )
+    except (OSError, ValueError) as err:
+        raise _load_error(config, "model config", err) from None
+
+
 def load_tokenizer(config: Config):
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            config.model.name_or_path, trust_remote_code=config.model.trust_remote_code
+            config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
+            **load_options(config.model.name_or_path),
         )
     except (OSError, ValueError) as err:
         raise _load_error(config, "tokenizer", err) from None
@@ -78,7 +94,8 @@ def load_model(config: Config, dtype: torch.dtype, device: torch.device = torch.
     quantization = quantization_options(config, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            config.model.name_or_path, dtype=dtype, trust_remote_code=config.model.trust_remote_code, **quantization
+            config.model.name_or_path, dtype=dtype, trust_remote_code=config.model.trust_remote_code,
+            **quantization, **load_options(config.model.name_or_path),
         )
     except (OSError, ValueError) as err:
         raise _load_error(config, "model", err) from None
@@ -104,11 +121,12 @@ def load_model(config: Config, dtype: torch.dtype, device: torch.device = torch.
     return model, attention
 
 
-def lora_target_modules(config: Config, model: PreTrainedModel) -> list[str] | str:
+def lora_target_modules(config: Config, model_config) -> list[str] | str:
+    """`lora.target_modules`, with `auto` resolved from the model family (`model_config.model_type`)."""
     targets = config.lora.target_modules
     if targets != "auto":
         return targets
-    return LORA_TARGETS_BY_FAMILY.get(model.config.model_type, "all-linear")
+    return LORA_TARGETS_BY_FAMILY.get(model_config.model_type, "all-linear")
 
 
 def apply_method(config: Config, model: PreTrainedModel) -> PreTrainedModel:
@@ -118,7 +136,7 @@ def apply_method(config: Config, model: PreTrainedModel) -> PreTrainedModel:
         return model
     from peft import LoraConfig, get_peft_model
 
-    targets = lora_target_modules(config, model)
+    targets = lora_target_modules(config, model.config)
     lora = LoraConfig(
         r=config.lora.r,
         lora_alpha=config.lora.alpha,

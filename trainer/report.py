@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.atomic import write_text_atomically
+
 
 @dataclass
 class CheckpointSummary:
@@ -44,7 +46,5 @@ def render_report(title: str, prompts: list[str], checkpoints: list[CheckpointSu
 
 def write_report(path: Path, title: str, prompts: list[str], checkpoints: list[CheckpointSummary]) -> str:
     text = render_report(title, prompts, checkpoints)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
+    write_text_atomically(path, text)
     return text

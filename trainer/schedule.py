@@ -25,12 +25,14 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
 
 def learning_rate_at(step: int, *, peak: float, total_steps: int, warmup: int, schedule: str) -> float:
     """Learning rate for optimizer step `step` (1-based): linear warmup over `warmup` steps, then
-    constant, linear or cosine decay that reaches 0 after the last step."""
+    constant, or linear or cosine decay that reaches 0 one step after the last, as Hugging Face's
+    schedulers do: the first step after warmup runs at the peak, the last at a small positive rate
+    (never 0, which would make the last step, or a 1-step run, change nothing)."""
     if step <= warmup:
         return peak * step / warmup
     if schedule == "constant":
         return peak
-    progress = (step - warmup) / max(1, total_steps - warmup)
+    progress = (step - 1 - warmup) / max(1, total_steps - warmup)
     if schedule == "linear":
         return peak * (1.0 - progress)
     if schedule == "cosine":

@@ -4,9 +4,12 @@
     python trainer/train.py CONFIG.yaml [section.key=value ...]
     python -m trainer.train CONFIG.yaml [section.key=value ...]
 
-`setup` prepares everything in a fixed order (data is read and checked before any model is
-loaded, so a broken file fails in seconds), then `train` runs the loop and, at each of the N
-checkpoint steps: eval loss -> test prompts -> atomic checkpoint -> report.
+`setup` prepares everything in a fixed order: the run folder is locked and read first, the data is
+checked before any model is loaded (a broken file fails in seconds), and every `auto` is resolved
+before the run is compared with the one the folder may hold. `train` then runs the loop from step 1,
+or from the step of the run's resumable state, and at each of the N checkpoint steps: eval loss ->
+test prompts -> atomic checkpoint -> report -> resumable state. A stop signal or the time limit ends
+the loop at a step boundary with the state saved (exit code 75); the same command continues it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python trainer/train.py`: make the `trainer` package importable
@@ -32,62 +36,33 @@ from tqdm.auto import tqdm
 from trainer.checkpoint import CHECKPOINT_PREFIX, save_checkpoint
 from trainer.config import Config, load_config, save_config
 from trainer.data.batching import DataSchedule, collate, shard
-from trainer.data.packing import collate_packed, pack_examples, packing_stats
 from trainer.data.chat import resolve_chat_template
-from trainer.data.pipeline import SKIPPED_LINES_FILE, prepare_data, train_file_bytes, write_skipped_lines
+from trainer.data.packing import collate_packed, pack_examples, packing_stats
+from trainer.data.pipeline import prepare_data, write_skipped_lines
 from trainer.data.validate import preflight_data, write_data_reports
-from trainer.errors import UsageError, UserError
+from trainer.disk import check_free_space, run_bytes, tokenizer_bytes
+from trainer.distributed import decide_on_main, sum_over_processes
+from trainer.errors import (
+    EXIT_DONE, EXIT_INTERRUPTED, EXIT_STOPPED_RESUMABLE, EXIT_USER_ERROR, TrainingDiverged, UsageError, UserError,
+)
+from trainer.faults import crash_point
 from trainer.generate import complete, encode_test_prompt
 from trainer.loss import supervised_loss_sum
 from trainer.metrics import MetricsLog
+from trainer.model import apply_method, count_parameters, load_model, load_model_config, load_tokenizer
 from trainer.optim import build_optimizer, require_device_features
-from trainer.model import apply_method, count_parameters, load_model, load_tokenizer, lora_target_modules, resolve_dtype
 from trainer.report import CheckpointSummary, write_report
-from trainer.schedule import auto_epochs, checkpoint_steps, learning_rate_at, warmup_steps
+from trainer.resolve import mixed_precision_mode, resolve_config
+from trainer.resume import RunPlan, data_digests, plan_run
+from trainer.run_folder import (
+    CONFIG_FILE, DATA_REPORT_FILE, METRICS_FILE, REPORT_FILE, SKIPPED_LINES_FILE, RunLock, clear_run, rewind_to,
+    write_status,
+)
+from trainer.schedule import checkpoint_steps, learning_rate_at, warmup_steps
+from trainer.state import load_state, restore_rng_of, save_state, step_of
+from trainer.stopping import Deadline, StopSignals
 
 USAGE = "usage: accelerate launch trainer/train.py CONFIG.yaml [section.key=value ...]"
-DATA_REPORT_FILE = "data_report.json"
-RUN_FILES = ("config.yaml", "metrics.jsonl", "report.md", DATA_REPORT_FILE, SKIPPED_LINES_FILE)
-
-
-def mixed_precision_mode(setting: str) -> str:
-    """`auto`: bf16 autocast on a CUDA GPU that supports it, none elsewhere."""
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def previous_run(output_dir: Path) -> list[str]:
-    """What an earlier run left in `output_dir` (checkpoints and run files)."""
-    return sorted(p.name for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")) + [
-        name for name in RUN_FILES if (output_dir / name).exists()
-    ]
-
-
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder, unless told to replace the old one."""
-    old = previous_run(output_dir)
-    if old and not overwrite:
-        raise UserError(
-            f"output_dir {output_dir} already holds a run ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}). "
-            "Fix: choose a new folder (output_dir=runs/another) or set overwrite_output_dir=true"
-        )
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"output_dir {output_dir} is a file. Fix: choose a folder (output_dir=runs/another)")
-
-
-def clear_output_dir(output_dir: Path) -> None:
-    """Remove an earlier run's files (overwrite_output_dir) and create the folder. Called only once
-    the new run's data has passed its checks, so a typo never costs the old checkpoints."""
-    for name in previous_run(output_dir):
-        path = output_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    for partial in output_dir.glob(f".{CHECKPOINT_PREFIX}*.partial"):
-        shutil.rmtree(partial)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create output_dir {output_dir} ({err.strerror}). Fix: choose a folder you can write to") from None
 
 
 def item_sizes(items) -> tuple[np.ndarray, np.ndarray]:
@@ -97,38 +72,69 @@ def item_sizes(items) -> tuple[np.ndarray, np.ndarray]:
     return np.array([len(i.input_ids) for i in items]), np.array([i.supervised_tokens for i in items])
 
 
+def data_lines(item) -> list[str]:
+    """'file line N' for a training item (a packed row names each of its examples)."""
+    examples = getattr(item, "examples", (item,))
+    return [f"{example.source} line {example.line}" for example in examples]
+
+
 class FineTuneRecipe:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, stop: StopSignals | None = None, started: float | None = None):
         self.config = config
+        self.stop = stop
+        self.started = time.time() if started is None else started
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.accelerator = Accelerator(
-            mixed_precision=mixed_precision_mode(config.training.mixed_precision),
+            mixed_precision=mixed_precision_mode(config.training.mixed_precision, device),
             # Without a GPU, say so: only then does accelerate join torchrun/mpirun CPU processes.
             cpu=not torch.cuda.is_available(),
         )
         self.is_main = self.accelerator.is_main_process
         self.output_dir = Path(config.output_dir)
+        self.lock: RunLock | None = None
+        self.owns_folder = False  # set once this job has made the folder its run's
+        self.start_step = 0
 
     def log(self, message: str) -> None:
         if self.is_main:
             tqdm.write(message)
 
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
     # ------------------------------------------------------------------------------------------
     # Setup, in order
 
-    def setup(self) -> None:
+    def setup(self) -> RunPlan:
         cfg, acc = self.config, self.accelerator
         set_seed(cfg.training.seed)
 
-        # 1. Run folder: fail before any work if it would mix two runs.
-        check_output_dir(self.output_dir, cfg.overwrite_output_dir)
+        # 1. Run folder: one job at a time; the lock is taken before anything is written.
+        def take_lock() -> None:
+            self.lock = RunLock(self.output_dir).acquire()
+
+        decide_on_main(acc, take_lock)
 
         # 2. Preflight, on the main process: the checks of `scripts/prepare_data.py validate`
         #    before anything heavy loads. Errors stop the run (unless data.on_error=skip); warnings
         #    are printed now and saved in the run folder below.
-        data_reports = preflight_data(cfg, log=self.log) if self.is_main else []
-        acc.wait_for_everyone()
+        self.data_reports = []
 
-        # 3. Tokenizer, then the data: read, tokenize with the loss mask (cached: a rerun or a resume
+        def preflight() -> None:
+            self.data_reports = preflight_data(cfg, log=self.log)
+
+        decide_on_main(acc, preflight)
+
+        # 3. Every `auto` resolved (from config.json, file sizes and the device), then the one
+        #    decision about the folder: a fresh run, the continuation of the run it holds, that
+        #    run already complete, or a refusal naming what differs.
+        resolve_config(cfg, device=acc.device, model_config=load_model_config(cfg))
+        self.plan = decide_on_main(acc, lambda: plan_run(cfg, acc.num_processes))
+        if self.plan.action == "complete":
+            return self.plan
+
+        # 4. Tokenizer, then the data: read, tokenize with the loss mask (cached: a rerun or a resume
         #    only hashes the files), split off validation data, apply the length policy. Each node's
         #    main process goes first; the others then load its cache instead of tokenizing too.
         self.tokenizer = load_tokenizer(cfg)
@@ -142,15 +148,7 @@ class FineTuneRecipe:
         for test_prompt in cfg.test_prompts:
             encode_test_prompt(self.tokenizer, test_prompt, cfg.data.chat_template)
 
-        # The data passed: only now may an earlier run in output_dir be replaced.
-        if self.is_main:
-            clear_output_dir(self.output_dir)
-            write_data_reports(self.output_dir / DATA_REPORT_FILE, data_reports)
-            if data.skipped:
-                write_skipped_lines(self.output_dir / SKIPPED_LINES_FILE, data.skipped)
-        acc.wait_for_everyone()
-
-        # 3b. Packing: several examples per max_seq_len row, each attending only to itself. The
+        # 4b. Packing: several examples per max_seq_len row, each attending only to itself. The
         # schedule then runs over packed rows; evaluation stays on padded batches.
         self.collate_train = collate
         if cfg.data.packing:
@@ -158,9 +156,8 @@ class FineTuneRecipe:
             self.collate_train = collate_packed
             self.log(f"packing: {packing_stats(self.train_data, cfg.data.max_seq_len).summary()}")
 
-        # 4. Schedule: steps, warmup, checkpoint steps (a bad checkpoints.count fails here, still early).
-        if cfg.training.epochs == "auto":
-            cfg.training.epochs = float(auto_epochs(train_file_bytes(cfg)))
+        # 5. Schedule: steps, warmup, checkpoint steps (a bad checkpoints.count fails here, still
+        #    before anything is written).
         self.schedule = DataSchedule(
             len(self.train_data),
             micro_batch_size=cfg.training.micro_batch_size,
@@ -173,28 +170,35 @@ class FineTuneRecipe:
         self.warmup_steps = warmup_steps(self.total_steps, cfg.training.warmup_ratio)
         self.checkpoint_steps = checkpoint_steps(self.total_steps, cfg.checkpoints.count)
 
-        # 5. Model: dtype -> load (4-bit for QLoRA) -> gradient checkpointing -> LoRA or full.
+        # 6. The data passed: only now may the folder change. A fresh run clears what an earlier
+        #    run (overwrite_output_dir) or a failed start left; a resume rewinds the folder to the
+        #    step of its state.
+        if self.is_main:
+            self.prepare_folder(data)
+        self.owns_folder = True
+        acc.wait_for_everyone()
+
+        # 7. Model: load (4-bit for QLoRA; attention as resolved) -> gradient checkpointing -> LoRA
+        #    or full. Then, before the first step, check that the run's files fit on the disk.
         require_device_features(cfg, acc.device)
-        dtype = resolve_dtype(cfg.model.dtype, acc.device)
-        cfg.model.dtype = str(dtype).removeprefix("torch.")
-        model, cfg.model.attention = load_model(cfg, dtype, acc.device)
-        if cfg.method in ("lora", "qlora"):
-            cfg.lora.target_modules = lora_target_modules(cfg, model)
+        model, _ = load_model(cfg, getattr(torch, cfg.model.dtype), acc.device)
         model = apply_method(cfg, model)
         trainable, total = count_parameters(model)
+        decide_on_main(acc, lambda: self.check_disk(model))
 
-        # 6. Optimizer, then let accelerate place and wrap both (DDP across processes). Compiling
+        # 8. Optimizer, then let accelerate place and wrap both (DDP across processes). Compiling
         #    goes last: it wraps the finished model, and unwrap_model strips it again for saving.
         optimizer = build_optimizer(cfg, model, acc.device)
         if cfg.training.compile:
             model = torch.compile(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
 
-        # 7. The resolved config (auto values filled in) goes into the run folder.
+        # 9. The resolved config (auto values filled in) goes into the run folder.
         if self.is_main:
-            save_config(cfg, self.output_dir / "config.yaml")
-        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=self.is_main)
-        self.checkpoints: list[CheckpointSummary] = []
+            save_config(cfg, self.output_dir / CONFIG_FILE)
+            write_status(self.output_dir, "running", step=self.plan.state.step if self.plan.state else 0,
+                         total_steps=self.total_steps)
+        self.metrics = MetricsLog(self.output_dir / METRICS_FILE, enabled=self.is_main)
         self.log(
             f"model {cfg.model.name_or_path} ({cfg.model.dtype}, {cfg.method}, {cfg.model.attention} attention): "
             f"{trainable:,} of {total:,} parameters trainable\n"
@@ -204,30 +208,125 @@ class FineTuneRecipe:
             f"checkpoints at steps {self.checkpoint_steps}"
         )
 
+        # 10. Where training starts: step 1, or the saved state's step with everything that makes
+        #     the continuation exact. The random generators come back last, so that nothing in
+        #     setup (LoRA's initialisation, for one) consumes them afterwards.
+        self.checkpoints: list[CheckpointSummary] = []
+        self.loss_since_checkpoint, self.tokens_since_checkpoint = 0.0, 0
+        self.bad_steps_in_a_row, self.skipped_steps = 0, 0
+        # The main process's clock decides the time limit for all (at_step_boundary).
+        self.deadline = Deadline.for_job(cfg.training.time_limit, self.started) if self.is_main else Deadline(None)
+        self.data_digests = data_digests(cfg)
+        if self.plan.action == "resume":
+            self.restore(self.plan)
+        return self.plan
+
+    def prepare_folder(self, data) -> None:
+        """Main process: make `output_dir` this run's (see step 6 of `setup`)."""
+        if self.plan.action == "fresh":
+            clear_run(self.output_dir)
+        else:
+            step = self.plan.state.step
+            if self.plan.copy_history_from is not None:
+                self.copy_history(self.plan.copy_history_from, step)
+            rewind_to(self.output_dir, step)
+        write_data_reports(self.output_dir / DATA_REPORT_FILE, self.data_reports)
+        if data.skipped:
+            write_skipped_lines(self.output_dir / SKIPPED_LINES_FILE, data.skipped)
+
+    def copy_history(self, source: Path, step: int) -> None:
+        """`resume=PATH` from another run folder: its metrics and checkpoints up to `step` come along."""
+        clear_run(self.output_dir)
+        if (source / METRICS_FILE).exists():
+            shutil.copyfile(source / METRICS_FILE, self.output_dir / METRICS_FILE)
+        for checkpoint in source.glob(f"{CHECKPOINT_PREFIX}*"):
+            if step_of(checkpoint, CHECKPOINT_PREFIX) is not None:
+                shutil.copytree(checkpoint, self.output_dir / checkpoint.name)
+
+    def check_disk(self, model: torch.nn.Module) -> None:
+        cfg = self.config
+        sizes = run_bytes(model, method=cfg.method, optimizer=cfg.training.optimizer,
+                          tokenizer_size=tokenizer_bytes(self.tokenizer))
+        done = self.plan.state.step if self.plan.action == "resume" else 0
+        check_free_space(self.output_dir, sizes, checkpoints_left=sum(s > done for s in self.checkpoint_steps),
+                         states_present=1 if self.plan.action == "resume" else 0)
+
+    def restore(self, plan: RunPlan) -> None:
+        state, info = plan.state, plan.state.info
+        load_state(self.accelerator, state, model=self.unwrapped_model, optimizer=self.optimizer)
+        self.start_step = state.step
+        self.loss_since_checkpoint = info["loss_since_checkpoint"]
+        self.tokens_since_checkpoint = info["tokens_since_checkpoint"]
+        self.bad_steps_in_a_row, self.skipped_steps = info["bad_steps_in_a_row"], info["skipped_steps"]
+        self.checkpoints = [CheckpointSummary(**summary) for summary in info["checkpoints"]]
+        for kind, seconds in info["longest_seconds"].items():
+            self.deadline.record(kind, seconds)
+        if self.is_main:
+            self.write_report()
+        restore_rng_of(self.accelerator, state)
+        self.log(f"resumed from step {state.step} of {self.total_steps} (state saved at {info['saved_at']}, "
+                 f"reason: {info['reason']})")
+
     # ------------------------------------------------------------------------------------------
     # Training
 
-    def train(self) -> None:
+    def train(self) -> str:
+        """Run the remaining steps; returns "complete", or "stopped" (state saved, resumable)."""
+        cfg = self.config
         self.model.train()
         # In a batch job's log file, a bar redrawn ten times a second is noise: redraw every 30 s.
         progress = tqdm(
-            total=self.total_steps, disable=not self.is_main, desc="training", unit="step",
+            total=self.total_steps, initial=self.start_step, disable=not self.is_main, desc="training", unit="step",
             mininterval=0.1 if sys.stderr.isatty() else 30,
         )
-        loss_since_checkpoint, tokens_since_checkpoint = 0.0, 0
-        for step in range(1, self.total_steps + 1):
-            loss, supervised = self.train_step(step)
-            loss_since_checkpoint += loss * supervised
-            tokens_since_checkpoint += supervised
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", refresh=False)  # redraw on tqdm's own schedule
-            if step in self.checkpoint_steps:
-                self.save_checkpoint(step, loss_since_checkpoint / tokens_since_checkpoint)
-                loss_since_checkpoint, tokens_since_checkpoint = 0.0, 0
-        progress.close()
+        self.last_state_time = time.time()
+        try:
+            for step in range(self.start_step + 1, self.total_steps + 1):
+                loss = self.train_step(step)
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}", refresh=False)  # redraw on tqdm's own schedule
+                if self.bad_steps_in_a_row >= cfg.training.max_bad_steps:
+                    self.save_state(step, "non-finite loss")
+                    raise self.diverged(step)
+                if step in self.checkpoint_steps:
+                    self.save_checkpoint(step)
+                if step == self.total_steps:
+                    break
+                stop, save, reason = self.at_step_boundary(step)
+                if save or stop:
+                    self.save_state(step, reason)
+                if stop:
+                    self.finish("stopped", step, f"stopped at step {step} of {self.total_steps} ({reason})")
+                    return "stopped"
+        finally:
+            progress.close()
+        self.save_state(self.total_steps, "complete", final=True)
+        self.finish("complete", self.total_steps, f"complete: {self.total_steps} steps")
         if self.is_main:
             print(self.report_text)
             print(f"run folder: {self.output_dir}")
+        return "complete"
+
+    def at_step_boundary(self, step: int) -> tuple[bool, bool, str]:
+        """(stop now, save the state now, why), the same on every process: a stop signal on any
+        process, or (decided by the main process's clock) the time limit or the state interval."""
+        cfg = self.config.checkpoints
+        now = time.time()
+        signalled = bool(self.stop and self.stop.requested)
+        interval_due = self.is_main and bool(cfg.state_every_minutes) and now - self.last_state_time >= 60 * cfg.state_every_minutes
+        out_of_time = self.is_main and self.deadline.must_stop(now, step + 1 in self.checkpoint_steps)
+        signalled, interval_due, out_of_time = (
+            flag > 0 for flag in sum_over_processes(self.accelerator, [signalled, interval_due, out_of_time])
+        )
+        every_steps = bool(cfg.state_every_steps) and step % cfg.state_every_steps == 0
+        if signalled:
+            mine = self.stop.requested if self.stop and self.stop.requested else None
+            reason = f"signal {mine}" if mine else "stop signal on another process"
+        elif out_of_time:
+            reason = "time limit"
+        else:
+            reason = "checkpoint" if step in self.checkpoint_steps else "interval"
+        return signalled or out_of_time, step in self.checkpoint_steps or every_steps or interval_due, reason
 
     def accumulate_gradients(self, step: int) -> tuple[torch.Tensor, list[int], int]:
         """Forward and backward over every micro-batch of optimizer step `step`.
@@ -254,10 +353,14 @@ class FineTuneRecipe:
                 # the update is (sum of all token losses of the step) / (its supervised tokens).
                 acc.backward(micro_loss * acc.num_processes / step_tokens)
             loss_sum += micro_loss.detach()
+            crash_point("mid_step", step, acc.process_index)
         return loss_sum, step_items, step_tokens
 
-    def train_step(self, step: int) -> tuple[float, int]:
-        """One optimizer step; returns (mean token loss over the step, supervised tokens)."""
+    def train_step(self, step: int) -> float:
+        """One optimizer step; returns the mean token loss over the step (NaN if not finite).
+
+        A step whose loss or gradient norm is not finite changes nothing (no update) and counts
+        towards `training.max_bad_steps`."""
         cfg, acc = self.config, self.accelerator
         started = time.perf_counter()
         learning_rate = learning_rate_at(
@@ -270,13 +373,30 @@ class FineTuneRecipe:
 
         max_norm = cfg.training.max_grad_norm or math.inf
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-        # .item() waits for the GPU: once per step, for the log line.
+        # .item() and float() wait for the GPU: once per step, to decide on the update and to log.
         loss = acc.reduce(loss_sum, reduction="sum").item() / step_tokens
         grad_norm = float(grad_norm)
+        bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if acc.scaler is not None:
+            # fp16: the grad scaler skips an overflowing step itself (and lowers its scale), which is
+            # routine; only a non-finite loss counts as a bad step.
+            self.optimizer.step()
+            bad = not math.isfinite(loss)
+            skipped = bad or acc.optimizer_step_was_skipped
+        else:
+            if not bad:
+                self.optimizer.step()
+            skipped = bad
+        self.optimizer.zero_grad(set_to_none=True)
+
+        self.bad_steps_in_a_row = self.bad_steps_in_a_row + 1 if bad else 0
+        self.skipped_steps += skipped
+        if not bad:
+            self.loss_since_checkpoint += loss * step_tokens
+            self.tokens_since_checkpoint += step_tokens
+        self.bad_step_items = step_items
         seconds = time.perf_counter() - started
+        self.deadline.record("step", seconds)
         tokens = int(self.train_tokens[step_items].sum())
         self.metrics.write(
             step=step,
@@ -287,8 +407,23 @@ class FineTuneRecipe:
             tokens=tokens,
             supervised_tokens=step_tokens,
             tokens_per_second=round(tokens / seconds, 1),
+            **({"skipped": True} if skipped else {}),
         )
-        return loss, step_tokens
+        return loss
+
+    def diverged(self, step: int) -> TrainingDiverged:
+        cfg = self.config.training
+        first = step - self.bad_steps_in_a_row + 1
+        lines = [line for item in self.bad_step_items[:3] for line in data_lines(self.train_data[item])][:5]
+        return TrainingDiverged(
+            f"training stopped at step {step}: the loss or gradient norm was not finite in {self.bad_steps_in_a_row} steps "
+            f"in a row (steps {first} to {step}; they changed no weight). The resumable state of step {step} is saved. "
+            f"Likely causes: a learning rate too high (training.learning_rate={cfg.learning_rate:g}), fp16 overflow "
+            f"(training.mixed_precision={cfg.mixed_precision}: use bf16 where the GPU has it), or bad data (the last "
+            f"bad step trained on {', '.join(lines)}). Fix the cause and start a new run (overwrite_output_dir=true); "
+            "raise training.max_bad_steps and rerun to continue this one as it is",
+            step=step,
+        )
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -321,8 +456,10 @@ class FineTuneRecipe:
         model.train()
         return samples
 
-    def save_checkpoint(self, step: int, train_loss: float) -> None:
+    def save_checkpoint(self, step: int) -> None:
         cfg, acc = self.config, self.accelerator
+        started = time.perf_counter()
+        train_loss = self.loss_since_checkpoint / self.tokens_since_checkpoint if self.tokens_since_checkpoint else None
         eval_loss = self.evaluate()
         epoch = step / self.schedule.steps_per_epoch
         if eval_loss is not None:
@@ -335,35 +472,109 @@ class FineTuneRecipe:
                 config=cfg, samples=samples, info=info,
             )
             self.checkpoints.append(CheckpointSummary(step, epoch, train_loss, eval_loss, samples))
-            self.report_text = write_report(
-                self.output_dir / "report.md", f"Run report: {self.output_dir}",
-                [p.label for p in cfg.test_prompts], self.checkpoints,
-            )
+            self.write_report()
             eval_text = "-" if eval_loss is None else f"{eval_loss:.4f}"
-            self.log(f"saved {path} (train loss {train_loss:.4f}, eval loss {eval_text})")
+            train_text = "-" if train_loss is None else f"{train_loss:.4f}"
+            self.log(f"saved {path} (train loss {train_text}, eval loss {eval_text})")
+        self.loss_since_checkpoint, self.tokens_since_checkpoint = 0.0, 0
         acc.wait_for_everyone()
+        self.deadline.record("checkpoint", time.perf_counter() - started)
+
+    def write_report(self) -> None:
+        self.report_text = write_report(
+            self.output_dir / REPORT_FILE, f"Run report: {self.output_dir}",
+            [p.label for p in self.config.test_prompts], self.checkpoints,
+        )
+
+    def save_state(self, step: int, reason: str, final: bool = False) -> None:
+        """The resumable state of `step` (collective: every process calls it at the same step)."""
+        started = time.perf_counter()
+        info = {
+            "total_steps": self.total_steps,
+            "reason": reason,
+            "loss_since_checkpoint": self.loss_since_checkpoint,
+            "tokens_since_checkpoint": self.tokens_since_checkpoint,
+            "bad_steps_in_a_row": self.bad_steps_in_a_row,
+            "skipped_steps": self.skipped_steps,
+            "checkpoints": [asdict(summary) for summary in self.checkpoints],
+            "longest_seconds": self.deadline.longest,
+            "data_files": self.data_digests,
+        }
+        save_state(self.accelerator, self.output_dir, step, model=self.unwrapped_model, optimizer=self.optimizer,
+                   config=self.config, info=info, final=final)
+        self.deadline.record("state", time.perf_counter() - started)
+        self.last_state_time = time.time()
+
+    def finish(self, status: str, step: int, message: str) -> None:
+        if self.is_main:
+            code = EXIT_DONE if status == "complete" else EXIT_STOPPED_RESUMABLE
+            write_status(self.output_dir, status, step=step, total_steps=self.total_steps, exit_code=code, message=message)
+            if status == "stopped":
+                self.log(f"{message}: the resumable state is saved in {self.output_dir}; run the same command to "
+                         f"continue (exit code {EXIT_STOPPED_RESUMABLE})")
+
+    # ------------------------------------------------------------------------------------------
+    # The whole job
+
+    def run(self) -> int:
+        """Setup and train; the exit code (0 done, 75 stopped and resumable)."""
+        plan = self.setup()
+        if plan.action == "complete":
+            self.log(f"the run in {self.output_dir} is already complete (step {plan.state.step}): nothing to do. "
+                     "To train it again set overwrite_output_dir=true, or choose another output_dir")
+            return EXIT_DONE
+        return EXIT_DONE if self.train() == "complete" else EXIT_STOPPED_RESUMABLE
+
+    def failed(self, err: UserError) -> None:
+        """Record a user error in the run's status (only a folder this job made its own)."""
+        if self.is_main and self.owns_folder:
+            try:
+                write_status(self.output_dir, "failed", exit_code=err.exit_code, message=str(err))
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     hf_logging.disable_progress_bar()  # transformers' per-file load/save bars drown the training log
-    try:
-        if not argv or argv[0] in ("-h", "--help"):
-            if argv:
-                print(f"{USAGE}\n\n{__doc__}")
-                return 0
-            raise UsageError(f"no config file given\n{USAGE}")
-        config = load_config(argv[0], argv[1:])
-        recipe = FineTuneRecipe(config)
-        recipe.setup()
-        recipe.train()
-    except UserError as err:
-        # Usually every process hits the same error, but one that only a single rank hits must
-        # not vanish: rank 0 prints it plainly, the others with their rank.
-        rank = os.environ.get("RANK", "0")
-        print(f"error: {err}" if rank == "0" else f"[rank {rank}] error: {err}", file=sys.stderr)
-        return err.exit_code
-    return 0
+    started = time.time()
+    rank = os.environ.get("RANK", "0")
+    recipe = None
+    with StopSignals() as stop:
+        try:
+            if not argv or argv[0] in ("-h", "--help"):
+                if argv:
+                    print(f"{USAGE}\n\n{__doc__}")
+                    return EXIT_DONE
+                raise UsageError(f"no config file given\n{USAGE}")
+            recipe = FineTuneRecipe(load_config(argv[0], argv[1:]), stop=stop, started=started)
+            return recipe.run()
+        except UserError as err:
+            # Usually every process hits the same error (a shared one is printed by rank 0 alone), but
+            # one that only a single rank hits must not vanish: it is printed with its rank.
+            if rank == "0":
+                print(f"error: {err}", file=sys.stderr)
+            elif not getattr(err, "shared", False):
+                print(f"[rank {rank}] error: {err}", file=sys.stderr)
+            if recipe is not None:
+                recipe.failed(err)
+            return err.exit_code
+        except OSError as err:  # the environment: a folder that is not writable, a full disk
+            print(f"error: {err.strerror or err}: {err.filename}. Fix: check that this path is writable and its disk "
+                  "has free space", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            if rank == "0":
+                print("\ninterrupted by a second Ctrl-C: stopped at once, without saving. Rerun the same command to "
+                      "continue from the newest resumable state", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        finally:
+            if recipe is not None:
+                recipe.close()
 
 
 if __name__ == "__main__":

@@ -48,7 +48,14 @@ def default_cache_dir() -> Path:
 
 
 def file_digest(path: str | Path, chunk_size: int = 1 << 24) -> str:
-    """SHA-256 of the file's bytes."""
+    """SHA-256 of the file's bytes (hashed once per process while its size and mtime stay the same:
+    a resume compares the digests before the cache looks them up)."""
+    stat = os.stat(path)
+    return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, chunk_size)
+
+
+@lru_cache(maxsize=256)
+def _digest(path: str, size: int, mtime_ns: int, chunk_size: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_size):

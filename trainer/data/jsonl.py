@@ -49,6 +49,29 @@ def _guess_encoding(raw: bytes) -> str:
         return "an unknown 8-bit encoding"
 
 
+def refuse_json_array(path: Path) -> None:
+    """A JSON array (`[{...}, {...}]`, often pretty-printed) given where JSON Lines belong would get
+    an error for nearly every line; say once what the file is and how to convert it."""
+    with path.open("rb") as handle:
+        head = handle.read(1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head.startswith(b"["):
+        return
+    first_line = head.split(b"\n", 1)[0].strip()
+    try:
+        document = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        document = None
+    array_of_objects = isinstance(document, list) and document and all(isinstance(item, dict) for item in document)
+    if array_of_objects or first_line == b"[":
+        converted = f"{path.stem}-lines.jsonl"
+        count = f" of {len(document)} items" if isinstance(document, list) else ""
+        raise UserError(
+            f"{path} is one JSON array{count}, not JSON Lines (one JSON object per line). Fix: convert it, e.g. "
+            f"`python -c \"import json,sys; [print(json.dumps(r, ensure_ascii=False)) for r in json.load(open(sys.argv[1]))]\" "
+            f"{path} > {converted}` or `jq -c '.[]' {path} > {converted}`"
+        )
+
+
 def read_jsonl(path: str | Path) -> tuple[list[tuple[int, Any]], list[str]]:
     """Parse every non-blank line of `path` as JSON; line numbers are 1-based.
 
@@ -58,6 +81,7 @@ def read_jsonl(path: str | Path) -> tuple[list[tuple[int, Any]], list[str]]:
     """
     path = Path(path)
     require_files([path])
+    refuse_json_array(path)
     rows: list[tuple[int, Any]] = []
     problems: list[str] = []
     with path.open("rb") as handle:

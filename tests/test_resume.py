@@ -1,0 +1,238 @@
+"""Resuming a run in-process: stop signals, the time limit, resume=PATH, refusals, the run folder.
+
+Every stopped run here is continued and compared with the uninterrupted run of the same config
+(`assert_same_run`). The kill -9 cases, which need a real process to kill, are in
+test_resume_e2e.py.
+"""
+
+import json
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+import yaml
+
+from tests.helpers import assert_same_run, read_jsonl, resume_config, trained_weights, checkpoint_folders
+from trainer.config import load_config
+from trainer.errors import (
+    EXIT_INTERRUPTED, EXIT_STOPPED_RESUMABLE, ConfigChanged, ProcessCountChanged, RunFolderBusy,
+)
+from trainer.run_folder import RunLock
+from trainer.train import FineTuneRecipe, main
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dirs):
+    """The config, its uninterrupted run, and the same run stopped by its time limit after step 1."""
+    folder = tmp_path_factory.mktemp("runs")
+    config = resume_config(folder, tiny_model_dirs["gpt2"])
+    assert main([str(config), f"output_dir={folder / 'reference'}"]) == 0
+    # A 1 s limit is inside the margin at the first step boundary: the run stops there. (Every job
+    # trains at least one step, so a requeued job always makes progress.)
+    assert main([str(config), f"output_dir={folder / 'stopped'}", "training.time_limit=1s"]) == EXIT_STOPPED_RESUMABLE
+    return config, folder / "reference", folder / "stopped"
+
+
+def copy_of(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_the_time_limit_stops_at_a_step_boundary_and_the_same_command_continues(runs, tmp_path, capsys):
+    config, reference, stopped = runs
+    assert sorted(p.name for p in stopped.glob("state-*")) == ["state-1"]
+    assert [m["step"] for m in read_jsonl(stopped / "metrics.jsonl")] == [1]
+    status = json.loads((stopped / "status.json").read_text())
+    assert (status["status"], status["step"], status["exit_code"]) == ("stopped", 1, EXIT_STOPPED_RESUMABLE)
+    assert not (stopped / "run.lock").exists()
+
+    run = copy_of(stopped, tmp_path)
+    # time_limit and the state interval cannot change the result: a resume may change them.
+    assert main([str(config), f"output_dir={run}", "checkpoints.state_every_steps=7"]) == 0
+    assert "resumed from step 1 of 24 (state saved at" in capsys.readouterr().out
+    assert_same_run(reference, run)
+    assert json.loads((run / "status.json").read_text())["status"] == "complete"
+
+
+def test_without_restoring_the_random_generators_the_resumed_run_would_differ(runs, tmp_path, monkeypatch):
+    """Guards the equality tests: in this config (LoRA dropout) the RNG restore is what makes them pass."""
+    config, reference, stopped = runs
+    monkeypatch.setattr("trainer.train.restore_rng_of", lambda accelerator, state: None)
+    run = copy_of(stopped, tmp_path)
+    assert main([str(config), f"output_dir={run}"]) == 0
+    final, expected = trained_weights(checkpoint_folders(run)[-1]), trained_weights(checkpoint_folders(reference)[-1])
+    assert max((final[k] - expected[k]).abs().max().item() for k in expected) > 1e-4
+
+
+def _signal_when(metrics, lines: int, signum: int, times: int = 1) -> threading.Thread:
+    """Send `signum` to this process once metrics.jsonl has `lines` lines (the main thread handles it)."""
+
+    def watch():
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if metrics.exists() and metrics.read_text().count("\n") >= lines:
+                for _ in range(times):
+                    signal.raise_signal(signum)
+                    time.sleep(0.001)  # lets the main thread handle it: two pending signals would be one
+                return
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_sigusr1_stops_within_a_step_and_the_rerun_is_the_same_run(runs, tmp_path, capsys):
+    config, reference, _ = runs
+    run = tmp_path / "run"
+    watcher = _signal_when(run / "metrics.jsonl", 3, signal.SIGUSR1)
+    assert main([str(config), f"output_dir={run}"]) == EXIT_STOPPED_RESUMABLE
+    watcher.join()
+    [state] = run.glob("state-*")
+    stopped = int(state.name.split("-")[1])
+    assert 3 <= stopped <= 5
+    assert f"stopped at step {stopped} of 24 (signal SIGUSR1)" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the handler is gone with the run
+
+    assert main([str(config), f"output_dir={run}"]) == 0
+    assert_same_run(reference, run)
+
+
+def test_ctrl_c_once_stops_cleanly_twice_stops_at_once(runs, tmp_path, capsys):
+    config, _, _ = runs
+    once = tmp_path / "once"
+    watcher = _signal_when(once / "metrics.jsonl", 2, signal.SIGINT)
+    assert main([str(config), f"output_dir={once}"]) == EXIT_STOPPED_RESUMABLE
+    watcher.join()
+    assert "(signal SIGINT)" in capsys.readouterr().out
+    assert list(once.glob("state-*"))
+
+    twice = tmp_path / "twice"
+    watcher = _signal_when(twice / "metrics.jsonl", 2, signal.SIGINT, times=2)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # not pytest's, should a signal come late
+    try:
+        assert main([str(config), f"output_dir={twice}"]) == EXIT_INTERRUPTED
+        watcher.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = capsys.readouterr().err
+    message = [line for line in err.replace("\r", "\n").splitlines() if "Ctrl-C" in line]
+    assert len(message) == 1 and "Traceback" not in err, err
+    assert not (twice / "run.lock").exists()
+
+
+def test_resume_from_a_state_path_into_another_folder(runs, tmp_path, capsys):
+    config, reference, stopped = runs
+    run = tmp_path / "elsewhere"
+    command = [str(config), f"output_dir={run}", f"resume={stopped / 'state-1'}"]
+    watcher = _signal_when(run / "metrics.jsonl", 4, signal.SIGTERM)  # the copied step 1, then 3 more
+    assert main(command) == EXIT_STOPPED_RESUMABLE
+    watcher.join()
+    assert "resumed from step 1 of 24" in capsys.readouterr().out
+    # The same command again continues the new folder's own state, not the older one of PATH.
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    assert "resumed from step 1 " not in out and "resumed from step" in out
+    assert_same_run(reference, run)
+    assert (stopped / "state-1").is_dir()  # the source is read, never changed
+
+
+def test_a_changed_config_is_refused_naming_the_keys(runs, tmp_path, capsys):
+    config, _, stopped = runs
+    run = copy_of(stopped, tmp_path)
+    recipe = FineTuneRecipe(load_config(config, [f"output_dir={run}", "training.learning_rate=0.1", "checkpoints.count=4"]))
+    with pytest.raises(ConfigChanged) as refused:
+        try:
+            recipe.setup()
+        finally:
+            recipe.close()
+    assert refused.value.keys == ["checkpoints.count", "training.learning_rate"]
+
+    assert main([str(config), f"output_dir={run}", "training.learning_rate=0.1"]) == 1
+    err = capsys.readouterr().err
+    assert "training.learning_rate (0.03 there, 0.1 now)" in err
+    assert "output_dir=runs/another resume=never" in err and "overwrite_output_dir=true" in err
+    # A changed data file is another run too.
+    train_file = yaml.safe_load(config.read_text())["data"]["train_file"]
+    edited = tmp_path / "train.jsonl"
+    shutil.copyfile(train_file, edited)
+    with edited.open("a") as handle:
+        handle.write(json.dumps({"prompt": "plum ->", "completion": " purple<|endoftext|>"}) + "\n")
+    assert main([str(config), f"output_dir={run}", f"data.train_file={edited}"]) == 1
+    assert "data.train_file" in capsys.readouterr().err
+    assert sorted(p.name for p in run.glob("state-*")) == ["state-1"]  # refused: nothing changed
+
+
+def test_a_finished_run_says_so_and_a_changed_one_names_the_keys(runs, tmp_path, capsys):
+    config, reference, _ = runs
+    assert main([str(config), f"output_dir={reference}"]) == 0
+    assert "already complete (step 24)" in capsys.readouterr().out
+    assert main([str(config), f"output_dir={reference}", "training.epochs=3"]) == 1
+    assert "training.epochs (2.0 there, 3.0 now)" in capsys.readouterr().err
+
+
+def test_another_number_of_processes_is_refused(runs, tmp_path):
+    config, _, stopped = runs
+    run = copy_of(stopped, tmp_path)
+    info_file = run / "state-1" / "state.json"
+    info = json.loads(info_file.read_text())
+    info_file.write_text(json.dumps(info | {"world_size": 2}))
+    recipe = FineTuneRecipe(load_config(config, [f"output_dir={run}"]))
+    with pytest.raises(ProcessCountChanged, match="started with 2 process"):
+        try:
+            recipe.setup()
+        finally:
+            recipe.close()
+
+
+def test_resume_never_refuses_a_run_and_overwrite_starts_over(runs, tmp_path, capsys):
+    config, reference, stopped = runs
+    run = copy_of(stopped, tmp_path)
+    assert main([str(config), f"output_dir={run}", "resume=never"]) == 1
+    assert "already holds a run (state-1)" in capsys.readouterr().err
+    assert main([str(config), f"output_dir={run}", "overwrite_output_dir=true"]) == 0
+    assert "resumed" not in capsys.readouterr().out
+    assert_same_run(reference, run)
+
+
+def test_a_folder_without_checkpoint_or_state_is_not_a_run(runs, tmp_path, capsys):
+    """A start that failed its checks (here checkpoints.count=99 for 24 steps) blocks nothing."""
+    config, reference, _ = runs
+    run = tmp_path / "run"
+    assert main([str(config), f"output_dir={run}", "checkpoints.count=99"]) == 1
+    assert "checkpoints.count=99 but training has only 24" in capsys.readouterr().err
+    (run / "data_report.json").write_text("[]")  # leftovers of an older failed start
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    assert main([str(config), f"output_dir={run}"]) == 0
+    assert_same_run(reference, run)
+
+
+def test_a_second_job_in_the_same_folder_is_refused(runs, tmp_path, capsys):
+    config, _, _ = runs
+    run = tmp_path / "run"
+    with RunLock(run) as first:
+        recipe = FineTuneRecipe(load_config(config, [f"output_dir={run}"]))
+        with pytest.raises(RunFolderBusy) as busy:
+            recipe.setup()
+        assert busy.value.holder["pid"] == first.me["pid"]
+        assert main([str(config), f"output_dir={run}"]) == 1
+        assert f"in use by another job: pid {first.me['pid']} on host {first.me['host']}" in capsys.readouterr().err
+        assert (run / "run.lock").exists()  # still the first job's
+    assert not (run / "run.lock").exists()
+
+
+def test_an_unwritable_output_dir_is_one_clear_line(runs, capsys):
+    """/sys/kernel exists and refuses new files even to root: a read-only existing output_dir."""
+    config, _, _ = runs
+    try:
+        open("/sys/kernel/trainer-probe", "w").close()
+        pytest.skip("/sys/kernel is writable on this machine")
+    except OSError:
+        pass
+    assert main([str(config), "output_dir=/sys/kernel"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write to output_dir /sys/kernel (") and "Traceback" not in err
+    assert err.count("\n") == 1
+

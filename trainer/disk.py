@@ -1,0 +1,95 @@
+"""Will the run's files fit on the disk of `output_dir`? Checked before the first step.
+
+The bytes come from the model's parameters and their dtypes:
+
+* a checkpoint: the saved weights (LoRA: the adapter; full: every weight, tied ones once) plus the
+  tokenizer files;
+* a resumable state: the trained weights plus the optimizer state (AdamW: two moments in the
+  weights' dtype; 8-bit AdamW: two bytes a parameter). Replacing a state writes the new one
+  before the old one is removed, so two exist for a moment.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.errors import NotEnoughDisk
+
+#: Config, samples, JSON and safetensors headers: a few kB in practice; this is generous.
+SMALL_FILES_BYTES = 1 << 20
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of distinct tensors (tied weights counted once)."""
+    seen, total = set(), 0
+    for tensor in tensors:
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)) if tensor.device.type != "meta" else id(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def tokenizer_bytes(tokenizer) -> int:
+    """What `save_pretrained` writes for this tokenizer (measured in a temporary folder)."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def optimizer_state_bytes(trainable: list[torch.Tensor], optimizer: str) -> int:
+    numel = sum(p.numel() for p in trainable)
+    if optimizer == "adamw":  # exp_avg and exp_avg_sq, each like the parameter, and a step count
+        return 2 * tensor_bytes(trainable) + 4 * len(trainable)
+    return 2 * numel + numel // 256 * 8 + 4 * len(trainable)  # 8-bit moments + per-block scales
+
+
+@dataclass
+class RunBytes:
+    checkpoint: int
+    state: int
+
+    def needed(self, checkpoints_left: int, states_present: int) -> int:
+        """Bytes still to be written: the remaining checkpoints, and the states that will exist at
+        once (two while one replaces the other) beyond those already on disk."""
+        return checkpoints_left * self.checkpoint + max(0, 2 - states_present) * self.state
+
+
+def run_bytes(model: torch.nn.Module, *, method: str, optimizer: str, tokenizer_size: int) -> RunBytes:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # A full checkpoint is the state dict (persistent buffers included, tied weights once).
+    weights = tensor_bytes(trainable) if method in ("lora", "qlora") else tensor_bytes(model.state_dict().values())
+    checkpoint = weights + tokenizer_size + SMALL_FILES_BYTES
+    state = tensor_bytes(trainable) + optimizer_state_bytes(trainable, optimizer) + SMALL_FILES_BYTES
+    return RunBytes(checkpoint, state)
+
+
+def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def human(size: int) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError
+
+
+def check_free_space(folder: Path, sizes: RunBytes, *, checkpoints_left: int, states_present: int) -> None:
+    """Raise NotEnoughDisk, with both numbers and the fix, when the run's files would not fit."""
+    needed = sizes.needed(checkpoints_left, states_present)
+    free = free_bytes(folder)
+    if needed > free:
+        raise NotEnoughDisk(
+            f"output_dir {folder} has {human(free)} free, but this run will write about {human(needed)} "
+            f"({checkpoints_left} checkpoint(s) of {human(sizes.checkpoint)} and a resumable state of "
+            f"{human(sizes.state)}, two of them while one replaces the other). Fix: free space, choose a "
+            "folder on a larger disk (output_dir=...), or save fewer checkpoints (checkpoints.count)",
+            needed=needed, free=free,
+        )

@@ -1,0 +1,137 @@
+"""What a job does with its run folder: start fresh, continue the run, say it is complete, or refuse.
+
+`resume: auto` (the default) makes the same command, started again after any interruption,
+continue the same run: when `output_dir` holds a resumable state of the same run, training goes on
+from its step. "The same run" means the same resolved config (except the keys in
+`RESULT_NEUTRAL_KEYS`, which cannot change the result), the same data file contents and the same
+number of processes; any other run in the folder is refused, naming what differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from trainer.data.cache import file_digest
+from trainer.errors import ConfigChanged, ProcessCountChanged, UserError
+from trainer.run_folder import RunFolder
+from trainer.state import SavedState, newest_state, read_state
+
+#: Keys that cannot change the trained weights, checkpoints or samples: a resumed run may differ in them.
+RESULT_NEUTRAL_KEYS = frozenset({
+    "checkpoints.state_every_minutes", "checkpoints.state_every_steps", "training.time_limit",
+    "training.max_bad_steps", "resume", "overwrite_output_dir", "data.cache_dir", "data.num_proc",
+    "output_dir",  # the folder itself is what is being resumed, however its path is spelled
+})
+
+FIX = ("Fix: rerun with the config that run used to continue it; or start a new run in another folder "
+       "(output_dir=runs/another resume=never), or replace it (overwrite_output_dir=true)")
+
+
+@dataclass
+class RunPlan:
+    action: Literal["fresh", "resume", "complete"]
+    state: SavedState | None = None
+    copy_history_from: Path | None = None
+    """`resume=PATH` from another run folder: its metrics and earlier checkpoints are copied over."""
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; lists stay whole values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def config_differences(saved: dict, current: dict, ignore: frozenset[str] = RESULT_NEUTRAL_KEYS) -> list[str]:
+    """'key (X there, Y now)' for every key whose values differ, except `ignore`d ones."""
+    old, new = flatten(saved), flatten(current)
+    differences = []
+    for key in sorted(old.keys() | new.keys()):
+        if key in ignore or old.get(key) == new.get(key):
+            continue
+        shown = lambda value: "missing" if value is None else repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "...'"
+        differences.append(f"{key} ({shown(old.get(key))} there, {shown(new.get(key))} now)")
+    return differences
+
+
+def data_digests(config) -> dict[str, str]:
+    """SHA-256 of every data file, by path (memoized: the tokenized-data cache asks again)."""
+    files = []
+    for value in (config.data.train_file, config.data.validation_file):
+        files += [] if value is None else [value] if isinstance(value, str) else list(value)
+    return {path: file_digest(path) for path in files}
+
+
+def _refuse_changed(folder: Path, differences: list[str]) -> ConfigChanged:
+    listed = "; ".join(differences)
+    return ConfigChanged(f"output_dir {folder} holds a run with another config: {listed}. {FIX}",
+                         keys=[d.split(" (")[0] for d in differences])
+
+
+def _compare(folder: Path, saved_config: dict, state: SavedState | None, config, world_size: int,
+             ignore: frozenset[str] = RESULT_NEUTRAL_KEYS) -> None:
+    current = config.model_dump(mode="json")
+    differences = config_differences(saved_config, current, ignore)
+    if state is not None:
+        saved_data = state.info.get("data_files", {})
+        current_data = data_digests(config)
+        differences += [f"the content of {path} (changed since the run started)"
+                        for path in current_data if path in saved_data and saved_data[path] != current_data[path]]
+    if differences:
+        raise _refuse_changed(folder, differences)
+    if state is not None and not state.complete and state.world_size != world_size:
+        raise ProcessCountChanged(
+            f"the run in {folder} was started with {state.world_size} process(es) and this job has {world_size}: "
+            "resuming with another number of processes is not supported (each step's batch depends on it). "
+            f"Fix: launch it with {state.world_size} processes (accelerate launch --num_processes {state.world_size}), "
+            "or start a new run (output_dir=runs/another)",
+            saved=state.world_size, current=world_size,
+        )
+
+
+def plan_run(config, world_size: int) -> RunPlan:
+    """Decide, from the resolved `config` and what `output_dir` holds, what this job does."""
+    output_dir = Path(config.output_dir)
+    folder = RunFolder.inspect(output_dir)
+    if config.resume not in ("auto", "never") and (folder.state is None or config.overwrite_output_dir):
+        # Once the folder has a state of its own, the same command continues that one (as auto)
+        # instead of going back to PATH's older state.
+        return _plan_from_path(config, folder, Path(config.resume), world_size)
+    if not folder.is_run or config.overwrite_output_dir:
+        return RunPlan("fresh")
+    if config.resume == "never" or not (folder.state or folder.has_status):  # never, or a pre-resume version's run
+        held = [f"checkpoint-{s}" for s in folder.checkpoint_steps[:3]] + ([folder.state.path.name] if folder.state else [])
+        why = "" if config.resume == "never" else " that this version cannot resume (it has no resumable state)"
+        raise UserError(f"output_dir {output_dir} already holds a run{why} ({', '.join(held)}). "
+                        "Fix: choose a new folder (output_dir=runs/another) or set overwrite_output_dir=true")
+    saved = folder.saved_config()
+    if saved is None:
+        raise UserError(f"output_dir {output_dir} holds checkpoints but no config.yaml, so it cannot be resumed. "
+                        "Fix: choose a new folder (output_dir=runs/another) or set overwrite_output_dir=true")
+    _compare(output_dir, saved, folder.state, config, world_size)
+    if folder.state is None:  # killed before its first state was saved: nothing to continue from
+        return RunPlan("fresh")
+    return RunPlan("complete" if folder.state.complete else "resume", folder.state)
+
+
+def _plan_from_path(config, folder: RunFolder, path: Path, world_size: int) -> RunPlan:
+    """`resume=PATH`: a state folder, or a run folder whose newest state is used."""
+    if not path.exists():
+        raise UserError(f"key 'resume': {path} does not exist. Fix: give a state-<step> folder, a run folder, auto or never")
+    state = read_state(path) if (path / "state.json").exists() else newest_state(path)
+    if state is None:
+        raise UserError(f"key 'resume': {path} holds no complete resumable state. Fix: give a state-<step> folder or a run folder that has one")
+    source_run = state.path.parent.resolve()
+    same_folder = source_run == folder.path.resolve()
+    if folder.is_run and not same_folder and not config.overwrite_output_dir:
+        raise UserError(f"output_dir {folder.path} already holds a run, and resume={path} continues another one. "
+                        "Fix: choose a new output_dir, or set overwrite_output_dir=true to replace it")
+    _compare(state.path, state.config, state, config, world_size)
+    if state.complete:
+        return RunPlan("complete", state)
+    return RunPlan("resume", state, None if same_folder else source_run)

@@ -1,0 +1,134 @@
+"""When a run must stop early: stop signals, and the job's time limit.
+
+Signal handlers only set a flag (saving inside a handler can hang: Lightning#21406). The training
+loop reads the flag at each optimizer-step boundary, all processes agree on it, and the run saves
+its resumable state and exits with code 75. SIGTERM (what most clusters and `kill` send), SIGUSR1
+(what SLURM's `--signal` sends) and SIGINT (Ctrl-C) all mean "stop at the next step boundary"; a
+second Ctrl-C means "now".
+
+`Deadline` turns `training.time_limit` (or, under SLURM, the job's end time) into the same stop,
+early enough that the last step, a checkpoint if one is due and the state save still fit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Seconds in `23h30m`, `90m`, `1d12h`, `3600s` or a plain number of seconds."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        compact = str(text).strip().lower().replace(" ", "")
+        if re.fullmatch(r"\d+(\.\d+)?", compact):
+            seconds = float(compact)
+        elif compact and _DURATION_PART.sub("", compact) == "":
+            seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(compact))
+        else:
+            raise ValueError(f"{text!r} is not a duration: write it like 23h30m, 90m, 1d12h or 3600s")
+    if seconds <= 0:
+        raise ValueError(f"{text!r} is not a positive duration")
+    return seconds
+
+
+def parse_slurm_time_left(text: str) -> float | None:
+    """Seconds in squeue's `%L` (time left): `[days-]hours:minutes:seconds`, `minutes:seconds`, or
+    None for `UNLIMITED`, `NOT_SET`, `INVALID` and anything else unparseable."""
+    match = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text.strip())
+    if not match:
+        return None
+    days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
+def slurm_seconds_left(environ=os.environ, now: float | None = None) -> float | None:
+    """Seconds until this SLURM job's end time, or None outside SLURM or when it has no limit.
+
+    `SLURM_JOB_END_TIME` (a Unix time, set by recent SLURM versions) is read first; otherwise
+    `squeue -j $SLURM_JOB_ID -o %L` is asked, with a short timeout."""
+    job = environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    now = time.time() if now is None else now
+    end = environ.get("SLURM_JOB_END_TIME", "")
+    if end.isdigit() and int(end) > 0:
+        return int(end) - now
+    try:
+        result = subprocess.run(["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_slurm_time_left(result.stdout) if result.returncode == 0 else None
+
+
+class StopSignals:
+    """Install flag-only handlers for the stop signals while the run is in its `with` block.
+
+    `requested` names the first stop signal received (None: none yet). A second SIGINT raises
+    KeyboardInterrupt at once. The previous handlers come back on exit, so in-process callers
+    (tests) keep theirs.
+    """
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.requested == "SIGINT":
+            raise KeyboardInterrupt
+        self.requested = self.requested or signal.Signals(signum).name
+
+    def __enter__(self) -> "StopSignals":
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+#: Margin = MARGIN_FACTOR x (what must still fit) + MARGIN_SECONDS, for the process exit and for
+#: timings that vary.
+MARGIN_FACTOR = 1.2
+MARGIN_SECONDS = 10.0
+
+
+@dataclass
+class Deadline:
+    """The time by which the job must have saved its state and exited, and the longest step,
+    checkpoint and state save seen so far (carried over a resume in the state)."""
+
+    end: float | None
+    """`time.time()` at which the job is out of time, or None for no limit."""
+    longest: dict[str, float] = field(default_factory=lambda: {"step": 0.0, "checkpoint": 0.0, "state": 0.0})
+
+    @classmethod
+    def for_job(cls, time_limit: str | None, started: float, environ=os.environ) -> "Deadline":
+        """`training.time_limit` counted from `started`; without one, the SLURM job's end time."""
+        if time_limit is not None:
+            return cls(started + parse_duration(time_limit))
+        left = slurm_seconds_left(environ)
+        return cls(None if left is None else time.time() + left)
+
+    def record(self, kind: str, seconds: float) -> None:
+        self.longest[kind] = max(self.longest[kind], seconds)
+
+    def margin(self, checkpoint_due: bool) -> float:
+        """Seconds needed for one more step, its checkpoint if one is due, and a state save."""
+        needed = self.longest["step"] + self.longest["state"] + (self.longest["checkpoint"] if checkpoint_due else 0.0)
+        return MARGIN_FACTOR * needed + MARGIN_SECONDS
+
+    def must_stop(self, now: float, next_step_has_checkpoint: bool) -> bool:
+        """True when the next step (and its checkpoint) might not leave time to save the state."""
+        return self.end is not None and now + self.margin(next_step_has_checkpoint) > self.end
