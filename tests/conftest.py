@@ -43,3 +43,12 @@ def tokenizer(tiny_model_dirs):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dirs["gpt2"])
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(tmp_path_factory, tiny_model_dirs):
+    """`trained_checkpoints(family, method)`: a real checkpoint of a tiny run (tests/trained_runs.py),
+    trained in-process on first use and shared by the session."""
+    from tests.trained_runs import TrainedCheckpoints
+
+    return TrainedCheckpoints(tmp_path_factory, tiny_model_dirs)
