@@ -54,7 +54,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from trainer.errors import UserError  # noqa: E402
-from trainer.flops import Peak, gpu_peak, matmul_params, model_shape, mfu, training_flops  # noqa: E402
+from trainer.families import gptj_6b_config, mid_gptj_config, model_shape, neox_20b_config  # noqa: E402
+from trainer.flops import Peak, gpu_peak, matmul_params, mfu, training_flops  # noqa: E402
 
 METHODS = ("lora", "qlora", "full")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
@@ -82,42 +83,6 @@ class Architecture:
     micro_batch_size: int = 4
     accumulation: int = 2
     max_positions: int = 2048
-
-
-def gptj_6b_config():
-    """EleutherAI/gpt-j-6b's published hyperparameters (6,050,882,784 parameters in transformers)."""
-    from transformers import GPTJConfig
-
-    return GPTJConfig(
-        vocab_size=50400, n_positions=2048, n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, n_inner=None,
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-        tie_word_embeddings=False, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256,
-    )
-
-
-def neox_20b_config():
-    """EleutherAI/gpt-neox-20b's published hyperparameters (20,554,567,680 parameters)."""
-    from transformers import GPTNeoXConfig
-
-    return GPTNeoXConfig(
-        vocab_size=50432, hidden_size=6144, num_hidden_layers=44, num_attention_heads=64, intermediate_size=24576,
-        hidden_act="gelu_fast", max_position_embeddings=2048, layer_norm_eps=1e-5, use_parallel_residual=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-        attention_dropout=0.0, hidden_dropout=0.0, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
-        pad_token_id=0,
-    )
-
-
-def mid_gptj_config():
-    """GPT-J's layer design and real 50,400-token vocabulary at a size a CPU trains in seconds:
-    4 layers of width 256, 4 heads of 64 (a quarter of each rotated, as in GPT-J-6B)."""
-    from transformers import GPTJConfig
-
-    return GPTJConfig(
-        vocab_size=50400, n_positions=2048, n_embd=256, n_layer=4, n_head=4, rotary_dim=16, n_inner=None,
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-        tie_word_embeddings=False, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256,
-    )
 
 
 _TINY = dict(n_layer=2, n_embd=64, n_head=4)

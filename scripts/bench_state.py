@@ -60,9 +60,9 @@ def timed_saves(accelerator, model, optimizer, cfg: Config, repeat: int) -> tupl
 
 
 def gptj_state_bytes(method: str) -> int:
-    from bench import gptj_6b_config
     from transformers import AutoModelForCausalLM
 
+    from trainer.families import gptj_6b_config
     from trainer.model import apply_method
 
     with torch.device("meta"):

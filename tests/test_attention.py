@@ -2,10 +2,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from trainer import families
 from trainer.attention import choose_attention, configure_attention, install_attention, sequence_boundaries
 from trainer.errors import UserError
 
-FAMILIES = ["gpt2", "gptj", "gpt_neox"]
+FAMILIES = list(families.FAMILIES)
 
 
 def load(tiny_model_dirs, family, **kwargs):

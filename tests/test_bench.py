@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tests.helpers import REPO
-from trainer.flops import model_shape, training_flops
+from trainer.families import model_shape
+from trainer.flops import training_flops
 
 SCRIPT = REPO / "scripts" / "bench.py"
 

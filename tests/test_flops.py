@@ -6,6 +6,7 @@ import torch
 from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig
 from transformers.pytorch_utils import Conv1D
 
+from trainer.families import model_shape
 from trainer.flops import (
     ModelShape,
     attention_flops,
@@ -13,7 +14,6 @@ from trainer.flops import (
     gpu_peak,
     matmul_params,
     mfu,
-    model_shape,
     training_flops,
 )
 

@@ -3,11 +3,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from trainer import families
 from trainer.data.batching import collate
 from trainer.data.tokenize import IGNORE_INDEX, TokenizedExample
 from trainer.loss import body_and_head, supervised_loss_sum
 
-FAMILIES = ["gpt2", "gptj", "gpt_neox"]
+FAMILIES = list(families.FAMILIES)
 LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "gptj": ["q_proj", "v_proj", "fc_in"], "gpt_neox": ["query_key_value", "dense"]}
 
 

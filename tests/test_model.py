@@ -3,7 +3,8 @@ import torch
 
 from trainer.config import Config
 from trainer.errors import UserError
-from trainer.model import LORA_TARGETS_BY_FAMILY, apply_method, count_parameters, load_model, load_tokenizer, resolve_dtype
+from trainer.families import FAMILIES
+from trainer.model import apply_method, count_parameters, load_model, load_tokenizer, resolve_dtype
 
 
 def config(model_dir, **sections) -> Config:
@@ -16,7 +17,7 @@ def test_lora_auto_targets_every_projection_of_the_family(tiny_model_dirs, famil
     cfg = config(tiny_model_dirs[family], method="lora")
     model = apply_method(cfg, load_model(cfg, torch.float32)[0])
     targets = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if ".lora_A" in name}
-    assert targets == set(LORA_TARGETS_BY_FAMILY[family])
+    assert targets == set(FAMILIES[family].lora_targets)
     trainable, total = count_parameters(model)
     assert 0 < trainable < total
     assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)

@@ -15,7 +15,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import REPO, TEST_PROMPTS, read_jsonl, run_command, write_config, write_jsonl
-from trainer.model import LORA_TARGETS_BY_FAMILY
+from trainer.families import FAMILIES
 from trainer.schedule import checkpoint_steps
 from trainer.train import main
 
@@ -87,7 +87,7 @@ def check_resolved_config(run: Path, family: str, method: str) -> None:
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["model"]["dtype"] == "float32" and resolved["model"]["attention"] == "sdpa"
     if method == "lora":
-        assert resolved["lora"]["target_modules"] == LORA_TARGETS_BY_FAMILY[family]
+        assert resolved["lora"]["target_modules"] == list(FAMILIES[family].lora_targets)
 
 
 @pytest.mark.parametrize(

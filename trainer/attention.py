@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer.errors import UserError
-from trainer.model import transformers_model
+from trainer.families import family_of
+from trainer.unwrap import transformers_model
 
 IMPLEMENTATIONS = ("auto", "eager", "sdpa", "varlen", "flex")
 
@@ -142,9 +143,12 @@ def install_attention(model: torch.nn.Module, implementation: str) -> None:
     varlen logic on CPU, where a reference kernel stands in for flash attention)."""
     model = transformers_model(model)
     name = TRANSFORMERS_NAMES[implementation]
-    gptj_layers = [m for m in model.modules() if _is_gptj_attention(m)]
-    if gptj_layers:
-        for layer in gptj_layers:
+    family = family_of(model)
+    if family is not None and family.replaced_attention_class is not None:
+        # GPT-J: transformers has no sdpa path for it, so its attention modules get ours.
+        for layer in model.modules():
+            if type(layer).__name__ != family.replaced_attention_class:
+                continue
             if implementation == "eager":
                 layer.__dict__.pop("forward", None)  # back to transformers' own forward
             else:
@@ -168,12 +172,6 @@ def install_attention(model: torch.nn.Module, implementation: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # GPT-J: transformers' rotary embedding, then any attention function of the AttentionInterface.
-
-
-def _is_gptj_attention(module: torch.nn.Module) -> bool:
-    from transformers.models.gptj.modeling_gptj import GPTJAttention
-
-    return isinstance(module, GPTJAttention)
 
 
 def _gptj_attention_forward(

@@ -71,17 +71,6 @@ def gpu_peak(device_name: str) -> Peak | None:
     return None
 
 
-def model_shape(config) -> ModelShape:
-    """`ModelShape` of a transformers GPT-2, GPT-J or GPT-NeoX config."""
-    kind = config.model_type
-    if kind in ("gpt2", "gptj"):
-        d_ff = config.n_inner if config.n_inner is not None else 4 * config.n_embd
-        return ModelShape(config.n_layer, config.n_embd, d_ff, config.vocab_size)
-    if kind == "gpt_neox":
-        return ModelShape(config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size)
-    raise ValueError(f"no FLOP formula for model_type {kind!r}; known: gpt2, gptj, gpt_neox")
-
-
 def matmul_params(shape: ModelShape) -> int:
     """N: weights in the matrix multiplies of one token's forward pass (layers and output head)."""
     d = shape.d_model

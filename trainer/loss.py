@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from trainer.data.tokenize import IGNORE_INDEX
-from trainer.model import transformers_model
+from trainer.unwrap import transformers_model
 
 #: Rows (supervised tokens) per cross-entropy chunk: 4096 x 50k float32 logits are 0.8 GB.
 DEFAULT_CHUNK_ROWS = 4096

@@ -5,17 +5,11 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from trainer.attention import configure_attention
 from trainer.config import Config
 from trainer.errors import UserError
+from trainer.families import family_of
 from trainer.hub import load_options, offline_fix
-
-# Per-family LoRA targets: every projection in attention and MLP (QLoRA paper: all linear layers
-# matter). Names from the transformers implementations.
-LORA_TARGETS_BY_FAMILY = {
-    "gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-}
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -89,8 +83,6 @@ def quantization_options(config: Config, device: torch.device) -> dict:
 
 def load_model(config: Config, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> tuple[PreTrainedModel, str]:
     """The model, ready for `apply_method`, and the attention implementation chosen for it."""
-    from trainer.attention import configure_attention
-
     quantization = quantization_options(config, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -126,7 +118,8 @@ def lora_target_modules(config: Config, model_config) -> list[str] | str:
     targets = config.lora.target_modules
     if targets != "auto":
         return targets
-    return LORA_TARGETS_BY_FAMILY.get(model_config.model_type, "all-linear")
+    family = family_of(model_config)
+    return list(family.lora_targets) if family else "all-linear"
 
 
 def apply_method(config: Config, model: PreTrainedModel) -> PreTrainedModel:
@@ -143,26 +136,13 @@ def apply_method(config: Config, model: PreTrainedModel) -> PreTrainedModel:
         lora_dropout=config.lora.dropout,
         target_modules=targets,
         # GPT-2 stores its projections as Conv1D with transposed weights.
-        fan_in_fan_out=model.config.model_type == "gpt2",
+        fan_in_fan_out=bool(family_of(model) and family_of(model).conv1d_projections),
         task_type="CAUSAL_LM",
     )
     try:
         return get_peft_model(model, lora)
     except ValueError as err:
         raise UserError(f"key 'lora.target_modules': {err}. Fix: name modules that exist in this model, or use auto") from None
-
-
-def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP / torch.compile / PEFT wrappers (to reach its parts)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -22,22 +22,15 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTJConfig,
-    GPTJForCausalLM,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+from trainer.families import FAMILIES as FAMILY_ENTRIES
 
 #: GPT-2's single special token; it is BOS, EOS, UNK and PAD at once.
 ENDOFTEXT = "<|endoftext|>"
 
-#: Model families `build_tiny_model` knows, as spelled in `config.model_type`.
-FAMILIES = ("gpt2", "gptj", "gpt_neox")
+#: Model families `build_tiny_model` knows, as spelled in `config.model_type` (trainer/families.py).
+FAMILIES = tuple(FAMILY_ENTRIES)
 
 #: Long enough for any example the tests or the default job use; real GPT-J/NeoX use 2048.
 MODEL_MAX_LENGTH = 2048
@@ -82,39 +75,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
 def _config_for(family: str, tokenizer: PreTrainedTokenizerFast, *, n_layer: int, n_embd: int,
                 n_head: int, n_positions: int, **overrides):
     """A config for `family` sized to `tokenizer`, with dropout off so runs are deterministic."""
+    if family not in FAMILY_ENTRIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     if n_embd % n_head:
         raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-    head_dim = n_embd // n_head
     token_ids = dict(
         vocab_size=len(tokenizer),  # len() counts added tokens; vocab_size alone may not
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    if family == "gpt2":
-        kwargs = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
-        return GPT2Config(**token_ids, **{**kwargs, **overrides})
-    if family == "gptj":
-        # GPT-J-6B rotates 64 of 256 dims per head; half the head is the tiny equivalent and
-        # keeps the rotary and pass-through code paths both exercised. Must be even.
-        rotary_dim = max(2, (head_dim // 2) // 2 * 2)
-        kwargs = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
-                      rotary_dim=rotary_dim, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        return GPTJConfig(**token_ids, **{**kwargs, **overrides})
-    if family == "gpt_neox":
-        # GPT-NeoX-20B rotates 25% of each head; keep it, but never fewer than 2 dims.
-        partial = max(0.25, 2 / head_dim)
-        kwargs = dict(num_hidden_layers=n_layer, hidden_size=n_embd, num_attention_heads=n_head,
-                      max_position_embeddings=n_positions, intermediate_size=4 * n_embd,
-                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                       "partial_rotary_factor": partial},
-                      attention_dropout=0.0, hidden_dropout=0.0)
-        return GPTNeoXConfig(**token_ids, **{**kwargs, **overrides})
-    raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
-
-
-_MODEL_CLASSES = {"gpt2": GPT2LMHeadModel, "gptj": GPTJForCausalLM, "gpt_neox": GPTNeoXForCausalLM}
+    return FAMILY_ENTRIES[family].tiny_config(token_ids, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                                               n_positions=n_positions, **overrides)
 
 
 def build_tiny_model(family: str, tokenizer: PreTrainedTokenizerFast, *, seed: int = 0,
@@ -133,7 +105,7 @@ def build_tiny_model(family: str, tokenizer: PreTrainedTokenizerFast, *, seed: i
     # fork_rng: seeding must not change the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _MODEL_CLASSES[family](config).to(torch.float32)
+        model = AutoModelForCausalLM.from_config(config).to(torch.float32)
     # generate() reads these; pad == eos silences its "setting pad_token_id" warning and is
     # what the real GPT-2 family does.
     model.generation_config.bos_token_id = tokenizer.bos_token_id
