@@ -341,22 +341,6 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def ours_step(model, step: StepData, pad_id: int, device: torch.device, autocast) -> float:
-    """Packed micro-batches, chunked loss sum, divided by the step's supervised tokens."""
-    from trainer.data.packing import collate_packed
-    from trainer.loss import supervised_loss_sum
-
-    step_tokens = step.supervised_tokens  # known before the step: exact accumulation, no sync
-    loss_sum = torch.zeros((), device=device)
-    for rows in step.packed:
-        batch = _to(collate_packed(rows, pad_id), device)
-        with autocast():  # the forward pass only, as accelerate does; backward follows its dtypes
-            loss = supervised_loss_sum(model, batch)
-        (loss / step_tokens).backward()
-        loss_sum += loss.detach()
-    return loss_sum.item() / step_tokens  # GPU sync: once per step, as the trainer logs the loss
-
-
 def baseline_step(model, step: StepData, pad_id: int, device: torch.device, autocast) -> float:
     """Padded micro-batches, the model's own loss (full logits, mean per micro-batch), averaged."""
     from trainer.data.batching import collate
@@ -429,15 +413,53 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _recipe_step_runner(settings: Settings, model, optimizer):
+    """Ours: the trainer's own step (`trainer.step.optimizer_step`) with the trainer's strategy and
+    accelerator (autocast, gradient sync, clipping), on packed micro-batches. Returns (model, step)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from trainer.data.packing import collate_packed
+    from trainer.step import optimizer_step
+    from trainer.strategy import Replicated
+
+    AcceleratorState._reset_state()  # each row its own precision
+    accelerator = Accelerator(mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(settings.autocast, "no"),
+                              cpu=settings.device.type == "cpu")
+    strategy = Replicated(accelerator, settings.config)
+    model, optimizer = strategy.prepare(model, optimizer)
+
+    def step(data: StepData) -> float:
+        batches = [collate_packed(rows, settings.arch.pad_id) for rows in data.packed]
+        return optimizer_step(model, optimizer, batches, step_tokens=data.supervised_tokens,
+                              learning_rate=settings.config.training.learning_rate, max_grad_norm=MAX_GRAD_NORM,
+                              accelerator=accelerator, strategy=strategy).loss
+    return model, step
+
+
+def _baseline_step_runner(settings: Settings, model, optimizer):
+    """The baseline: padded micro-batches and the model's own loss, then clip and step."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def autocast():
+        return torch.autocast(settings.device.type, dtype=settings.autocast) if settings.autocast else nullcontext()
+
+    def step(data: StepData) -> float:
+        loss = baseline_step(model, data, settings.arch.pad_id, settings.device, autocast)
+        torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+    return model, step
+
+
 def _train(settings: Settings, steps: list[StepData], ours: bool, memory: PeakMemory) -> dict:
     """Build the row's model, train `steps` (the first `settings.warmup` untimed) and measure. Every
     tensor of the row is a local here, so all of it is freed when this returns."""
     device = settings.device
     model, optimizer, attention, parameters = prepare_model(settings, ours)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    step_fn = ours_step if ours else baseline_step
-    def autocast():
-        return torch.autocast(device.type, dtype=settings.autocast) if settings.autocast else nullcontext()
+    model, train_step = (_recipe_step_runner if ours else _baseline_step_runner)(settings, model, optimizer)
 
     memory.before_steps()
     losses, started = [], time.perf_counter()
@@ -445,10 +467,7 @@ def _train(settings: Settings, steps: list[StepData], ours: bool, memory: PeakMe
         if index == settings.warmup:
             _sync(device)
             started = time.perf_counter()
-        losses.append(step_fn(model, step, settings.arch.pad_id, device, autocast))
-        torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        losses.append(train_step(step))
     _sync(device)
     seconds = time.perf_counter() - started
     return {
@@ -693,7 +712,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         torch.set_num_threads(args.threads)
     config = trainer_config(args)
     device = resolve_device(args.device)
-    require_device_features(config, device)  # QLoRA and 8-bit AdamW: CUDA + bitsandbytes, said plainly
+    require_device_features(config, device)  # QLoRA and 8-bit AdamW: bitsandbytes, said plainly
     if arch.needs_cuda and device.type != "cuda":
         raise UserError(
             f"--model {arch.name} needs a CUDA GPU: {arch.about} is billions of parameters, which a CPU "

@@ -7,7 +7,9 @@ import os
 import subprocess
 from pathlib import Path
 
+import torch
 import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 FRUIT_COLOURS = {"banana": "yellow", "lime": "green", "tomato": "red", "cherry": "red", "kiwi": "green", "lemon": "yellow"}
@@ -51,7 +53,8 @@ def write_config(tmp_path: Path, model_dir: Path, method: str, **sections) -> Pa
         "model": {"name_or_path": str(model_dir)},
         "method": method,
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train_file": str(train), "validation_file": str(valid), "max_seq_len": 32},
+        # Unpacked: the step counts the tests reason about are examples (packing has its own tests).
+        "data": {"train_file": str(train), "validation_file": str(valid), "max_seq_len": 32, "packing": False},
         "training": {"epochs": 3, "micro_batch_size": 8, "learning_rate": 3e-2 if method == "lora" else 1e-2, "warmup_ratio": 0.1, "seed": 1},
         "checkpoints": {"count": 3},
         "test_prompts": TEST_PROMPTS,
@@ -114,3 +117,96 @@ def resume_config(tmp_path: Path, model_dir: Path, **sections) -> Path:
     for key, value in sections.items():
         base.setdefault(key, {}).update(value)
     return write_config(tmp_path, model_dir, "lora", **base)
+
+
+def load_checkpoint_plainly(checkpoint: Path, base: Path, method: str):
+    """Exactly what a user does, with no import from this project."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    if method == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), checkpoint)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    return model.eval(), tokenizer
+
+
+def plain_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
+    new = output[0, inputs["input_ids"].shape[1]:].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(new)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_forked(argv: list[str], *, processes: int = 1, env: dict | None = None, timeout: float = 240) -> list[int]:
+    """`trainer.train.main(argv)` in `processes` processes forked from this one, as one process
+    group (RANK, WORLD_SIZE, MASTER_ADDR/PORT set as torchrun sets them; gloo on the CPU).
+
+    The code that runs is the command's own, in real separate processes that a real kill -9 or
+    signal can hit, without the ten seconds of imports a new interpreter costs. As torchrun's agent
+    does, when one process dies the others are killed. Returns each process's exit code (negative:
+    killed by that signal). Their output reaches pytest's `capfd`, not `capsys`."""
+    import signal
+    import sys
+    import time
+    import traceback
+
+    port = _free_port()
+    pids = []
+    for rank in range(processes):
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                from accelerate.state import AcceleratorState, PartialState
+
+                AcceleratorState._reset_state()
+                PartialState._reset_state()  # the parent's single-process state must not be inherited
+                os.environ.update(env or {})
+                if processes > 1:
+                    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
+                                      LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                from trainer.train import main
+
+                code = main(argv)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()  # os._exit skips Python's own flushing
+                sys.stderr.flush()
+                os._exit(code)
+        pids.append(pid)
+    codes: dict[int, int] = {}
+    deadline = time.time() + timeout
+    while len(codes) < len(pids):
+        for pid in pids:
+            if pid in codes:
+                continue
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = os.waitstatus_to_exitcode(status)
+                if codes[pid] != 0:  # as torchrun's agent: one failed, stop the others
+                    for other in pids:
+                        if other not in codes:
+                            try:
+                                os.kill(other, signal.SIGKILL)
+                            except ProcessLookupError:
+                                pass
+        if time.time() > deadline:
+            for pid in pids:
+                if pid not in codes:
+                    os.kill(pid, signal.SIGKILL)
+            raise TimeoutError(f"forked run {argv} did not finish in {timeout} s")
+        time.sleep(0.01)
+    return [codes[pid] for pid in pids]

@@ -1,10 +1,13 @@
+import functools
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from trainer import families
-from trainer.attention import choose_attention, configure_attention, install_attention, sequence_boundaries
+from trainer.attention import _reference_varlen, choose_attention, configure_attention, install_attention, sequence_boundaries
 from trainer.errors import UserError
+from trainer.loss import supervised_loss_sum
 
 FAMILIES = list(families.FAMILIES)
 
@@ -160,3 +163,162 @@ def test_the_backend_is_not_saved_into_checkpoints(tiny_model_dirs, tmp_path):
         model.save_pretrained(tmp_path / family)
         assert "trainer_varlen" not in (tmp_path / family / "config.json").read_text()
         assert AutoModelForCausalLM.from_pretrained(tmp_path / family).config._attn_implementation != "trainer_varlen"
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 8: the batch brings its sequence boundaries (trainer/data/boundaries.py), computed once
+# on the CPU by the collate functions, so that a compiled varlen model has no graph break.
+
+
+def collated_batches():
+    """A padded batch from `collate` and a packed one from `collate_packed` (two rows, one padded)."""
+    from trainer.data.batching import collate
+    from trainer.data.packing import collate_packed, pack_examples
+    from trainer.data.tokenize import IGNORE_INDEX, TokenizedExample
+
+    generator = torch.Generator().manual_seed(1)
+    examples = [
+        TokenizedExample(ids, [IGNORE_INDEX] + ids[1:], "data.jsonl", line)
+        for line, n in enumerate((9, 5, 4, 3, 1, 7))
+        for ids in [torch.randint(1, 300, (n,), generator=generator).tolist()]
+    ]
+    return collate(examples, pad_id=0), collate_packed(pack_examples(examples, max_seq_len=16), pad_id=0)
+
+
+def without_boundaries(batch):
+    from trainer.data.boundaries import BOUNDARY_KEYS
+
+    return {key: value for key, value in batch.items() if key not in (*BOUNDARY_KEYS, "labels")}
+
+
+def test_collate_boundaries_are_the_cuts_varlen_finds_in_the_batch_itself():
+    padded, packed = collated_batches()
+    assert packed["position_ids"].shape == (2, 16) and (packed["position_ids"][:, 1:] == 0).any()  # packed
+    for batch in (padded, packed):
+        rows, width = batch["input_ids"].shape
+        found, longest = sequence_boundaries(batch.get("position_ids"), batch.get("attention_mask"), rows, width, "cpu")
+        assert batch["cu_seq_lens_q"].dtype == torch.int32
+        assert batch["cu_seq_lens_q"].tolist() == found.tolist()
+        assert batch["max_length_q"] == longest and type(batch["max_length_q"].to("cuda")) is type(batch["max_length_q"])
+    # Rows of 9: each example, then its padding as a sequence of its own (9 | 5 4 | 4 5 | 3 6 | 1 8 | 7 2).
+    assert padded["cu_seq_lens_q"].tolist() == [0, 9, 14, 18, 22, 27, 30, 36, 37, 45, 52, 54]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_varlen_takes_the_batch_boundaries_and_the_other_backends_ignore_them(tiny_model_dirs, family, monkeypatch):
+    import trainer.attention as attention
+    from trainer.loss import model_inputs
+
+    padded, packed = collated_batches()
+    models = {backend: load(tiny_model_dirs, family) for backend in ("eager", "sdpa", "varlen")}
+    for backend, model in models.items():
+        install_attention(model, backend)
+    with torch.no_grad():
+        # Without boundaries varlen finds them itself (the path of generation and other callers).
+        expected = [models["varlen"](**without_boundaries(b), use_cache=False).logits for b in (padded, packed)]
+
+        def found_here(*args):
+            raise AssertionError("varlen looked for boundaries the batch brought")
+
+        monkeypatch.setattr(attention, "sequence_boundaries", found_here)
+        for batch, logits in zip((padded, packed), expected):
+            inputs = model_inputs(models["varlen"], batch)
+            assert type(inputs["max_length_q"]) is int  # a plain int for dynamo, not the batch's HostInt
+            torch.testing.assert_close(models["varlen"](**inputs, use_cache=False).logits, logits, rtol=1e-5, atol=1e-5)
+            for backend in ("eager", "sdpa"):  # given the boundaries anyway: unchanged
+                assert "cu_seq_lens_q" not in model_inputs(models[backend], batch)
+                with_them = models[backend](**inputs, use_cache=False).logits
+                torch.testing.assert_close(with_them, models[backend](**without_boundaries(batch), use_cache=False).logits)
+        # The boundaries are really used: one sequence per row lets packed examples see each other.
+        rows, width = packed["input_ids"].shape
+        merged = dict(model_inputs(models["varlen"], packed), max_length_q=width, max_length_k=width)
+        merged["cu_seq_lens_q"] = merged["cu_seq_lens_k"] = torch.arange(0, rows * width + 1, width, dtype=torch.int32)
+        assert not torch.allclose(models["varlen"](**merged, use_cache=False).logits, expected[1], atol=1e-3)
+
+
+def test_gptj_carries_the_boundaries_for_one_forward_only(tiny_model_dirs):
+    import inspect
+
+    model = load(tiny_model_dirs, "gptj")
+    install_attention(model, "varlen")
+    install_attention(model, "varlen")  # again: still one wrapper
+    carrier = model._trainer_boundaries
+    assert "logits_to_keep" in inspect.signature(model.forward).parameters  # generate() reads it
+    _, packed = collated_batches()
+    seen = []
+    model.transformer.h[0].attn.register_forward_pre_hook(lambda module, args: seen.append(dict(carrier.kwargs)))
+    model(**packed, use_cache=False)
+    assert seen[-1]["cu_seq_lens_q"] is packed["cu_seq_lens_q"] and carrier.kwargs == {}
+    with pytest.raises(RuntimeError):
+        model(**dict(packed, position_ids=packed["position_ids"][:, :3]), use_cache=False)  # a failing forward
+    assert carrier.kwargs == {}  # emptied all the same: the next call must not see stale boundaries
+
+
+@functools.cache
+def _compile_check():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "compile_check.py"
+    spec = importlib.util.spec_from_file_location("compile_check", path)
+    module = sys.modules["compile_check"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_varlen_has_no_graph_break_and_recompiles_at_most_a_few_times(tiny_model_dirs, family):
+    """scripts/compile_check.py's count, as a test: 10 packed batches of different shapes, trained
+    through the compiled model as `training.compile` does (dynamo only: the "eager" backend)."""
+    check = _compile_check()
+    model = load(tiny_model_dirs, family).train()
+    install_attention(model, "varlen")  # the CPU reference stands in for the flash kernel
+    batches = check.packed_batches(10, vocab_size=model.config.vocab_size)
+    assert len({b["input_ids"].shape for b in batches}) == 10 and len({b["max_length_q"] for b in batches}) > 5
+    counts = check.count_compiles(model, batches)
+    assert counts.error is None
+    assert counts.graph_breaks == 0, counts.break_reasons
+    assert counts.frames_first_batch == 1  # one graph for the whole forward
+    assert counts.recompiles <= 3, counts.recompile_reasons  # 1 here: sizes become dynamic once
+    with torch.no_grad():  # and the compiled model computes what the uncompiled one does
+        for index in (0, 1, 9):  # static sizes, then dynamic ones
+            assert counts.losses[index] == pytest.approx(supervised_loss_sum(model, batches[index]).item(), rel=1e-5)
+
+
+_REFERENCE_VARLEN = _reference_varlen  # the test below swaps the module's for the stand-in
+
+
+@torch.library.custom_op("trainer_tests::varlen_kernel_stand_in", mutates_args=())
+def _kernel_stand_in(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float) -> torch.Tensor:
+    return _REFERENCE_VARLEN(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+
+
+@_kernel_stand_in.register_fake
+def _(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+    return torch.empty_like(query)
+
+
+def test_a_kernel_taking_the_max_length_as_an_int_recompiles_once_not_per_length(tiny_model_dirs, monkeypatch):
+    """The CPU reference ignores the max lengths; the flash kernel takes them as ints (a custom op,
+    `torch_attn::_varlen_attn`, whose schema makes them SymInts). A custom op of the same signature
+    stands in for it here, so dynamo must trace the max lengths as the GPU path does: a new value
+    must not recompile (a forward pass: the stand-in has no backward).
+
+    GPT-J, whose boundaries the trainer carries (`_BoundaryCarrier`): read from an object instead
+    of the forward's arguments, an int is static to dynamo and every new length recompiled. GPT-2
+    and GPT-NeoX get them as arguments of the compiled forward, as the carrier now does (the same
+    check passes for them; left out to keep the suite fast)."""
+    import trainer.attention as attention
+
+    check = _compile_check()
+    monkeypatch.setattr(attention, "_reference_varlen", _kernel_stand_in)
+    model = load(tiny_model_dirs, "gptj")
+    install_attention(model, "varlen")
+    batches = check.packed_batches(6, vocab_size=model.config.vocab_size)
+    assert len({b["max_length_q"] for b in batches}) == 5
+    counts = check.count_compiles(model, batches, train=False)
+    assert counts.error is None and counts.graph_breaks == 0, counts.break_reasons
+    assert counts.recompiles <= 3, counts.recompile_reasons
+    assert not any("max_length" in reason for reason in counts.recompile_reasons)

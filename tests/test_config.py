@@ -136,3 +136,13 @@ def test_saved_config_loads_back_identically(tmp_path):
     config = load_config(write(tmp_path, MINIMAL), ["training.epochs=2.5", "test_prompts=[hi]"])
     save_config(config, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == config
+
+
+def test_every_shipped_config_loads():
+    from tests.helpers import REPO
+
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"tiny-gpt2.yaml", "gptj.yaml", "gptj-full.yaml", "neox20b.yaml", "neox20b-full.yaml"}
+    for path in configs:
+        config = load_config(path)
+        assert config.data.packing in ("auto", True, False) and config.checkpoints.count >= 1, path

@@ -14,8 +14,8 @@ def config(model_dir, **sections) -> Config:
 
 @pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox"])
 def test_lora_auto_targets_every_projection_of_the_family(tiny_model_dirs, family):
-    cfg = config(tiny_model_dirs[family], method="lora")
-    model = apply_method(cfg, load_model(cfg, torch.float32)[0])
+    cfg = config(tiny_model_dirs[family], method="lora", model={"dtype": "float32"})
+    model = apply_method(cfg, load_model(cfg)[0])
     targets = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if ".lora_A" in name}
     assert targets == set(FAMILIES[family].lora_targets)
     trainable, total = count_parameters(model)
@@ -24,12 +24,12 @@ def test_lora_auto_targets_every_projection_of_the_family(tiny_model_dirs, famil
 
 
 def test_gradient_checkpointing_trains_the_same_gradients(tiny_model_dirs):
-    plain_cfg = config(tiny_model_dirs["gptj"], method="full")
-    checkpointed_cfg = config(tiny_model_dirs["gptj"], method="full", model={"gradient_checkpointing": True})
+    plain_cfg = config(tiny_model_dirs["gptj"], method="full", model={"dtype": "float32"})
+    checkpointed_cfg = config(tiny_model_dirs["gptj"], method="full", model={"gradient_checkpointing": True, "dtype": "float32"})
     batch = torch.tensor([[5, 6, 7, 8, 9, 10]])
     grads = []
     for cfg in (plain_cfg, checkpointed_cfg):
-        model, attention = load_model(cfg, torch.float32)
+        model, attention = load_model(cfg)
         assert attention == "sdpa"  # auto on CPU
         model.train()
         assert model.is_gradient_checkpointing == cfg.model.gradient_checkpointing

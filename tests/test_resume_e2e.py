@@ -1,8 +1,10 @@
-"""kill -9 anywhere, the same command again: the same run. The real command, in subprocesses.
+"""kill -9 anywhere, the same command again: the same run. Real processes, really killed.
 
-The reference is the uninterrupted run of the same config; "the same" is checked by
-`assert_same_run` (final weights within 1e-6, identical samples at every checkpoint, every step
-once in metrics.jsonl with the same losses, the same report).
+The killed runs are forked from the test process (`run_forked`: the command's own code in separate
+processes, one or a torchrun-like group of two, without a new interpreter's ten seconds of imports);
+the SIGTERM test starts the real command. The reference is the uninterrupted run of the same
+config; "the same" is checked by `assert_same_run` (final weights within 1e-6, identical samples at
+every checkpoint, every step once in metrics.jsonl with the same losses, the same report).
 """
 
 import json
@@ -13,7 +15,7 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, assert_same_run, command_env, read_jsonl, resume_config, run_command
+from tests.helpers import REPO, assert_same_run, command_env, read_jsonl, resume_config, run_forked
 from trainer.errors import EXIT_STOPPED_RESUMABLE
 from trainer.train import main
 
@@ -33,40 +35,37 @@ def states(run) -> list[str]:
     return sorted(p.name for p in run.glob("state-*"))
 
 
-def test_killed_at_three_points_then_rerun_equals_the_uninterrupted_run(tmp_path, reference, capsys):
+def test_killed_at_three_points_then_rerun_equals_the_uninterrupted_run(tmp_path, reference, capfd):
     config, reference_run = reference
     run = tmp_path / "run"
-    command = [*TRAIN, str(config), f"output_dir={run}"]
+    command = [str(config), f"output_dir={run}"]
 
     # kill -9 in the middle of step 7 (after a micro-batch's backward): the state of step 5 is the newest.
-    killed = run_command(command, env={"TRAINER_CRASH_AT": "mid_step@7"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert run_forked(command, env={"TRAINER_CRASH_AT": "mid_step@7"}) == [-signal.SIGKILL]
     assert states(run) == ["state-5"] and not list(run.glob("checkpoint-*"))
 
     # ... while writing the state of step 10: its folder stays partial; the checkpoint's (8) is the newest.
-    killed = run_command(command, env={"TRAINER_CRASH_AT": "state_save@10"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert "resumed from step 5 of 24" in killed.stdout + killed.stderr
+    assert run_forked(command, env={"TRAINER_CRASH_AT": "state_save@10"}) == [-signal.SIGKILL]
+    assert "resumed from step 5 of 24" in capfd.readouterr().out
     assert states(run) == ["state-8"] and (run / ".state-10.partial").is_dir()
     assert not (run / ".state-10.partial" / "COMPLETE").exists()
 
     # ... while writing checkpoint-16: no checkpoint-16, only its partial folder; state 15 is the newest.
-    killed = run_command(command, env={"TRAINER_CRASH_AT": "checkpoint_save@16"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert "resumed from step 8 of 24" in killed.stdout + killed.stderr
+    assert run_forked(command, env={"TRAINER_CRASH_AT": "checkpoint_save@16"}) == [-signal.SIGKILL]
+    assert "resumed from step 8 of 24" in capfd.readouterr().out
     assert states(run) == ["state-15"] and (run / ".checkpoint-16.partial").is_dir()
     assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-8"]
 
     # The last start, in-process (the same code; the subprocesses above already resumed twice).
     assert main([str(config), f"output_dir={run}"]) == 0
-    assert "resumed from step 15 of 24" in capsys.readouterr().out
+    assert "resumed from step 15 of 24" in capfd.readouterr().out
     assert not list(run.glob(".*.partial")) and not (run / "run.lock").exists()
     difference = assert_same_run(reference_run, run)
     print(f"largest final-weight difference after 3 kills: {difference}")
 
     # Finished: the same command again says so and exits 0, touching nothing.
     assert main([str(config), f"output_dir={run}"]) == 0
-    assert "already complete" in capsys.readouterr().out
+    assert "already complete" in capfd.readouterr().out
     assert_same_run(reference_run, run)
 
 
@@ -95,20 +94,18 @@ def test_sigterm_stops_at_a_step_boundary_with_a_state_and_the_rerun_is_the_same
     assert_same_run(reference_run, run)
 
 
-def test_two_processes_killed_and_resumed_equal_the_uninterrupted_two_process_run(tmp_path, tiny_model_dirs):
-    """torchrun, gloo: rank 1 is killed with SIGKILL in the middle of step 7 (torchrun then stops
-    rank 0, as when a node dies); the same command continues from the state of step 5, with each
-    rank's own random generators (LoRA dropout differs per rank)."""
+def test_two_processes_killed_and_resumed_equal_the_uninterrupted_two_process_run(tmp_path, tiny_model_dirs, capfd):
+    """Two processes (gloo), as torchrun starts them: rank 1 is killed with SIGKILL in the middle of
+    step 7 (the other is then stopped, as torchrun's agent does when a node dies); the same command
+    continues from the state of step 5, each rank with its own random generators (LoRA dropout
+    differs per rank)."""
     config = resume_config(tmp_path, tiny_model_dirs["gpt2"])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "trainer/train.py",
-                str(config)]
-    reference = run_command([*torchrun, f"output_dir={tmp_path / 'reference'}"])
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert run_forked([str(config), f"output_dir={tmp_path / 'reference'}"], processes=2) == [0, 0]
     run = tmp_path / "run"
-    killed = run_command([*torchrun, f"output_dir={run}"], env={"TRAINER_CRASH_AT": "mid_step@7:1"})
-    assert killed.returncode != 0
+    killed = run_forked([str(config), f"output_dir={run}"], processes=2, env={"TRAINER_CRASH_AT": "mid_step@7:1"})
+    assert killed[1] == -signal.SIGKILL
     assert states(run) == ["state-5"] and sorted(p.name for p in (run / "state-5").glob("rng-*")) == ["rng-0.pt", "rng-1.pt"]
-    resumed = run_command([*torchrun, f"output_dir={run}"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from step 5 of 12" in resumed.stdout + resumed.stderr
+    capfd.readouterr()
+    assert run_forked([str(config), f"output_dir={run}"], processes=2) == [0, 0]
+    assert "resumed from step 5 of 12" in capfd.readouterr().out
     assert_same_run(tmp_path / "reference", run)

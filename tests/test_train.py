@@ -23,7 +23,7 @@ def recipe(tmp_path, model_dir, name, **training) -> FineTuneRecipe:
     config = Config.model_validate({
         "model": {"name_or_path": str(model_dir)},
         "method": "full",
-        "data": {"train_file": str(data), "max_seq_len": 64},
+        "data": {"train_file": str(data), "max_seq_len": 64, "packing": False},
         "training": {"epochs": 1, "seed": 0, **training},
         "checkpoints": {"count": 1},
         "output_dir": str(tmp_path / name),
@@ -66,9 +66,9 @@ def test_the_naive_per_micro_batch_mean_would_differ(tmp_path, tiny_model_dirs):
 
 def nan_loss_at(monkeypatch, bad_steps) -> None:
     """Make the training loss NaN at the given steps (one micro-batch per step in these runs)."""
-    import trainer.train
+    import trainer.step
 
-    real, calls = trainer.train.supervised_loss_sum, [0]
+    real, calls = trainer.step.supervised_loss_sum, [0]
 
     def loss(model, batch, **kwargs):
         value = real(model, batch, **kwargs)
@@ -78,7 +78,7 @@ def nan_loss_at(monkeypatch, bad_steps) -> None:
                 return value * float("nan")
         return value
 
-    monkeypatch.setattr(trainer.train, "supervised_loss_sum", loss)
+    monkeypatch.setattr(trainer.step, "supervised_loss_sum", loss)
 
 
 def test_a_step_with_a_non_finite_loss_changes_nothing_and_is_counted(tmp_path, tiny_model_dirs, monkeypatch):

@@ -14,32 +14,12 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.helpers import REPO, TEST_PROMPTS, read_jsonl, run_command, write_config, write_jsonl
+from tests.helpers import (
+    REPO, TEST_PROMPTS, load_checkpoint_plainly, plain_greedy, read_jsonl, run_command, write_config, write_jsonl,
+)
 from trainer.families import FAMILIES
 from trainer.schedule import checkpoint_steps
 from trainer.train import main
-
-
-def load_checkpoint_plainly(checkpoint: Path, base: Path, method: str):
-    """Exactly what a user does, with no import from this project."""
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    if method == "lora":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), checkpoint)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    return model.eval(), tokenizer
-
-
-def plain_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    inputs = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
-    new = output[0, inputs["input_ids"].shape[1]:].tolist()
-    if tokenizer.eos_token_id in new:
-        new = new[: new.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(new)
 
 
 def check_run(run: Path, model_dir: Path, method: str, count: int = 3) -> None:

@@ -10,8 +10,11 @@ eager backend's result within floating-point tolerance (tests/test_attention.py)
   at 0, no 2D mask, use_cache=False) get a block-diagonal causal mask from transformers'
   `create_causal_mask` (verified in masking_utils: `find_packed_sequence_indices`).
 * `varlen` (CUDA): torch's variable-length flash attention (`torch.nn.attention.varlen`), fed the
-  sequence boundaries found in `position_ids` (restarts) and the padding mask, so packed rows need
-  no T x T mask at all and padding is never attended to. Registered in transformers'
+  sequence boundaries of the batch, so packed rows need no T x T mask at all and padding is never
+  attended to. The collate functions compute the boundaries once per batch on the CPU
+  (trainer/data/boundaries.py) and the model gets them as inputs, so a compiled model has no graph
+  break in its attention layers; a call without them (generation, other callers) has them found
+  in `position_ids` (restarts) and the padding mask, once per forward. Registered in transformers'
   AttentionInterface as `trainer_varlen`; with a KV cache (generation) it hands over to sdpa.
 * `flex` (CUDA; GPT-J and GPT-NeoX, transformers refuses it for GPT-2): transformers'
   flex_attention path (a compiled kernel and a BlockMask built from the same packed/padding
@@ -30,6 +33,7 @@ so checkpoints load with the library's default attention everywhere.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import types
@@ -38,6 +42,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from trainer.data.boundaries import BOUNDARY_KEYS
 from trainer.errors import UserError
 from trainer.families import family_of
 from trainer.unwrap import transformers_model
@@ -100,7 +105,8 @@ def choose_attention(model: torch.nn.Module, requested: str, device: torch.devic
 
 
 def choose_attention_for(model_config, dtype: torch.dtype, requested: str, device: torch.device | str) -> str:
-    """`choose_attention` from the model's config and weight dtype alone, before any weight loads."""
+    """`choose_attention` from the model's config and the dtype attention computes in (the autocast
+    dtype, else the weights'), before any weight loads."""
     if requested not in IMPLEMENTATIONS:
         raise UserError(f"key 'model.attention': unknown value {requested!r}. Fix: use one of {', '.join(IMPLEMENTATIONS)}")
     device = torch.device(device)
@@ -116,6 +122,10 @@ def choose_attention_for(model_config, dtype: torch.dtype, requested: str, devic
             raise _unavailable("varlen", f"torch {torch.__version__} has no torch.nn.attention.varlen (newer versions do)")
         if head % 8 or head > 256:
             raise _unavailable("varlen", f"flash kernels take head sizes that are multiples of 8 up to 256, this model's is {head}")
+        if dtype not in (torch.bfloat16, torch.float16):
+            # QLoRA's k-bit preparation casts the residual stream to float32: only autocast makes it 16-bit.
+            raise _unavailable("varlen", f"flash kernels take bfloat16 or float16 inputs and this run computes attention "
+                                         f"in {str(dtype).removeprefix('torch.')} (set training.mixed_precision=bf16 or auto)")
     if requested == "flex":
         if device.type != "cuda":
             raise _unavailable("flex", f"torch's flex_attention has no backward pass on {device.type}")
@@ -146,6 +156,7 @@ def install_attention(model: torch.nn.Module, implementation: str) -> None:
     family = family_of(model)
     if family is not None and family.replaced_attention_class is not None:
         # GPT-J: transformers has no sdpa path for it, so its attention modules get ours.
+        carrier = _carry_boundaries(model)
         for layer in model.modules():
             if type(layer).__name__ != family.replaced_attention_class:
                 continue
@@ -153,6 +164,7 @@ def install_attention(model: torch.nn.Module, implementation: str) -> None:
                 layer.__dict__.pop("forward", None)  # back to transformers' own forward
             else:
                 layer.forward = types.MethodType(_gptj_attention_forward, layer)
+                layer._trainer_boundaries = carrier
         # GPT-J picks its modules at construction and reads the config only to build the mask, so
         # set it directly: the mask then comes in the form the chosen function expects.
         model.config._attn_implementation = name
@@ -170,8 +182,63 @@ def install_attention(model: torch.nn.Module, implementation: str) -> None:
         )
 
 
+def takes_sequence_boundaries(model: torch.nn.Module) -> bool:
+    """Whether `model` attends with `varlen`, the one backend that uses a batch's sequence
+    boundaries (trainer/data/boundaries.py); trainer/loss.py gives them to no other."""
+    return transformers_model(model).config._attn_implementation == VARLEN_NAME
+
+
 # ---------------------------------------------------------------------------------------------
 # GPT-J: transformers' rotary embedding, then any attention function of the AttentionInterface.
+
+
+class _BoundaryCarrier:
+    """Takes a GPT-J forward's sequence boundaries from the causal LM's call to its attention modules.
+
+    GPT-2 and GPT-NeoX pass a forward's extra keyword arguments (transformers' FlashAttentionKwargs:
+    `cu_seq_lens_q`, `max_length_q`, ...) from the model's call down to every attention function.
+    GPT-J's transformers code drops them: GPTJForCausalLM keeps them for its loss, GPTJModel and
+    GPTJBlock pass none on. Threading them through would mean copying those two forwards too
+    (GPTJBlock's is wrapped for gradient checkpointing at the class level). Instead the causal LM's
+    forward is wrapped (`_carry_boundaries`): it takes them out of the call and keeps them here for
+    the length of that forward, and `_gptj_attention_forward` (every GPTJAttention of the model
+    holds this carrier) hands them to the attention function as the other families' code does.
+
+    A wrapped forward, not a forward pre-hook: `torch.compile(model)` compiles `forward` but runs
+    the outermost module's hooks outside the compiled frame, and an int that the compiled frame
+    then reads from an object is static to dynamo (one recompile per longest length). Taken from
+    the forward's own arguments, `max_length_q` stays a (symbolic) input of the frame.
+
+    One carrier per model, not a global. It is emptied when the forward returns or raises, so a
+    later call without boundaries (generation) never sees stale ones: it finds its own, as does a
+    layer recomputed by gradient checkpointing in the backward pass of an uncompiled model (the
+    same cuts: tested).
+    """
+
+    def __init__(self) -> None:
+        self.kwargs: dict = {}
+
+
+def _carry_boundaries(model: torch.nn.Module) -> _BoundaryCarrier:
+    """`model`'s carrier; on first use, wrap `model.forward` to fill it (install_attention may run
+    again on the same model). The wrapper keeps the forward's signature (`functools.wraps`), which
+    `generate()` inspects."""
+    carrier = model.__dict__.get("_trainer_boundaries")
+    if carrier is not None:
+        return carrier
+    carrier = model._trainer_boundaries = _BoundaryCarrier()
+    forward = type(model).forward
+
+    @functools.wraps(forward)
+    def forward_carrying_boundaries(self, *args, **kwargs):
+        carrier.kwargs = {key: kwargs.pop(key) for key in BOUNDARY_KEYS if key in kwargs}
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            carrier.kwargs = {}
+
+    model.forward = types.MethodType(forward_carrying_boundaries, model)
+    return carrier
 
 
 def _gptj_attention_forward(
@@ -221,6 +288,7 @@ def _gptj_attention_forward(
         scaling=1.0 / self.scale_attn,
         dropout=self.attn_dropout.p if self.training else 0.0,
         position_ids=position_ids,
+        **self._trainer_boundaries.kwargs,  # this forward's sequence boundaries, if it has them
     )
     attn_output = attn_output.reshape(*attn_output.shape[:2], -1)  # (batch, time, heads * head_dim)
     attn_output = self.resid_dropout(self.out_proj(attn_output))
@@ -228,7 +296,13 @@ def _gptj_attention_forward(
 
 
 # ---------------------------------------------------------------------------------------------
-# varlen: one flash-attention call over every sequence of the batch, cut at position restarts.
+# varlen: one flash-attention call over every sequence of the batch.
+#
+# Under torch.compile this path has no graph break when the call brings the batch's boundaries
+# (trainer/data/boundaries.py): `cu_seq_lens_q` is a tensor input like any other, and
+# `max_length_q` a plain int, which dynamo turns into a symbolic int on the first batch that
+# changes it (automatic dynamic), so a new longest sequence costs one recompile in all, not one
+# per value. Only a call without boundaries finds them here, in `sequence_boundaries`.
 
 
 class _LastBoundaries:
@@ -251,15 +325,22 @@ def _same_tensors(refs: tuple, tensors: tuple) -> bool:
     return True
 
 
+@torch.compiler.disable
 def sequence_boundaries(
     position_ids: torch.Tensor | None, padding_mask: torch.Tensor | None, batch: int, length: int, device
 ) -> tuple[torch.Tensor, int]:
-    """`(cu_seqlens, max_seqlen)` of the flattened (batch * length) tokens.
+    """`(cu_seqlens, max_seqlen)` of the flattened (batch * length) tokens, for a call that did
+    not bring them (generation, callers other than trainer/loss.py).
 
     A sequence starts at every row start, wherever the position does not continue (+1) from the
     previous token (packed examples restart at 0, as in transformers' `find_packed_sequence_indices`)
     and wherever the padding mask changes, so a run of padding is a sequence of its own and no
-    real token ever attends to it.
+    real token ever attends to it. These are the cuts the collate functions make
+    (trainer/data/boundaries.py; tested).
+
+    Never compiled (`torch.compiler.disable`): `nonzero()` and `int()` depend on the data, and the
+    cache's weakrefs cannot be traced, so in a compiled model this is one clean graph break per
+    layer rather than several, and it runs eagerly, cached, once per forward.
     """
     tensors = (position_ids, padding_mask)
     if _LastBoundaries.value is not None and _same_tensors(_LastBoundaries.keys, tensors):
@@ -280,22 +361,41 @@ def sequence_boundaries(
     return cu_seqlens, max_seqlen
 
 
-def _reference_varlen(query, key, value, cu_seqlens, max_seqlen, scale):
-    """What torch's varlen kernel computes, one sequence at a time with sdpa: the CPU stand-in
-    that lets the tests check boundaries and layouts without a GPU."""
-    bounds = cu_seqlens.tolist()
-    pieces = [
-        F.scaled_dot_product_attention(
-            query[s:e].transpose(0, 1), key[s:e].transpose(0, 1), value[s:e].transpose(0, 1), is_causal=True, scale=scale
-        ).transpose(0, 1)
-        for s, e in zip(bounds[:-1], bounds[1:])
-    ]
-    return torch.cat(pieces)
+def _reference_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+    """What torch's varlen kernel computes, as one sdpa call over the flattened tokens with a
+    block-diagonal causal mask built from `cu_seqlens_q` (queries and keys are the same tokens
+    here): the CPU stand-in that lets the tests check boundaries and layouts without a GPU.
+
+    Only the stand-in has the (tokens x tokens) mask, which is fine for the tests' tiny batches;
+    the kernel takes the boundaries themselves. It is built with tensor ops only (no `.tolist()`,
+    no data-dependent Python value), so a compiled model traces it whole, as it traces the kernel
+    (a custom op), and the CPU tests see the graph the GPU path has, less the kernel.
+    `max_seqlen_*` only size the kernel's launch; the mask needs neither.
+    """
+    tokens = torch.arange(query.shape[0], device=query.device)
+    sequence = torch.searchsorted(cu_seqlens_q[1:].to(tokens.dtype), tokens, right=True)  # each token's
+    mask = (sequence[:, None] == sequence[None, :]) & (tokens[:, None] >= tokens[None, :])
+    query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # (heads, tokens, head_dim)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale).transpose(0, 1)
 
 
-def _flash_varlen(query, key, value, cu_seqlens, max_seqlen, scale):
-    varlen_attn = varlen_kernel()
-    causal = {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters else {"is_causal": True}
+def _causal_argument() -> dict:
+    """How the installed varlen kernel is told to be causal (its signature changed across torch
+    versions). Read once, at import: `inspect.signature` in a compiled forward would break the graph."""
+    kernel = varlen_kernel()
+    if kernel is None:
+        return {}
+    return {"window_size": (-1, 0)} if "window_size" in inspect.signature(kernel).parameters else {"is_causal": True}
+
+
+_VARLEN_KERNEL = varlen_kernel()
+_CAUSAL = _causal_argument()
+
+
+def _flash_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+    """torch's varlen flash kernel (CUDA). No GPU sync and nothing that breaks a compiled graph:
+    the kernel is a custom op (`torch_attn::_varlen_attn`) that dynamo keeps whole, and the max
+    lengths are host ints (symbolic ints under compile) that only size its launch grid."""
     dtype = query.dtype
     if dtype not in (torch.float16, torch.bfloat16):
         # Flash kernels take 16-bit inputs: follow autocast as transformers' flash path does.
@@ -306,7 +406,7 @@ def _flash_varlen(query, key, value, cu_seqlens, max_seqlen, scale):
             )
         half = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(half), key.to(half), value.to(half)
-    out = varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, **causal)
+    out = _VARLEN_KERNEL(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, **_CAUSAL)
     return out.to(dtype)
 
 
@@ -319,10 +419,18 @@ def varlen_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     position_ids: torch.Tensor | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """An AttentionInterface function: query/key/value (batch, heads, time, head_dim) in,
-    (batch, time, heads, head_dim) out."""
+    (batch, time, heads, head_dim) out.
+
+    `cu_seq_lens_*` / `max_length_*` are the batch's boundaries (trainer/data/boundaries.py),
+    which the model passes down from its call (transformers' FlashAttentionKwargs); without them
+    they are found in `position_ids` and the padding mask (`sequence_boundaries`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, length, head_dim = query.shape
@@ -331,17 +439,20 @@ def varlen_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if dropout:
         raise RuntimeError("model.attention=varlen does not support attention dropout; set model.attention=sdpa")
-    if position_ids is None:
-        # Without positions, packed examples cannot be told apart: refuse rather than mix them.
-        raise RuntimeError(
-            f"{type(module).__name__} does not pass position_ids to its attention function, which "
-            "model.attention=varlen needs to find packed sequences; set model.attention=sdpa"
-        )
+    if cu_seq_lens_q is None:
+        if position_ids is None:
+            # Without positions, packed examples cannot be told apart: refuse rather than mix them.
+            raise RuntimeError(
+                f"{type(module).__name__} does not pass position_ids to its attention function, which "
+                "model.attention=varlen needs to find packed sequences; set model.attention=sdpa"
+            )
+        cu_seq_lens_q, max_length_q = sequence_boundaries(position_ids, attention_mask, batch, length, query.device)
+    if cu_seq_lens_k is None:  # self-attention without a cache: the keys are the queries' tokens
+        cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
     scale = scaling if scaling is not None else 1.0 / math.sqrt(head_dim)
-    cu_seqlens, max_seqlen = sequence_boundaries(position_ids, attention_mask, batch, length, query.device)
     flat = [t.transpose(1, 2).reshape(batch * length, heads, head_dim) for t in (query, key, value)]
     kernel = _flash_varlen if query.is_cuda else _reference_varlen
-    out = kernel(*flat, cu_seqlens, max_seqlen, scale)
+    out = kernel(*flat, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale)
     return out.view(batch, length, heads, head_dim), None
 
 
@@ -356,15 +467,14 @@ def varlen_mask(
     **kwargs,
 ):
     """An AttentionMaskInterface function. Without a cache (training, evaluation, prefill) the
-    varlen function needs at most the 2D padding mask (None when nothing is padded): sequences come
-    from position_ids. With a cache it returns transformers' sdpa mask for the sdpa fallback."""
+    varlen function needs at most the 2D padding mask, and only to find the boundaries of a call
+    that did not bring them. With a cache it returns transformers' sdpa mask for the sdpa fallback."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     if q_length == kv_length and isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0:
-        if attention_mask is None:
-            return None
-        mask = attention_mask[:, -kv_length:]
-        return None if bool(mask.all()) else mask  # GPU sync, once per forward
+        # The mask as it is, even when nothing is padded: testing that (`mask.all()`) would be a
+        # GPU sync and a graph break in every forward, and an all-ones mask cuts nothing.
+        return None if attention_mask is None else attention_mask[:, -kv_length:]
     return sdpa_mask(
         batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
         mask_function=mask_function or causal_mask_function, attention_mask=attention_mask, **kwargs,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from trainer.atomic import atomic_folder
 from trainer.config import Config, save_config
 from trainer.data.jsonl import write_jsonl
@@ -32,10 +34,37 @@ def base_model_reference(name_or_path: str) -> str:
     return str(path.resolve()) if path.exists() else name_or_path
 
 
+def cast_floating(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating-point tensors in `dtype` (tied weights stay one tensor), the others as they are."""
+    cast: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point():
+            key = id(tensor)
+            out[name] = cast[key] = cast.get(key) if key in cast else tensor.to(dtype)
+        else:
+            out[name] = tensor
+    return out
+
+
+def _record_dtype(folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """config.json names the dtype the weights were saved in (save_pretrained writes the model's,
+    float32 for master weights saved in bfloat16), so from_pretrained(dtype="auto") loads that."""
+    config_file = folder / "config.json"
+    dtypes = {t.dtype for t in state_dict.values() if t.is_floating_point()}
+    if config_file.exists() and len(dtypes) == 1:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_checkpoint(
-    output_dir: Path, step: int, *, model, tokenizer, config: Config, samples: list[dict], info: dict
+    output_dir: Path, step: int, *, model, tokenizer, config: Config, samples: list[dict], info: dict,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write weights (safetensors), tokenizer, resolved config, samples and info; then rename.
+    """Write weights (safetensors, sharded with an index for large models), tokenizer, resolved
+    config, samples and info; then rename. `state_dict` gives the weights when they are not the
+    model's own tensors (gathered from FSDP shards, or cast to the compute dtype).
 
     A failed write (a full disk) leaves no folder behind and raises `SaveFailed`; the checkpoints
     and the resumable state saved before are untouched."""
@@ -45,7 +74,9 @@ def save_checkpoint(
     try:
         with atomic_folder(final) as partial:
             # LoRA: PEFT writes adapter_config.json + adapter_model.safetensors. Full: a whole HF model.
-            model.save_pretrained(partial, safe_serialization=True)
+            model.save_pretrained(partial, safe_serialization=True, state_dict=state_dict)
+            if state_dict is not None:
+                _record_dtype(partial, state_dict)
             tokenizer.save_pretrained(partial)
             save_config(config, partial / "config.yaml")
             write_jsonl(partial / SAMPLES_FILE, samples)

@@ -34,7 +34,10 @@ class ModelConfig(_Section):
     the machine can reach the Hub) or a local folder made by `save_pretrained`."""
 
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """Dtype the weights are loaded in. `auto`: bfloat16 on a CUDA GPU that supports it, else float32."""
+    """The compute dtype. LoRA and QLoRA keep the frozen base in it; full fine-tuning keeps float32
+    master weights and optimizer state and computes in it under autocast (AdamW on bfloat16 weights
+    would lose every update smaller than half a bfloat16 step). `auto`: bfloat16 on a CUDA GPU that
+    supports it, else float32."""
 
     trust_remote_code: bool = False
     """Run Python code shipped with the model repository. Off unless you trust the source."""
@@ -87,9 +90,12 @@ class DataConfig(_Section):
     """Invalid lines stop the run before training (`error`), or are skipped and listed in the run
     folder (`skip`)."""
 
-    packing: bool = False
-    """Pack several examples into each `max_seq_len` row (no padding); each example still attends
-    only to itself and keeps its own positions."""
+    packing: Union[bool, Literal["auto"]] = "auto"
+    """Pack several examples into each `max_seq_len` row (no padding, so no compute wasted on it);
+    each example still attends only to itself and keeps its own positions, so the loss and the
+    gradients equal the unpacked ones. `auto`: on for the families in trainer/families.py (GPT-2,
+    GPT-J, GPT-NeoX: tested exact), off for others. With packing, `training.micro_batch_size`
+    counts rows."""
 
     cache_dir: str | None = None
     """Where tokenized data is cached (keyed by file content, tokenizer and settings), so a rerun
@@ -127,8 +133,8 @@ class TrainingConfig(_Section):
     the usual range, because the checkpoints let you pick an earlier one)."""
 
     micro_batch_size: int = Field(4, gt=0)
-    """Examples per forward pass on each process (packed rows of `data.max_seq_len` tokens when
-    `data.packing` is on)."""
+    """Examples per forward pass on each process; with `data.packing` (the default for known
+    families), rows of up to `data.max_seq_len` tokens, each holding several examples."""
 
     gradient_accumulation_steps: int = Field(1, gt=0)
     """Micro-batches per optimizer step. The loss is normalized by the supervised tokens of the
@@ -153,11 +159,12 @@ class TrainingConfig(_Section):
     """Seed for initialisation, data order, dropout, the validation split and sampling."""
 
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
-    """Autocast for the forward pass. `auto`: bf16 on a CUDA GPU that supports it, else none."""
+    """Autocast for the forward pass. `auto`: in `model.dtype` when it is bfloat16 or float16, else
+    none."""
 
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
     """`adamw` (torch); `adamw_8bit` and `paged_adamw_8bit` keep optimizer state in 8 bits
-    (bitsandbytes, CUDA): about 6 bytes less per trained parameter."""
+    (bitsandbytes; CUDA, or the CPU with bitsandbytes >= 0.50): 6 bytes less per trained parameter."""
 
     compile: bool = False
     """Compile the model with torch.compile (slower start, faster steps)."""
@@ -192,6 +199,22 @@ class CheckpointsConfig(_Section):
 
     state_every_steps: int | None = Field(None, ge=1)
     """Also save the resumable state every this many optimizer steps (null: off)."""
+
+
+class DistributedConfig(_Section):
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """How several processes share the work. `ddp`: each process holds the whole model (fine for
+    LoRA and QLoRA); `fsdp`: PyTorch FSDP2 shards weights, gradients and optimizer state over the
+    processes (each transformer block, then the rest), for full fine-tuning beyond one GPU's memory.
+    `auto`: fsdp for full fine-tuning on more than one process, else ddp."""
+
+    reshard_after_forward: bool = True
+    """FSDP: free each block's gathered weights after its forward pass and gather them again for the
+    backward pass (less memory, one more all-gather per block)."""
+
+    cpu_offload: bool = False
+    """FSDP: keep the sharded weights, gradients and optimizer state in CPU memory and move each
+    block to the GPU when it runs (much less GPU memory, much slower steps)."""
 
 
 class ChatMessage(_Section):
@@ -254,7 +277,7 @@ class Config(_Section):
 
     method: Literal["lora", "full", "qlora"] = "lora"
     """`lora` trains low-rank adapters on frozen weights; `qlora` does the same on 4-bit NF4 weights
-    (bitsandbytes, CUDA); `full` trains every weight."""
+    (bitsandbytes; CUDA, or the CPU with bitsandbytes >= 0.50); `full` trains every weight."""
 
     lora: LoraConfig = Field(default_factory=LoraConfig)
     """LoRA settings, used when `method` is `lora` or `qlora`."""
@@ -267,6 +290,9 @@ class Config(_Section):
 
     checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
     """Checkpoint schedule."""
+
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """Several processes (GPUs, nodes)."""
 
     test_prompts: list[TestPrompt] = Field(default_factory=list)
     """Prompts every checkpoint answers, each with its own sampling parameters. A plain string is a

@@ -24,14 +24,17 @@ from trainer.errors import NotEnoughDisk
 SMALL_FILES_BYTES = 1 << 20
 
 
-def tensor_bytes(tensors) -> int:
-    """Bytes of distinct tensors (tied weights counted once)."""
+def tensor_bytes(tensors, dtype: torch.dtype | None = None) -> int:
+    """Bytes of distinct tensors (tied weights counted once; FSDP's sharded ones at their full
+    size), floating-point ones counted in `dtype` when given."""
     seen, total = set(), 0
     for tensor in tensors:
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)) if tensor.device.type != "meta" else id(tensor)
+        plain = tensor.device.type != "meta" and not hasattr(tensor, "to_local")
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)) if plain else id(tensor)
         if key not in seen:
             seen.add(key)
-            total += tensor.numel() * tensor.element_size()
+            size = dtype.itemsize if dtype is not None and tensor.is_floating_point() else tensor.element_size()
+            total += tensor.numel() * size
     return total
 
 
@@ -60,10 +63,16 @@ class RunBytes:
         return checkpoints_left * self.checkpoint + max(0, 2 - states_present) * self.state
 
 
-def run_bytes(model: torch.nn.Module, *, method: str, optimizer: str, tokenizer_size: int) -> RunBytes:
+def run_bytes(model: torch.nn.Module, *, method: str, optimizer: str, tokenizer_size: int,
+              checkpoint_dtype: torch.dtype | None = None) -> RunBytes:
+    """A checkpoint's and a resumable state's bytes. A full checkpoint is the state dict (persistent
+    buffers included, tied weights once) in `checkpoint_dtype` (the compute dtype the float32
+    master weights are saved in); the state keeps the trained weights as they are."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # A full checkpoint is the state dict (persistent buffers included, tied weights once).
-    weights = tensor_bytes(trainable) if method in ("lora", "qlora") else tensor_bytes(model.state_dict().values())
+    if method in ("lora", "qlora"):
+        weights = tensor_bytes(trainable)
+    else:
+        weights = tensor_bytes(model.state_dict().values(), checkpoint_dtype)
     checkpoint = weights + tokenizer_size + SMALL_FILES_BYTES
     state = tensor_bytes(trainable) + optimizer_state_bytes(trainable, optimizer) + SMALL_FILES_BYTES
     return RunBytes(checkpoint, state)

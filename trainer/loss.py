@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from trainer.attention import takes_sequence_boundaries
+from trainer.data.boundaries import BOUNDARY_KEYS
 from trainer.data.tokenize import IGNORE_INDEX
 from trainer.unwrap import transformers_model
 
@@ -38,7 +40,22 @@ from trainer.unwrap import transformers_model
 DEFAULT_CHUNK_ROWS = 4096
 
 #: Batch keys the model gets (labels stay out: the model would compute its own full-logits loss).
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+#: The sequence boundaries (trainer/data/boundaries.py) go only to a model that attends with
+#: varlen (see `model_inputs`).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", *BOUNDARY_KEYS)
+
+
+def model_inputs(model: torch.nn.Module, batch: dict) -> dict:
+    """The batch's inputs for `model`.
+
+    The boundaries go to a varlen model only: the other backends ignore them, and a compiled
+    model would still take them as inputs and recompile when their shapes change (the number of
+    sequences changes even between batches of the same width). Their max lengths go as plain ints
+    (the batch holds `HostInt`s, which only have to survive its move to the GPU), which dynamo
+    treats as ints: specialized on the first batch, then symbolic.
+    """
+    keys = MODEL_INPUTS if takes_sequence_boundaries(model) else [k for k in MODEL_INPUTS if k not in BOUNDARY_KEYS]
+    return {key: int(batch[key]) if isinstance(batch[key], int) else batch[key] for key in keys if key in batch}
 
 
 def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -82,10 +99,11 @@ def supervised_loss_sum(
 
     `batch` holds `input_ids` and `labels`, and either `attention_mask` (a padded batch from
     `collate`) or `position_ids` (packed rows from `collate_packed`, no 2D mask: the model then
-    keeps the packed examples apart). `model` may be a transformers causal LM, a PEFT model, or
-    either wrapped by DDP / torch.compile.
+    keeps the packed examples apart), and optionally the sequence boundaries both collate functions
+    add (for the varlen backend). `model` may be a transformers causal LM, a PEFT model, or either
+    wrapped by DDP / torch.compile.
     """
-    inputs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+    inputs = model_inputs(model, batch)
     body, head = body_and_head(model)
     captured: dict[str, object] = {}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from trainer.attention import configure_attention
+from trainer.attention import configure_attention, install_attention
 from trainer.config import Config
 from trainer.errors import UserError
 from trainer.families import family_of
@@ -59,9 +59,17 @@ def load_tokenizer(config: Config):
     return tokenizer
 
 
+def storage_dtype(config: Config) -> torch.dtype:
+    """The dtype the weights are kept in. Full fine-tuning keeps float32 master weights whatever
+    `model.dtype` is (then the compute dtype, under autocast): AdamW applied to bfloat16 weights
+    loses every update smaller than half a bfloat16 step. LoRA and QLoRA keep the frozen base in
+    `model.dtype` (peft keeps the adapters in float32)."""
+    return torch.float32 if config.method == "full" else DTYPES[config.model.dtype]
+
+
 def quantization_options(config: Config, device: torch.device) -> dict:
     """QLoRA: weights stored as 4-bit NF4 with double quantization (the quantization constants are
-    quantized too, about 0.4 bits a parameter saved), matrix products computed in bfloat16."""
+    quantized too, about 0.4 bits a parameter saved), matrix products computed in `model.dtype`."""
     if config.method != "qlora":
         return {}
     from transformers import BitsAndBytesConfig
@@ -74,27 +82,44 @@ def quantization_options(config: Config, device: torch.device) -> dict:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=DTYPES[config.model.dtype],
         ),
-        # A quantized model is placed at load time, each process on its own GPU.
-        "device_map": {"": device.index or 0},
+        # A quantized model is placed at load time: each process on its own device (GPU, or the CPU).
+        "device_map": {"": device.index or 0} if device.type == "cuda" else {"": device.type},
     }
 
 
-def load_model(config: Config, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> tuple[PreTrainedModel, str]:
-    """The model, ready for `apply_method`, and the attention implementation chosen for it."""
-    quantization = quantization_options(config, device)
+def _from_pretrained(config: Config, device: torch.device) -> PreTrainedModel:
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            config.model.name_or_path, dtype=dtype, trust_remote_code=config.model.trust_remote_code,
-            **quantization, **load_options(config.model.name_or_path),
+        return AutoModelForCausalLM.from_pretrained(
+            config.model.name_or_path, dtype=storage_dtype(config), trust_remote_code=config.model.trust_remote_code,
+            **quantization_options(config, device), **load_options(config.model.name_or_path),
         )
     except (OSError, ValueError) as err:
         raise _load_error(config, "model", err) from None
+
+
+def load_model(config: Config, device: torch.device = torch.device("cpu"), *, on_meta: bool = False) -> tuple[PreTrainedModel, str]:
+    """The model, ready for `apply_method`, and the attention implementation installed in it.
+
+    `on_meta`: the same model without any weights (FSDP's other processes, which receive their
+    shards from the main process), built from config.json alone."""
+    if on_meta:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(load_model_config(config), dtype=storage_dtype(config),
+                                                     trust_remote_code=config.model.trust_remote_code)
+    else:
+        model = _from_pretrained(config, device)
     model.config.use_cache = False  # the KV cache is for generation; training only wastes memory on it
-    # Attention is chosen from the weights' dtype, so before k-bit preparation casts norms to fp32.
-    attention = configure_attention(model, config.model.attention, device)
-    if quantization:
+    # A resolved config names its backend, already checked against the dtype attention computes in
+    # (trainer/resolve.py); `auto` (callers without resolution) is chosen from the weights' dtype,
+    # so before k-bit preparation casts norms to fp32.
+    attention = config.model.attention
+    if attention == "auto":
+        attention = configure_attention(model, attention, device)
+    else:
+        install_attention(model, attention)
+    if config.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
         # Casts norms and the head to fp32 and enables input gradients, as k-bit training needs.
@@ -145,8 +170,15 @@ def apply_method(config: Config, model: PreTrainedModel) -> PreTrainedModel:
         raise UserError(f"key 'lora.target_modules': {err}. Fix: name modules that exist in this model, or use auto") from None
 
 
+def parameter_count(param: torch.Tensor) -> int:
+    """How many weights a parameter holds: a 4-bit one (bitsandbytes) stores two per byte, so its
+    own numel() counts half of them; its quantization state knows the real shape."""
+    quant_state = getattr(param, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else param.numel()
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts, 4-bit weights counted as weights."""
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in model.parameters())
     return trainable, total

@@ -22,14 +22,23 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+#: The first bitsandbytes release whose 4-bit layers and 8-bit optimizers run on the CPU here.
+CPU_BITSANDBYTES = (0, 50)
+
+
 def require_bitsandbytes(what: str, device: torch.device):
-    """Import bitsandbytes for `what`, or say exactly why it cannot be used here."""
-    if device.type != "cuda":
-        raise UserError(f"{what} needs a CUDA GPU (bitsandbytes), and this run has none: use it on a GPU machine")
+    """Import bitsandbytes for `what`, or say exactly why it cannot be used here. CUDA GPUs and (from
+    bitsandbytes 0.50) the CPU run its 4-bit layers and 8-bit optimizers."""
     try:
         import bitsandbytes
     except ImportError:
         raise UserError(f"{what} needs bitsandbytes: pip install -e '.[gpu]'") from None
+    version = tuple(int(part) for part in bitsandbytes.__version__.split(".")[:2] if part.isdigit())
+    if device.type == "cpu" and version < CPU_BITSANDBYTES:
+        raise UserError(f"{what} on the CPU needs bitsandbytes >= 0.50 (this is {bitsandbytes.__version__}): "
+                        "pip install -U bitsandbytes")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"{what} runs on CUDA GPUs and the CPU (bitsandbytes), not on {device.type}")
     return bitsandbytes
 
 

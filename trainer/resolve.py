@@ -13,26 +13,58 @@ import torch
 from trainer.attention import choose_attention_for
 from trainer.config import Config
 from trainer.data.pipeline import train_file_bytes
+from trainer.errors import UserError
+from trainer.families import family_of
 from trainer.model import lora_target_modules, resolve_dtype
 from trainer.schedule import auto_epochs
 
+AUTOCAST = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-def mixed_precision_mode(setting: str, device: torch.device) -> str:
-    """`auto`: bf16 autocast on a CUDA GPU that supports it, none elsewhere."""
-    if setting != "auto":
-        return setting
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+
+def resolve_precision(config: Config, device: torch.device) -> Config:
+    """`model.dtype` and `training.mixed_precision` (in place): they decide the Accelerator, so they
+    are settled first. `mixed_precision: auto` computes in the 16-bit `model.dtype` under autocast
+    (a bfloat16 base with float32 adapters, or full fine-tuning's float32 master weights, needs it),
+    and not at all for a float32 model."""
+    dtype = resolve_dtype(config.model.dtype, device)
+    config.model.dtype = str(dtype).removeprefix("torch.")
+    if config.training.mixed_precision == "auto":
+        config.training.mixed_precision = AUTOCAST.get(dtype, "no")
+    if config.method == "full" and dtype in AUTOCAST and config.training.mixed_precision == "no":
+        raise UserError(
+            f"model.dtype={config.model.dtype} with method=full computes in {config.model.dtype} under autocast over "
+            "float32 master weights, and training.mixed_precision=no turns autocast off. Fix: set "
+            "training.mixed_precision=auto (or bf16), or model.dtype=float32"
+        )
+    return config
+
+
+def autocast_caches_weights(method: str, gradient_checkpointing: bool) -> bool:
+    """Whether autocast keeps its bf16 copies of the weights until the forward pass ends. Not for
+    full fine-tuning with gradient checkpointing: there the cache alone would hold a bf16 copy of
+    the whole model (12 GB for GPT-J-6B) that checkpointing otherwise avoids; a block's weights are
+    simply cast again when it is recomputed."""
+    return not (method == "full" and gradient_checkpointing)
+
+
+def activation_dtype(config: Config) -> torch.dtype:
+    """The dtype attention sees: the autocast dtype, else the weights' (float32 for QLoRA, whose
+    k-bit preparation casts the residual stream to float32)."""
+    if config.training.mixed_precision in ("bf16", "fp16"):
+        return torch.bfloat16 if config.training.mixed_precision == "bf16" else torch.float16
+    return torch.float32 if config.method == "qlora" else getattr(torch, config.model.dtype)
 
 
 def resolve_config(config: Config, *, device: torch.device, model_config) -> Config:
-    """Fill in `training.epochs`, `model.dtype`, `training.mixed_precision`, `model.attention` and
-    `lora.target_modules` (in place; also returned). Raises UserError for a backend that cannot run."""
+    """Fill in every `auto` (in place; also returned): epochs, dtypes, attention, LoRA targets and
+    packing. Raises UserError for an attention backend or
+    a precision setting that cannot run here, before anything loads."""
+    resolve_precision(config, device)
     if config.training.epochs == "auto":
         config.training.epochs = float(auto_epochs(train_file_bytes(config)))
-    dtype = resolve_dtype(config.model.dtype, device)
-    config.model.dtype = str(dtype).removeprefix("torch.")
-    config.training.mixed_precision = mixed_precision_mode(config.training.mixed_precision, device)
-    config.model.attention = choose_attention_for(model_config, dtype, config.model.attention, device)
+    config.model.attention = choose_attention_for(model_config, activation_dtype(config), config.model.attention, device)
     if config.method in ("lora", "qlora"):
         config.lora.target_modules = lora_target_modules(config, model_config)
+    if config.data.packing == "auto":  # exact where the family's attention keeps packed examples apart
+        config.data.packing = family_of(model_config) is not None
     return config

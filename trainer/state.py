@@ -3,6 +3,8 @@
     state-<step>/
       trainable.safetensors   the trained weights by parameter name (LoRA: the adapter only)
       optimizer.pt            the optimizer's state_dict (read back with weights_only=True)
+      sharded/                (FSDP instead of the two above) every process's shards of both,
+                              through torch.distributed.checkpoint
       rng-<rank>.pt           each process's random generators: python, numpy, torch CPU, CUDA
       state.json              step, process count, the loss sums since the last checkpoint, the
                               checkpoint summaries (report.md), bad-step counters, timings, the
@@ -42,6 +44,7 @@ STATE_FORMAT = 1
 INFO_FILE = "state.json"
 WEIGHTS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+SHARDED_DIR = "sharded"  # FSDP: torch.distributed.checkpoint's files of every process
 COMPLETE_MARKER = "COMPLETE"
 
 
@@ -149,13 +152,14 @@ def _rng_file(rank: int) -> str:
 
 
 def save_state(accelerator, output_dir: Path, step: int, *, model, optimizer, config: Config, info: dict,
-               final: bool = False) -> Path:
+               final: bool = False, sharded: bool = False) -> Path:
     """Write `state-<step>` atomically and remove older states. `model` is the unwrapped model.
 
     Every process writes its RNG file; the main process writes the rest, marks it complete and
     renames it. A write error on any process (a full disk) discards the new folder on all of them
     and raises `SaveFailed`: the previous state stays as it was. `final` saves only the metadata of
-    a finished run.
+    a finished run. `sharded` (FSDP): every process writes its shards of the weights and the
+    optimizer state through torch.distributed.checkpoint instead.
     """
     acc = accelerator
     final_path = state_dir(output_dir, step)
@@ -176,10 +180,16 @@ def save_state(accelerator, output_dir: Path, step: int, *, model, optimizer, co
                       "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")} | info
             (partial / INFO_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
             save_config(config, partial / "config.yaml")
-            if not final:
+            if not final and not sharded:
                 weights = {name: p.detach().contiguous().cpu() for name, p in trainable_parameters(model).items()}
                 save_file(weights, partial / WEIGHTS_FILE)
                 torch.save(optimizer.state_dict(), partial / OPTIMIZER_FILE)
+        if not final and sharded:
+            import torch.distributed.checkpoint as dcp
+
+            from trainer.strategy import sharded_training_state
+
+            dcp.save(sharded_training_state(model, optimizer), checkpoint_id=str(partial / SHARDED_DIR))
         crash_point("state_save", step, acc.process_index)
     except OSError as err:
         ok, problem = False, err
@@ -213,9 +223,17 @@ def _save_failed(output_dir: Path, step: int, err: OSError | None) -> SaveFailed
     )
 
 
-def load_state(accelerator, state: SavedState, *, model, optimizer) -> None:
+def load_state(accelerator, state: SavedState, *, model, optimizer, sharded: bool = False) -> None:
     """Put the saved trained weights into `model` (unwrapped) and the optimizer state into
     `optimizer`. The random generators are restored separately (`restore_rng_of`), last."""
+    if sharded:
+        from trainer.strategy import load_sharded_training_state
+
+        if not (state.path / SHARDED_DIR).is_dir():
+            raise UserError(f"the resumable state {state.path} was saved without FSDP; this run shards the model. "
+                            "Fix: resume with the strategy the run used (distributed.strategy)")
+        load_sharded_training_state(model, optimizer, state.path / SHARDED_DIR)
+        return
     weights = load_file(state.path / WEIGHTS_FILE)
     params = trainable_parameters(model)
     if weights.keys() != params.keys():

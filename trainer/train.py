@@ -14,12 +14,10 @@ the loop at a step boundary with the state saved (exit code 75); the same comman
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,11 +27,12 @@ if __package__ in (None, ""):  # `python trainer/train.py`: make the `trainer` p
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import AutocastKwargs, set_seed
 from transformers.utils import logging as hf_logging
 from tqdm.auto import tqdm
 
-from trainer.checkpoint import CHECKPOINT_PREFIX, save_checkpoint
+from trainer.checkpoint import CHECKPOINT_PREFIX, cast_floating, save_checkpoint
 from trainer.config import Config, load_config, save_config
 from trainer.data.batching import DataSchedule, collate, shard
 from trainer.data.chat import resolve_chat_template
@@ -48,11 +47,13 @@ from trainer.errors import (
 from trainer.faults import crash_point
 from trainer.generate import complete, encode_test_prompt
 from trainer.loss import supervised_loss_sum
+from trainer.step import accumulate_gradients, optimizer_step
 from trainer.metrics import MetricsLog
-from trainer.model import apply_method, count_parameters, load_model, load_model_config, load_tokenizer
+from trainer.model import count_parameters, load_model_config, load_tokenizer
 from trainer.optim import build_optimizer, require_device_features
+from trainer.plan import plan_run as estimate_memory
 from trainer.report import CheckpointSummary, write_report
-from trainer.resolve import mixed_precision_mode, resolve_config
+from trainer.resolve import autocast_caches_weights, resolve_config, resolve_precision
 from trainer.resume import RunPlan, data_digests, plan_run
 from trainer.run_folder import (
     CONFIG_FILE, DATA_REPORT_FILE, METRICS_FILE, REPORT_FILE, SKIPPED_LINES_FILE, RunLock, clear_run, rewind_to,
@@ -60,6 +61,7 @@ from trainer.run_folder import (
 )
 from trainer.schedule import checkpoint_steps, learning_rate_at, warmup_steps
 from trainer.state import load_state, restore_rng_of, save_state, step_of
+from trainer.strategy import make_strategy
 from trainer.stopping import Deadline, StopSignals
 
 USAGE = "usage: accelerate launch trainer/train.py CONFIG.yaml [section.key=value ...]"
@@ -83,11 +85,17 @@ class FineTuneRecipe:
         self.config = config
         self.stop = stop
         self.started = time.time() if started is None else started
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # The dtypes decide the Accelerator's autocast, so they are resolved first (trainer/resolve.py).
+        resolve_precision(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        # accelerate keeps one AcceleratorState per process; another recipe in the same process (the
+        # tests, a notebook) may ask for another precision. The process group itself is kept.
+        AcceleratorState._reset_state()
+        cache = autocast_caches_weights(config.method, config.model.gradient_checkpointing)
         self.accelerator = Accelerator(
-            mixed_precision=mixed_precision_mode(config.training.mixed_precision, device),
+            mixed_precision=config.training.mixed_precision,
             # Without a GPU, say so: only then does accelerate join torchrun/mpirun CPU processes.
             cpu=not torch.cuda.is_available(),
+            kwargs_handlers=[] if cache else [AutocastKwargs(cache_enabled=False)],
         )
         self.is_main = self.accelerator.is_main_process
         self.output_dir = Path(config.output_dir)
@@ -101,7 +109,7 @@ class FineTuneRecipe:
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        return self.strategy.unwrap(self.model)
 
     # ------------------------------------------------------------------------------------------
     # Setup, in order
@@ -129,7 +137,8 @@ class FineTuneRecipe:
         # 3. Every `auto` resolved (from config.json, file sizes and the device), then the one
         #    decision about the folder: a fresh run, the continuation of the run it holds, that
         #    run already complete, or a refusal naming what differs.
-        resolve_config(cfg, device=acc.device, model_config=load_model_config(cfg))
+        model_config = load_model_config(cfg)
+        resolve_config(cfg, device=acc.device, model_config=model_config)
         self.plan = decide_on_main(acc, lambda: plan_run(cfg, acc.num_processes))
         if self.plan.action == "complete":
             return self.plan
@@ -156,6 +165,11 @@ class FineTuneRecipe:
             self.collate_train = collate_packed
             self.log(f"packing: {packing_stats(self.train_data, cfg.data.max_seq_len).summary()}")
 
+        # 4c. On GPUs: will it fit? The planner's estimate (scripts/plan.py), as a warning only: the
+        #     estimate is a model of the memory, not a measurement.
+        if self.is_main and acc.device.type == "cuda":
+            self.warn_about_memory(model_config)
+
         # 5. Schedule: steps, warmup, checkpoint steps (a bad checkpoints.count fails here, still
         #    before anything is written).
         self.schedule = DataSchedule(
@@ -178,20 +192,23 @@ class FineTuneRecipe:
         self.owns_folder = True
         acc.wait_for_everyone()
 
-        # 7. Model: load (4-bit for QLoRA; attention as resolved) -> gradient checkpointing -> LoRA
-        #    or full. Then, before the first step, check that the run's files fit on the disk.
+        # 7. Model, spread over the processes by the strategy: replicated (DDP) or sharded (FSDP2).
+        #    Load (4-bit for QLoRA; float32 master weights for full fine-tuning; attention as
+        #    resolved) -> gradient checkpointing -> LoRA or full -> (shard). Then, before the first
+        #    step, check that the run's files fit on the disk.
         require_device_features(cfg, acc.device)
-        model, _ = load_model(cfg, getattr(torch, cfg.model.dtype), acc.device)
-        model = apply_method(cfg, model)
+        self.strategy = make_strategy(acc, cfg)
+        model = self.strategy.build_model()
         trainable, total = count_parameters(model)
         decide_on_main(acc, lambda: self.check_disk(model))
+        if self.strategy.sharded:
+            held, _ = self.strategy.local_parameters(model)
+            print(f"[rank {acc.process_index}] FSDP: this process holds {held:,} of {total:,} parameters", flush=True)
 
-        # 8. Optimizer, then let accelerate place and wrap both (DDP across processes). Compiling
-        #    goes last: it wraps the finished model, and unwrap_model strips it again for saving.
+        # 8. Optimizer, then the strategy prepares both (accelerate's DDP; compiling goes last: it
+        #    wraps the finished model, and unwrap strips it again for saving).
         optimizer = build_optimizer(cfg, model, acc.device)
-        if cfg.training.compile:
-            model = torch.compile(model)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = self.strategy.prepare(model, optimizer)
 
         # 9. The resolved config (auto values filled in) goes into the run folder.
         if self.is_main:
@@ -200,7 +217,8 @@ class FineTuneRecipe:
                          total_steps=self.total_steps)
         self.metrics = MetricsLog(self.output_dir / METRICS_FILE, enabled=self.is_main)
         self.log(
-            f"model {cfg.model.name_or_path} ({cfg.model.dtype}, {cfg.method}, {cfg.model.attention} attention): "
+            f"model {cfg.model.name_or_path} ({cfg.model.dtype}, {cfg.method}, {cfg.model.attention} attention, "
+            f"{'FSDP' if self.strategy.sharded else 'DDP' if acc.num_processes > 1 else 'one process'}): "
             f"{trainable:,} of {total:,} parameters trainable\n"
             f"{len(self.train_data)} training {'rows' if cfg.data.packing else 'examples'} and "
             f"{len(self.valid_data)} validation examples; "
@@ -220,6 +238,15 @@ class FineTuneRecipe:
         if self.plan.action == "resume":
             self.restore(self.plan)
         return self.plan
+
+    def warn_about_memory(self, model_config, gpu_memory_bytes: int | None = None) -> str | None:
+        """Log (and return) the planner's warning when the run's estimate exceeds the GPU."""
+        memory = gpu_memory_bytes or torch.cuda.get_device_properties(self.accelerator.device).total_memory
+        warning = estimate_memory(self.config, gpus=self.accelerator.num_processes, gpu_memory_bytes=memory,
+                                  model_config=model_config).warning()
+        if warning:
+            self.log(f"warning: {warning}")
+        return warning
 
     def prepare_folder(self, data) -> None:
         """Main process: make `output_dir` this run's (see step 6 of `setup`)."""
@@ -246,14 +273,15 @@ class FineTuneRecipe:
     def check_disk(self, model: torch.nn.Module) -> None:
         cfg = self.config
         sizes = run_bytes(model, method=cfg.method, optimizer=cfg.training.optimizer,
-                          tokenizer_size=tokenizer_bytes(self.tokenizer))
+                          tokenizer_size=tokenizer_bytes(self.tokenizer), checkpoint_dtype=getattr(torch, cfg.model.dtype))
         done = self.plan.state.step if self.plan.action == "resume" else 0
         check_free_space(self.output_dir, sizes, checkpoints_left=sum(s > done for s in self.checkpoint_steps),
                          states_present=1 if self.plan.action == "resume" else 0)
 
     def restore(self, plan: RunPlan) -> None:
         state, info = plan.state, plan.state.info
-        load_state(self.accelerator, state, model=self.unwrapped_model, optimizer=self.optimizer)
+        load_state(self.accelerator, state, model=self.unwrapped_model, optimizer=self.optimizer,
+                   sharded=self.strategy.sharded)
         self.start_step = state.step
         self.loss_since_checkpoint = info["loss_since_checkpoint"]
         self.tokens_since_checkpoint = info["tokens_since_checkpoint"]
@@ -328,71 +356,48 @@ class FineTuneRecipe:
             reason = "checkpoint" if step in self.checkpoint_steps else "interval"
         return signalled or out_of_time, step in self.checkpoint_steps or every_steps or interval_due, reason
 
-    def accumulate_gradients(self, step: int) -> tuple[torch.Tensor, list[int], int]:
-        """Forward and backward over every micro-batch of optimizer step `step`.
-
-        Leaves in `.grad` (sum of all token losses of the step, on all processes) / (the step's
-        supervised tokens). Returns this process's loss sum, the indices of the step's training
-        items (all processes) and its supervised-token count.
-        """
+    def micro_batches(self, step: int) -> tuple[list[dict], list[int], int]:
+        """This process's micro-batches of optimizer step `step` (collated, on the CPU), the indices
+        of the step's training items (all processes) and the step's supervised tokens."""
         acc = self.accelerator
         plan = self.schedule.plan(step)
         # Every process knows the whole step's items, so the normalizer needs no communication.
         step_items = [i for mb in plan.micro_batches for i in mb]
         step_tokens = int(self.train_supervised[step_items].sum())
-        loss_sum = torch.zeros((), device=acc.device)
-        for index, global_micro_batch in enumerate(plan.micro_batches):
+        batches = []
+        for global_micro_batch in plan.micro_batches:
             mine, real = shard(global_micro_batch, acc.process_index, acc.num_processes)
-            batch = self.collate_train([self.train_data[i] for i in mine], self.tokenizer.pad_token_id, supervise=real)
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
-            last = index == len(plan.micro_batches) - 1
-            # Gradients are all-reduced once per optimizer step, on its last micro-batch.
-            with nullcontext() if last else acc.no_sync(self.model):
-                micro_loss = supervised_loss_sum(self.model, batch)
-                # DDP averages gradients over processes; times num_processes makes it the sum, so
-                # the update is (sum of all token losses of the step) / (its supervised tokens).
-                acc.backward(micro_loss * acc.num_processes / step_tokens)
-            loss_sum += micro_loss.detach()
-            crash_point("mid_step", step, acc.process_index)
+            batches.append(self.collate_train([self.train_data[i] for i in mine], self.tokenizer.pad_token_id, supervise=real))
+        return batches, step_items, step_tokens
+
+    def accumulate_gradients(self, step: int) -> tuple[torch.Tensor, list[int], int]:
+        """Forward and backward over every micro-batch of step `step` (no update); returns this
+        process's loss sum, the step's items and its supervised tokens."""
+        batches, step_items, step_tokens = self.micro_batches(step)
+        loss_sum = accumulate_gradients(self.model, batches, step_tokens=step_tokens, accelerator=self.accelerator,
+                                        strategy=self.strategy)
         return loss_sum, step_items, step_tokens
 
     def train_step(self, step: int) -> float:
-        """One optimizer step; returns the mean token loss over the step (NaN if not finite).
-
-        A step whose loss or gradient norm is not finite changes nothing (no update) and counts
-        towards `training.max_bad_steps`."""
+        """One optimizer step (trainer/step.py); returns the mean token loss over the step (NaN if
+        not finite). A step whose loss or gradient norm is not finite changes nothing (no update)
+        and counts towards `training.max_bad_steps`."""
         cfg, acc = self.config, self.accelerator
         started = time.perf_counter()
         learning_rate = learning_rate_at(
             step, peak=cfg.training.learning_rate, total_steps=self.total_steps,
             warmup=self.warmup_steps, schedule=cfg.training.lr_scheduler,
         )
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate
-        loss_sum, step_items, step_tokens = self.accumulate_gradients(step)
-
-        max_norm = cfg.training.max_grad_norm or math.inf
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-        # .item() and float() wait for the GPU: once per step, to decide on the update and to log.
-        loss = acc.reduce(loss_sum, reduction="sum").item() / step_tokens
-        grad_norm = float(grad_norm)
-        bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if acc.scaler is not None:
-            # fp16: the grad scaler skips an overflowing step itself (and lowers its scale), which is
-            # routine; only a non-finite loss counts as a bad step.
-            self.optimizer.step()
-            bad = not math.isfinite(loss)
-            skipped = bad or acc.optimizer_step_was_skipped
-        else:
-            if not bad:
-                self.optimizer.step()
-            skipped = bad
-        self.optimizer.zero_grad(set_to_none=True)
-
-        self.bad_steps_in_a_row = self.bad_steps_in_a_row + 1 if bad else 0
-        self.skipped_steps += skipped
-        if not bad:
-            self.loss_since_checkpoint += loss * step_tokens
+        batches, step_items, step_tokens = self.micro_batches(step)
+        result = optimizer_step(
+            self.model, self.optimizer, batches, step_tokens=step_tokens, learning_rate=learning_rate,
+            max_grad_norm=cfg.training.max_grad_norm, accelerator=acc, strategy=self.strategy,
+            on_micro_batch=lambda: crash_point("mid_step", step, acc.process_index),
+        )
+        self.bad_steps_in_a_row = self.bad_steps_in_a_row + 1 if result.bad else 0
+        self.skipped_steps += result.skipped
+        if not result.bad:
+            self.loss_since_checkpoint += result.loss * step_tokens
             self.tokens_since_checkpoint += step_tokens
         self.bad_step_items = step_items
         seconds = time.perf_counter() - started
@@ -401,15 +406,15 @@ class FineTuneRecipe:
         self.metrics.write(
             step=step,
             epoch=round(step / self.schedule.steps_per_epoch, 4),
-            loss=loss,
+            loss=result.loss,
             learning_rate=learning_rate,
-            grad_norm=grad_norm,
+            grad_norm=result.grad_norm,
             tokens=tokens,
             supervised_tokens=step_tokens,
             tokens_per_second=round(tokens / seconds, 1),
-            **({"skipped": True} if skipped else {}),
+            **({"skipped": True} if result.skipped else {}),
         )
-        return loss
+        return result.loss
 
     def diverged(self, step: int) -> TrainingDiverged:
         cfg = self.config.training
@@ -446,7 +451,9 @@ class FineTuneRecipe:
 
     @torch.no_grad()
     def generate_samples(self) -> list[dict]:
-        model = self.accelerator.unwrap_model(self.model)
+        """Every test prompt's completion. Under FSDP every process runs it (the sharded model's
+        forward is collective), with the same prompts and seeds, so all get the same text."""
+        model = self.unwrapped_model
         model.eval()
         with self.accelerator.autocast():
             samples = [
@@ -464,12 +471,15 @@ class FineTuneRecipe:
         epoch = step / self.schedule.steps_per_epoch
         if eval_loss is not None:
             self.metrics.write(step=step, epoch=round(epoch, 4), eval_loss=eval_loss)
+        weights = self.strategy.full_state_dict(self.model)  # collective under FSDP
+        samples = self.generate_samples() if self.is_main or self.strategy.sharded else []
         if self.is_main:
-            samples = self.generate_samples()
             info = {"step": step, "epoch": epoch, "train_loss": train_loss, "eval_loss": eval_loss}
+            if cfg.method == "full":  # float32 master weights are saved in the compute dtype
+                weights = cast_floating(weights, getattr(torch, cfg.model.dtype))
             path = save_checkpoint(
-                self.output_dir, step, model=acc.unwrap_model(self.model), tokenizer=self.tokenizer,
-                config=cfg, samples=samples, info=info,
+                self.output_dir, step, model=self.unwrapped_model, tokenizer=self.tokenizer,
+                config=cfg, samples=samples, info=info, state_dict=weights,
             )
             self.checkpoints.append(CheckpointSummary(step, epoch, train_loss, eval_loss, samples))
             self.write_report()
@@ -501,7 +511,7 @@ class FineTuneRecipe:
             "data_files": self.data_digests,
         }
         save_state(self.accelerator, self.output_dir, step, model=self.unwrapped_model, optimizer=self.optimizer,
-                   config=self.config, info=info, final=final)
+                   config=self.config, info=info, final=final, sharded=self.strategy.sharded)
         self.deadline.record("state", time.perf_counter() - started)
         self.last_state_time = time.time()
 

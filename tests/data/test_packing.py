@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from trainer.attention import install_attention
+from trainer.data.boundaries import BOUNDARY_KEYS
 from trainer.data.batching import collate
 from trainer.data.packing import PackedRow, collate_packed, pack_examples, packing_stats
 from trainer.data.tokenize import IGNORE_INDEX, TokenizedExample
@@ -66,10 +67,15 @@ def test_collate_packed_pads_as_a_separate_sequence_without_a_2d_mask():
     long = PackedRow((example(3, start=10), example(2, start=20)))
     short = PackedRow((example(2, start=30),))
     batch = collate_packed([long, short], pad_id=0)
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert "attention_mask" not in batch
+    assert set(batch) == {"input_ids", "labels", "position_ids", *BOUNDARY_KEYS}
     assert batch["input_ids"].tolist() == [[10, 11, 12, 20, 21], [30, 31, 0, 0, 0]]
     assert batch["labels"].tolist() == [[I, 11, 12, I, 21], [I, 31, I, I, I]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    # The varlen path's boundaries over the flattened rows: 3 | 2 || 2 | 3 of padding.
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 7, 10] and batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == 3 and batch["max_length_q"].to("meta") == 3  # stays a host int
+    assert batch["cu_seq_lens_k"] is batch["cu_seq_lens_q"] and batch["max_length_k"] == 3
     idle = collate_packed([long, short], pad_id=0, supervise=False)
     assert (idle["labels"] == I).all()
     assert torch.equal(idle["input_ids"], batch["input_ids"])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.data.boundaries import boundary_inputs
 from trainer.data.tokenize import IGNORE_INDEX, TokenizedExample
 
 
@@ -70,9 +71,12 @@ def shard(global_micro_batch: list[int], rank: int, world_size: int) -> tuple[li
     return (mine, True) if mine else (global_micro_batch[:1], False)
 
 
-def collate(examples: list[TokenizedExample], pad_id: int, *, supervise: bool = True) -> dict[str, torch.Tensor]:
+def collate(examples: list[TokenizedExample], pad_id: int, *, supervise: bool = True) -> dict:
     """Right-pad to the longest example. Padding gets label IGNORE_INDEX because it is padding
-    (by position), never by token id, so EOS stays supervised when pad == eos."""
+    (by position), never by token id, so EOS stays supervised when pad == eos.
+
+    Plus the rows' boundaries for the varlen attention path (trainer/data/boundaries.py: each row
+    one sequence, its padding another), so that the model never has to find them in the mask."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -83,4 +87,5 @@ def collate(examples: list[TokenizedExample], pad_id: int, *, supervise: bool = 
         attention_mask[row, :n] = 1
         if supervise:
             labels[row, :n] = torch.tensor(example.labels)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return batch | boundary_inputs([[len(e.input_ids)] for e in examples], width)

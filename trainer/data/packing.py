@@ -7,7 +7,8 @@ it would be alone in a padded batch (tests/data/test_packing.py checks loss and 
   `attention_mask`. Every attention path of trainer/attention.py then attends within a member
   only: transformers 5 builds a block-diagonal causal mask from the restarts (eager, sdpa, flex;
   only with `use_cache=False` and no 2D mask, which is how trainer/loss.py calls the model), and
-  the `varlen` path cuts the row into sequences at the same restarts;
+  the `varlen` path cuts the row into sequences at the same places (`collate_packed` hands it
+  the cuts, trainer/data/boundaries.py);
 * the first token of every member carries no label, so the previous member's last token is never
   trained to predict it (the shifted loss would otherwise cross the boundary);
 * padding (only at the end of a row shorter than the batch's longest) is its own position run, is
@@ -24,6 +25,7 @@ from functools import cached_property
 
 import torch
 
+from trainer.data.boundaries import boundary_inputs
 from trainer.data.tokenize import IGNORE_INDEX, TokenizedExample
 
 
@@ -173,11 +175,15 @@ def packing_stats(rows: list[PackedRow], max_seq_len: int) -> PackingStats:
     )
 
 
-def collate_packed(rows: list[PackedRow], pad_id: int, *, supervise: bool = True) -> dict[str, torch.Tensor]:
+def collate_packed(rows: list[PackedRow], pad_id: int, *, supervise: bool = True) -> dict:
     """A batch of packed rows: `input_ids`, `labels` and `position_ids`, right-padded to the longest
     row, and deliberately no 2D `attention_mask` (with one, transformers stops isolating the
     members). Padding continues as its own run of positions 0, 1, ..., so it forms a separate
     sequence that no real token attends to, and gets IGNORE_INDEX labels by position.
+
+    Plus the members' boundaries for the varlen attention path (trainer/data/boundaries.py:
+    `cu_seq_lens_q/k`, `max_length_q/k`), found here from the members' lengths so that the model
+    never has to find them in `position_ids`.
 
     `supervise=False` masks every label (the dummy batch of an idle process), like `collate`.
     """
@@ -192,4 +198,5 @@ def collate_packed(rows: list[PackedRow], pad_id: int, *, supervise: bool = True
         position_ids[index, n:] = torch.arange(width - n)
         if supervise:
             labels[index, :n] = torch.tensor(row.labels)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    return batch | boundary_inputs([row.seq_lens for row in rows], width)
