@@ -4,6 +4,7 @@ import os
 import stat
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from trainer.atomic import file_mode
@@ -69,3 +70,15 @@ def test_a_full_disk_while_saving_leaves_no_folder_and_says_so(tmp_path, tiny_mo
     with pytest.raises(SaveFailed, match="could not write checkpoint-5 .*No space left on device.*saved before are intact"):
         save_checkpoint(tmp_path, 5, model=model, tokenizer=tokenizer, config=make_config("m"), samples=[], info={})
     assert list(tmp_path.iterdir()) == []  # neither a checkpoint nor a half-written folder
+
+
+def test_master_weights_are_saved_in_the_compute_dtype_with_tied_weights_once(tiny_model_dirs):
+    from trainer.checkpoint import cast_floating
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["gpt2"])  # GPT-2 ties wte and lm_head
+    state = model.state_dict()
+    cast = cast_floating(state, torch.bfloat16)
+    assert cast.keys() == state.keys()
+    assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in cast.values() if t.is_floating_point())
+    assert cast["lm_head.weight"] is cast["transformer.wte.weight"]
+    assert torch.equal(cast["lm_head.weight"], state["lm_head.weight"].to(torch.bfloat16))

@@ -41,8 +41,10 @@ def check_run(run: Path, model_dir: Path, method: str, count: int = 3) -> None:
     assert checkpoints == sorted(f"checkpoint-{s}" for s in expected_steps)
     assert not list(run.glob(".*partial"))
     report = (run / "report.md").read_text(encoding="utf-8")
+    page = (run / "report.html").read_text(encoding="utf-8")
     for step in expected_steps:
-        assert f"| checkpoint-{step} |" in report
+        assert f"| checkpoint-{step} |" in report and f"checkpoint-{step}" in page
+    assert (run / "loss.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and "data:image/png;base64," in page
 
     for step in expected_steps:
         checkpoint = run / f"checkpoint-{step}"

@@ -35,13 +35,17 @@ def base_model_reference(name_or_path: str) -> str:
 
 
 def cast_floating(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Floating-point tensors in `dtype` (tied weights stay one tensor), the others as they are."""
-    cast: dict[int, torch.Tensor] = {}
+    """Floating-point tensors in `dtype` (tied weights stay one tensor), the others as they are; the
+    copies are made on the CPU, where saving needs them anyway: a second copy of a 6B model on the
+    GPU would not fit beside its master weights."""
+    cast: dict[tuple, torch.Tensor] = {}
     out = {}
     for name, tensor in state_dict.items():
         if tensor.is_floating_point():
-            key = id(tensor)
-            out[name] = cast[key] = cast.get(key) if key in cast else tensor.to(dtype)
+            key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape))  # state_dict() gives tied weights as two views
+            if key not in cast:
+                cast[key] = tensor.detach().to(device="cpu", dtype=dtype)
+            out[name] = cast[key]
         else:
             out[name] = tensor
     return out

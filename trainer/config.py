@@ -217,6 +217,17 @@ class DistributedConfig(_Section):
     block to the GPU when it runs (much less GPU memory, much slower steps)."""
 
 
+class TrackingConfig(_Section):
+    report_to: Literal["none", "tensorboard", "wandb", "all"] = "none"
+    """Experiment trackers (through accelerate): TensorBoard (`<output_dir>/logs/`), Weights & Biases
+    (`<output_dir>/wandb/`; `WANDB_MODE=offline` keeps it local), or both. They get the resolved
+    config, per-step loss, learning rate, gradient norm and tokens/s, and at each checkpoint the eval
+    loss and the samples. Needs `pip install -e '.[tracking]'`."""
+
+    project: str = "trainer"
+    """The W&B project and the TensorBoard run name."""
+
+
 class ChatMessage(_Section):
     role: Literal["system", "user", "assistant"]
     """Who speaks."""
@@ -293,6 +304,9 @@ class Config(_Section):
 
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     """Several processes (GPUs, nodes)."""
+
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Experiment trackers."""
 
     test_prompts: list[TestPrompt] = Field(default_factory=list)
     """Prompts every checkpoint answers, each with its own sampling parameters. A plain string is a

@@ -23,6 +23,7 @@ RESULT_NEUTRAL_KEYS = frozenset({
     "checkpoints.state_every_minutes", "checkpoints.state_every_steps", "training.time_limit",
     "training.max_bad_steps", "resume", "overwrite_output_dir", "data.cache_dir", "data.num_proc",
     "output_dir",  # the folder itself is what is being resumed, however its path is spelled
+    "tracking.report_to", "tracking.project",  # where the run is reported, not what it trains
 })
 
 FIX = ("Fix: rerun with the config that run used to continue it; or start a new run in another folder "

@@ -29,6 +29,7 @@ from trainer.atomic import write_text_atomically
 from trainer.checkpoint import CHECKPOINT_PREFIX
 from trainer.data.pipeline import SKIPPED_LINES_FILE
 from trainer.errors import RunFolderBusy, UserError
+from trainer.tracking import LOG_DIR, WANDB_DIR
 from trainer.state import STATE_PREFIX, SavedState, complete_states, newest_state, step_of
 
 LOCK_FILE = "run.lock"
@@ -37,8 +38,11 @@ METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.md"
 CONFIG_FILE = "config.yaml"
 DATA_REPORT_FILE = "data_report.json"
-#: Files a run writes beside its checkpoint and state folders.
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, REPORT_FILE, DATA_REPORT_FILE, SKIPPED_LINES_FILE, STATUS_FILE)
+HTML_FILE = "report.html"
+PLOT_FILE = "loss.png"
+#: Files (and tracker folders) a run writes beside its checkpoint and state folders.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, REPORT_FILE, DATA_REPORT_FILE, SKIPPED_LINES_FILE, STATUS_FILE,
+             HTML_FILE, PLOT_FILE, LOG_DIR, WANDB_DIR)
 
 
 def _folder_error(folder: Path, err: OSError) -> UserError:

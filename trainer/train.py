@@ -47,12 +47,14 @@ from trainer.errors import (
 from trainer.faults import crash_point
 from trainer.generate import complete, encode_test_prompt
 from trainer.loss import supervised_loss_sum
+from trainer import tracking
 from trainer.step import accumulate_gradients, optimizer_step
 from trainer.metrics import MetricsLog
 from trainer.model import count_parameters, load_model_config, load_tokenizer
 from trainer.optim import build_optimizer, require_device_features
 from trainer.plan import plan_run as estimate_memory
 from trainer.report import CheckpointSummary, write_report
+from trainer.report_html import write_html_report
 from trainer.resolve import autocast_caches_weights, resolve_config, resolve_precision
 from trainer.resume import RunPlan, data_digests, plan_run
 from trainer.run_folder import (
@@ -91,7 +93,9 @@ class FineTuneRecipe:
         # tests, a notebook) may ask for another precision. The process group itself is kept.
         AcceleratorState._reset_state()
         cache = autocast_caches_weights(config.method, config.model.gradient_checkpointing)
+        tracking.check_installed(config)
         self.accelerator = Accelerator(
+            **tracking.accelerator_options(config),
             mixed_precision=config.training.mixed_precision,
             # Without a GPU, say so: only then does accelerate join torchrun/mpirun CPU processes.
             cpu=not torch.cuda.is_available(),
@@ -216,6 +220,10 @@ class FineTuneRecipe:
             write_status(self.output_dir, "running", step=self.plan.state.step if self.plan.state else 0,
                          total_steps=self.total_steps)
         self.metrics = MetricsLog(self.output_dir / METRICS_FILE, enabled=self.is_main)
+        # Trackers: a resumed run continues its W&B run (the id is in the state).
+        self.tracker_run_id = (self.plan.state.info.get("tracker_run_id") if self.plan.action == "resume" else None) \
+            or tracking.new_run_id()
+        tracking.start(acc, cfg, self.tracker_run_id)
         self.log(
             f"model {cfg.model.name_or_path} ({cfg.model.dtype}, {cfg.method}, {cfg.model.attention} attention, "
             f"{'FSDP' if self.strategy.sharded else 'DDP' if acc.num_processes > 1 else 'one process'}): "
@@ -414,6 +422,9 @@ class FineTuneRecipe:
             tokens_per_second=round(tokens / seconds, 1),
             **({"skipped": True} if result.skipped else {}),
         )
+        if acc.trackers:
+            acc.log({"train/loss": result.loss, "train/learning_rate": learning_rate, "train/grad_norm": result.grad_norm,
+                     "train/tokens_per_second": tokens / seconds}, step=step)
         return result.loss
 
     def diverged(self, step: int) -> TrainingDiverged:
@@ -471,6 +482,7 @@ class FineTuneRecipe:
         epoch = step / self.schedule.steps_per_epoch
         if eval_loss is not None:
             self.metrics.write(step=step, epoch=round(epoch, 4), eval_loss=eval_loss)
+            acc.log({"eval/loss": eval_loss}, step=step)
         weights = self.strategy.full_state_dict(self.model)  # collective under FSDP
         samples = self.generate_samples() if self.is_main or self.strategy.sharded else []
         if self.is_main:
@@ -482,7 +494,9 @@ class FineTuneRecipe:
                 config=cfg, samples=samples, info=info, state_dict=weights,
             )
             self.checkpoints.append(CheckpointSummary(step, epoch, train_loss, eval_loss, samples))
+            write_status(self.output_dir, "running", step=step, total_steps=self.total_steps)
             self.write_report()
+            tracking.log_samples(acc, cfg, step, samples)
             eval_text = "-" if eval_loss is None else f"{eval_loss:.4f}"
             train_text = "-" if train_loss is None else f"{train_loss:.4f}"
             self.log(f"saved {path} (train loss {train_text}, eval loss {eval_text})")
@@ -491,10 +505,11 @@ class FineTuneRecipe:
         self.deadline.record("checkpoint", time.perf_counter() - started)
 
     def write_report(self) -> None:
-        self.report_text = write_report(
-            self.output_dir / REPORT_FILE, f"Run report: {self.output_dir}",
-            [p.label for p in self.config.test_prompts], self.checkpoints,
-        )
+        """report.md, and report.html with loss.png beside it (main process, at each checkpoint)."""
+        title = f"Run report: {self.output_dir}"
+        self.report_text = write_report(self.output_dir / REPORT_FILE, title, [p.label for p in self.config.test_prompts],
+                                        self.checkpoints)
+        write_html_report(self.output_dir, title, self.config.test_prompts, self.checkpoints)
 
     def save_state(self, step: int, reason: str, final: bool = False) -> None:
         """The resumable state of `step` (collective: every process calls it at the same step)."""
@@ -509,6 +524,7 @@ class FineTuneRecipe:
             "checkpoints": [asdict(summary) for summary in self.checkpoints],
             "longest_seconds": self.deadline.longest,
             "data_files": self.data_digests,
+            "tracker_run_id": self.tracker_run_id,
         }
         save_state(self.accelerator, self.output_dir, step, model=self.unwrapped_model, optimizer=self.optimizer,
                    config=self.config, info=info, final=final, sharded=self.strategy.sharded)
@@ -519,6 +535,7 @@ class FineTuneRecipe:
         if self.is_main:
             code = EXIT_DONE if status == "complete" else EXIT_STOPPED_RESUMABLE
             write_status(self.output_dir, status, step=step, total_steps=self.total_steps, exit_code=code, message=message)
+            write_html_report(self.output_dir, f"Run report: {self.output_dir}", self.config.test_prompts, self.checkpoints)
             if status == "stopped":
                 self.log(f"{message}: the resumable state is saved in {self.output_dir}; run the same command to "
                          f"continue (exit code {EXIT_STOPPED_RESUMABLE})")
@@ -544,6 +561,8 @@ class FineTuneRecipe:
                 pass
 
     def close(self) -> None:
+        if self.accelerator.trackers:
+            self.accelerator.end_training()  # flushes and closes the trackers
         if self.lock is not None:
             self.lock.release()
 
