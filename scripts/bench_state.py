@@ -7,7 +7,7 @@
 2. This disk's throughput through the same function: a synthetic model of `--throughput-mb` MB of
    weights plus optimizer state, saved 3 times.
 3. GPT-J-6B (its published shape, built on the meta device: no weights exist) with LoRA as in
-   configs/gptj.yaml and with full fine-tuning: the state's bytes from `trainer.disk.run_bytes`, and the
+   configs/gptj.yaml (bf16 base) and with full fine-tuning (float32 master weights): the state's bytes from `trainer.disk.run_bytes`, and the
    time those bytes would take at the throughput of step 2. An estimate for this disk only: a
    cluster's parallel filesystem is another disk.
 """
@@ -60,14 +60,18 @@ def timed_saves(accelerator, model, optimizer, cfg: Config, repeat: int) -> tupl
 
 
 def gptj_state_bytes(method: str) -> int:
+    """GPT-J-6B's state as the trainer keeps it: a bf16 base with float32 LoRA adapters, or float32
+    master weights for full fine-tuning (`trainer.model.storage_dtype`); AdamW."""
     from transformers import AutoModelForCausalLM
 
     from trainer.families import gptj_6b_config
-    from trainer.model import apply_method
+    from trainer.model import apply_method, storage_dtype
 
+    cfg = config("EleutherAI/gpt-j-6b", method, ".")
+    cfg.model.dtype = "bfloat16"
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(gptj_6b_config(), dtype=torch.bfloat16)
-        model = apply_method(config("EleutherAI/gpt-j-6b", method, "."), model)
+        model = AutoModelForCausalLM.from_config(gptj_6b_config(), dtype=storage_dtype(cfg))
+        model = apply_method(cfg, model)
     return run_bytes(model, method=method, optimizer="adamw", tokenizer_size=0).state
 
 
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"this disk through save_state: {human(big_bytes)} in {statistics.median(big_seconds):.2f} s median "
           f"= {human(int(throughput))}/s")
     for method, estimate in result["gptj_6b_estimates"].items():
-        print(f"GPT-J-6B {method} (bf16 weights, AdamW): state {human(estimate['bytes'])}, about "
+        print(f"GPT-J-6B {method} (AdamW): state {human(estimate['bytes'])}, about "
               f"{estimate['seconds_at_this_throughput']:.1f} s at that throughput")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
