@@ -7,6 +7,7 @@ import pytest
 
 from tests.helpers import checkpoint_folders, read_jsonl, write_config
 from trainer.errors import EXIT_STOPPED_RESUMABLE
+from trainer.report import markdown_cell
 from trainer.train import main
 
 
@@ -30,7 +31,7 @@ def test_tensorboard_holds_every_step_every_eval_and_each_checkpoints_samples(tm
         [text] = events.Tensors(f"samples/checkpoint-{step}/text_summary")
         table = text.tensor_proto.string_val[0].decode()
         for sample in read_jsonl(checkpoint / "samples.jsonl"):
-            assert sample["prompt"] in table and sample["completion"].replace("\n", "<br>") in table
+            assert markdown_cell(sample["prompt"]) in table and markdown_cell(sample["completion"]) in table
 
 
 def test_wandb_offline_run_is_continued_by_the_resumed_job(tmp_path, tiny_model_dirs, monkeypatch):

@@ -18,7 +18,7 @@ class CheckpointSummary:
     samples: list[dict]
 
 
-def _cell(text: str) -> str:
+def markdown_cell(text: str) -> str:
     """Markdown table cell: keep it on one line and keep pipes literal."""
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or " "
 
@@ -39,7 +39,7 @@ def render_report(title: str, prompts: list[str], checkpoints: list[CheckpointSu
     lines.append("|" + "---|" * len(header))
     for ckpt in checkpoints:
         cells = [f"checkpoint-{ckpt.step}", f"{ckpt.epoch:.2f}", _number(ckpt.train_loss), _number(ckpt.eval_loss)]
-        cells += [_cell(sample["completion"]) for sample in ckpt.samples]
+        cells += [markdown_cell(sample["completion"]) for sample in ckpt.samples]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from trainer.data.cache import file_digest
+from trainer.data.pipeline import data_paths
 from trainer.errors import ConfigChanged, ProcessCountChanged, UserError
 from trainer.run_folder import RunFolder
 from trainer.state import SavedState, newest_state, read_state
@@ -48,30 +49,17 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_differences(saved: dict, current: dict, ignore: frozenset[str] = RESULT_NEUTRAL_KEYS) -> list[str]:
-    """'key (X there, Y now)' for every key whose values differ, except `ignore`d ones."""
+def config_differences(saved: dict, current: dict, ignore: frozenset[str] = RESULT_NEUTRAL_KEYS) -> dict[str, str]:
+    """{key: 'key (X there, Y now)'} for every key whose values differ, except `ignore`d ones."""
     old, new = flatten(saved), flatten(current)
-    differences = []
-    for key in sorted(old.keys() | new.keys()):
-        if key in ignore or old.get(key) == new.get(key):
-            continue
-        shown = lambda value: "missing" if value is None else repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "...'"
-        differences.append(f"{key} ({shown(old.get(key))} there, {shown(new.get(key))} now)")
-    return differences
+    shown = lambda value: "missing" if value is None else repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "...'"
+    return {key: f"{key} ({shown(old.get(key))} there, {shown(new.get(key))} now)"
+            for key in sorted(old.keys() | new.keys()) if key not in ignore and old.get(key) != new.get(key)}
 
 
 def data_digests(config) -> dict[str, str]:
     """SHA-256 of every data file, by path (memoized: the tokenized-data cache asks again)."""
-    files = []
-    for value in (config.data.train_file, config.data.validation_file):
-        files += [] if value is None else [value] if isinstance(value, str) else list(value)
-    return {path: file_digest(path) for path in files}
-
-
-def _refuse_changed(folder: Path, differences: list[str]) -> ConfigChanged:
-    listed = "; ".join(differences)
-    return ConfigChanged(f"output_dir {folder} holds a run with another config: {listed}. {FIX}",
-                         keys=[d.split(" (")[0] for d in differences])
+    return {path: file_digest(path) for path in data_paths(config)}
 
 
 def _compare(folder: Path, saved_config: dict, state: SavedState | None, config, world_size: int,
@@ -80,11 +68,11 @@ def _compare(folder: Path, saved_config: dict, state: SavedState | None, config,
     differences = config_differences(saved_config, current, ignore)
     if state is not None:
         saved_data = state.info.get("data_files", {})
-        current_data = data_digests(config)
-        differences += [f"the content of {path} (changed since the run started)"
-                        for path in current_data if path in saved_data and saved_data[path] != current_data[path]]
+        differences |= {path: f"the content of {path} (changed since the run started)"
+                        for path, digest in data_digests(config).items() if path in saved_data and saved_data[path] != digest}
     if differences:
-        raise _refuse_changed(folder, differences)
+        listed = "; ".join(differences.values())
+        raise ConfigChanged(f"output_dir {folder} holds a run with another config: {listed}. {FIX}", keys=list(differences))
     if state is not None and not state.complete and state.world_size != world_size:
         raise ProcessCountChanged(
             f"the run in {folder} was started with {state.world_size} process(es) and this job has {world_size}: "

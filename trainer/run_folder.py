@@ -29,8 +29,8 @@ from trainer.atomic import write_text_atomically
 from trainer.checkpoint import CHECKPOINT_PREFIX
 from trainer.data.pipeline import SKIPPED_LINES_FILE
 from trainer.errors import RunFolderBusy, UserError
+from trainer.state import STATE_PREFIX, SavedState, newest_state, step_of
 from trainer.tracking import LOG_DIR, WANDB_DIR
-from trainer.state import STATE_PREFIX, SavedState, complete_states, newest_state, step_of
 
 LOCK_FILE = "run.lock"
 STATUS_FILE = "status.json"
@@ -266,12 +266,6 @@ def rewind_to(folder: Path, step: int) -> None:
             if isinstance(record, dict) and record.get("step", step + 1) <= step:
                 kept.append(line + "\n")
         write_text_atomically(metrics, "".join(kept))
-
-
-def keep_only_newest_state(folder: Path) -> None:
-    states = complete_states(folder)
-    for older in states[:-1]:
-        shutil.rmtree(older, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -81,10 +81,6 @@ class Replicated:
         """Every weight, on the main process (None elsewhere)."""
         return self.unwrap(model).state_dict() if self.accelerator.is_main_process else None
 
-    def local_parameters(self, model) -> tuple[int, int]:
-        count = sum(p.numel() for p in model.parameters())
-        return count, count
-
 
 class Sharded:
     """FSDP2: see the module docstring."""
@@ -170,10 +166,9 @@ class Sharded:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return full if self.accelerator.is_main_process else None
 
-    def local_parameters(self, model) -> tuple[int, int]:
-        """(parameters this process holds, parameters of the model)."""
-        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
-        return local, sum(p.numel() for p in model.parameters())
+    def held_parameters(self, model) -> int:
+        """Parameters this process holds: its shards."""
+        return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
 
 
 def make_strategy(accelerator, config: Config):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from trainer.config import Config
 from trainer.errors import UserError
+from trainer.report import markdown_cell
 
 LOG_DIR = "logs"
 WANDB_DIR = "wandb"
@@ -86,7 +87,6 @@ def log_samples(accelerator, config: Config, step: int, samples: list[dict]) -> 
         table = wandb.Table(columns=["prompt", "completion", "finish_reason", "parameters"], data=rows)
         accelerator.get_tracker("wandb", unwrap=True).log({name: table}, step=step)
     if "tensorboard" in trackers(config):
-        escape = lambda text: text.replace("|", "\\|").replace("\n", "<br>")
         lines = ["| prompt | completion | finish | parameters |", "|---|---|---|---|"]
-        lines += ["| " + " | ".join(escape(cell) for cell in row) + " |" for row in rows]
+        lines += ["| " + " | ".join(markdown_cell(cell) for cell in row) + " |" for row in rows]
         accelerator.get_tracker("tensorboard", unwrap=True).add_text(name, "\n".join(lines), global_step=step)

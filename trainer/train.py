@@ -32,6 +32,7 @@ from accelerate.utils import AutocastKwargs, set_seed
 from transformers.utils import logging as hf_logging
 from tqdm.auto import tqdm
 
+from trainer import tracking
 from trainer.checkpoint import CHECKPOINT_PREFIX, cast_floating, save_checkpoint
 from trainer.config import Config, load_config, save_config
 from trainer.data.batching import DataSchedule, collate, shard
@@ -47,8 +48,6 @@ from trainer.errors import (
 from trainer.faults import crash_point
 from trainer.generate import complete, encode_test_prompt
 from trainer.loss import supervised_loss_sum
-from trainer import tracking
-from trainer.step import accumulate_gradients, optimizer_step
 from trainer.metrics import MetricsLog
 from trainer.model import count_parameters, load_model_config, load_tokenizer
 from trainer.optim import build_optimizer, require_device_features
@@ -63,6 +62,7 @@ from trainer.run_folder import (
 )
 from trainer.schedule import checkpoint_steps, learning_rate_at, warmup_steps
 from trainer.state import load_state, restore_rng_of, save_state, step_of
+from trainer.step import accumulate_gradients, optimizer_step
 from trainer.strategy import make_strategy
 from trainer.stopping import Deadline, StopSignals
 
@@ -206,7 +206,7 @@ class FineTuneRecipe:
         trainable, total = count_parameters(model)
         decide_on_main(acc, lambda: self.check_disk(model))
         if self.strategy.sharded:
-            held, _ = self.strategy.local_parameters(model)
+            held = self.strategy.held_parameters(model)
             print(f"[rank {acc.process_index}] FSDP: this process holds {held:,} of {total:,} parameters", flush=True)
 
         # 8. Optimizer, then the strategy prepares both (accelerate's DDP; compiling goes last: it
@@ -535,7 +535,7 @@ class FineTuneRecipe:
         if self.is_main:
             code = EXIT_DONE if status == "complete" else EXIT_STOPPED_RESUMABLE
             write_status(self.output_dir, status, step=step, total_steps=self.total_steps, exit_code=code, message=message)
-            write_html_report(self.output_dir, f"Run report: {self.output_dir}", self.config.test_prompts, self.checkpoints)
+            self.write_report()  # report.html shows how the run ended
             if status == "stopped":
                 self.log(f"{message}: the resumable state is saved in {self.output_dir}; run the same command to "
                          f"continue (exit code {EXIT_STOPPED_RESUMABLE})")

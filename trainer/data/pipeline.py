@@ -252,6 +252,11 @@ def write_skipped_lines(path: str | Path, skipped: Sequence[SkippedLine]) -> Non
     write_jsonl(path, [line.to_json() for line in skipped])
 
 
+def data_paths(config: Config) -> list[str]:
+    """Every data file of the config: the training files, then the validation files."""
+    return _files(config.data.train_file) + _files(config.data.validation_file)
+
+
 def train_file_bytes(config: Config) -> int:
     """Total size of the training files, for `training.epochs: auto`."""
     return sum(os.path.getsize(path) for path in _files(config.data.train_file))
