@@ -3,6 +3,7 @@
     python scripts/bench_serve.py                                   # examples/tiny-gpt2, 64 requests at once
     python scripts/bench_serve.py --max-batch-size 1                # the same, without dynamic batching
     python scripts/bench_serve.py runs/x/checkpoint-100 --requests 256 --concurrency 32 --json serve.json
+    python scripts/bench_serve.py --big-request 64                  # fairness: one 64-prompt request among them
 
 The model is loaded and served exactly as `python -m trainer.serve` does (same app, same worker),
 on a free loopback port in this process; the requests come from an asyncio client (httpx) here too,
@@ -10,7 +11,10 @@ so client and server share the machine. Each request is `POST /v1/completions` w
 `max_tokens` new tokens, greedy (`temperature 0`). After one warm-up request, `--requests` requests
 are sent with at most `--concurrency` in flight; each one's latency is measured from sending to the
 full response. Printed: requests/s, completion tokens/s, latency p50/p90/p99/max, and how the worker
-batched the rows (batches, largest batch).
+batched the rows (batches, largest batch). With `--big-request N`, one request of N prompts is sent
+just before the others (the server's --max-rows-per-request is raised to N): the worker's round-robin
+batches should keep the small requests' latency near what it is without it, while the big request
+finishes last (`big_request_latency_s`).
 """
 
 from __future__ import annotations
@@ -104,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--big-request", type=int, default=0, metavar="N",
+                        help="also send one request of N prompts first, to measure fairness (default: none)")
     parser.add_argument("--json", metavar="OUT", help="write every number, the command and the machine here")
     return parser
 
@@ -121,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        app, name = build_server(serve_parser().parse_args([args.checkpoint, "--max-batch-size", str(args.max_batch_size)]), BENCH_KEY)
+        app, name = build_server(serve_parser().parse_args([
+            args.checkpoint, "--max-batch-size", str(args.max_batch_size),
+            "--max-rows-per-request", str(max(64, args.big_request))]), BENCH_KEY)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
@@ -131,14 +139,28 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(send_all(url, BENCH_KEY, bodies[:1], 1))  # warm-up
         worker = app.state.worker
         batches_before, rows_before = worker.stats.batches, worker.stats.rows
+        big = {"model": name, "prompt": [PROMPTS[i % len(PROMPTS)] for i in range(args.big_request)],
+               "max_tokens": args.max_tokens, "temperature": 0}
+
+        async def send_with_big() -> tuple[list[Answer], Answer | None]:
+            if not args.big_request:
+                return await send_all(url, BENCH_KEY, bodies, args.concurrency), None
+            big_answer = asyncio.ensure_future(send_all(url, BENCH_KEY, [big], 1))
+            await asyncio.sleep(0.05)  # the big request is queued first
+            small = await send_all(url, BENCH_KEY, bodies, args.concurrency)
+            return small, (await big_answer)[0]
+
         started = time.perf_counter()
-        answers = asyncio.run(send_all(url, BENCH_KEY, bodies, args.concurrency))
+        answers, big_answer = asyncio.run(send_with_big())
         seconds = time.perf_counter() - started
         result = summarize(answers, seconds) | {
             "batches": worker.stats.batches - batches_before,
             "rows": worker.stats.rows - rows_before,
             "largest_batch": worker.stats.largest_batch,
         }
+        if big_answer is not None:
+            result |= {"big_request_rows": args.big_request, "big_request_status": big_answer.status,
+                       "big_request_latency_s": round(big_answer.seconds, 3)}
     print(f"{name}: {args.requests} requests, {args.concurrency} concurrent, max batch {args.max_batch_size}, "
           f"{args.max_tokens} tokens each, torch threads {torch.get_num_threads()}")
     for key, value in result.items():

@@ -5,6 +5,7 @@ with the field and its range, and concurrent requests are batched by one worker.
 import asyncio
 import importlib.util
 import json
+import logging
 import socket
 import sys
 import threading
@@ -150,7 +151,21 @@ def test_the_openai_client_works_unchanged(served):
         ("/completions", b"{not json", 400, "the body is not valid JSON"),
         ("/completions", b"[1, 2]", 422, "the body must be a JSON object"),
         ("/completions", b"HUGE", 413, "the body is larger than 1048576 bytes"),
-        ("/v1/completions", {"model": "NAME", "prompt": "a", "stream": True}, 422, "stream: not supported by this server"),
+        ("/v1/completions", {"model": "NAME", "prompt": []}, 422, "prompt: an empty list holds no prompt (got []); allowed: a string or a non-empty list of strings"),
+        ("/v1/completions", {"model": "NAME", "prompt": ["a"] * 65}, 422,
+         "prompt: this request asks for 65 completions (65 prompts x n=1), more than this server's limit of 64 per request (--max-rows-per-request)"),
+        ("/v1/completions", {"model": "NAME", "prompt": ["a"] * 5, "n": 13}, 422, "asks for 65 completions (5 prompts x n=13)"),
+        ("/v1/completions", {"model": "NAME", "prompt": "a", "presence_penalty": 0.5}, 422, "presence_penalty: not supported by this server"),
+        ("/completions", {"text": "a", "stop_tokens": ["x"], "stop_sequences": ["y"]}, 422, "give stop_sequences or stop_tokens (the same field), not both"),
+        ("/completions", {"text": "a", "stop_tokens": 5}, 422, "stop_tokens: invalid value (got 5); allowed: a string or a list of at most 16 strings (an alias of stop_sequences)"),
+        ("/completions", b'{"text": "\\ud800 ->"}', 400, "text: holds a lone UTF-16 surrogate"),
+        ("/v1/chat/completions", b'{"model": "NAME", "messages": [{"role": "user", "content": "x"}], "stop": ["ok", "\\udfff"]}', 400,
+         "stop[1]: holds a lone UTF-16 surrogate"),
+        ("/completions", b'{"text": "a", "stop_sequences": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "the body is nested too deeply to read"),
+        ("/v1/embeddings", {"model": "NAME", "input": "banana", "dimensions": 8}, 422, "dimensions: 8 is not supported; allowed: 32 (the model's hidden size"),
+        ("/v1/embeddings", {"model": "NAME", "input": ["banana", ""]}, 400, "input[1] is empty: there is no token to embed"),
+        ("/v1/embeddings", {"model": "NAME", "input": [1, 10**9]}, 400, "input holds token ids outside 0.."),
+        ("/v1/embeddings", {"model": "NAME", "input": ["a"] * 65}, 422, "input: this request asks for 65 embeddings, more than this server's limit of 64"),
         ("/v1/completions", {"model": "NAME", "prompt": "a", "stop": ["x"] * 17}, 422, "stop: at most 16 stop sequences"),
         ("/v1/completions", {"model": "other", "prompt": "a"}, 404, "model 'other' is not served here"),
         ("/v1/chat/completions", {"model": "NAME", "messages": [{"role": "bot", "content": "x"}]}, 422,
@@ -163,6 +178,7 @@ def test_bad_requests_name_the_field_and_the_allowed_range(served, path, body, s
         if body == b"HUGE":
             body = b'{"text": "' + b"a" * (1 << 20) + b'"}'
         if isinstance(body, bytes):
+            body = body.replace(b"NAME", served.name.encode())
             response = client.post(path, content=body, headers={"Content-Type": "application/json"})
         else:
             response = client.post(path, json={k: served.name if v == "NAME" else v for k, v in body.items()})
@@ -232,7 +248,7 @@ def test_a_client_that_disconnects_frees_its_slot(served):
                     time.sleep(0.01)
             # The connection is closed while its row waits; the server notices and cancels it.
             deadline = time.monotonic() + 30
-            while not all(job.cancelled for job, _ in list(worker._queue)) and time.monotonic() < deadline:
+            while not all(job.cancelled for job in worker.waiting_jobs()) and time.monotonic() < deadline:
                 time.sleep(0.01)
             release.set()
             holder.join(30)
@@ -308,6 +324,9 @@ def test_serve_command_end_to_end_never_logs_the_key(tmp_path, capfd, monkeypatc
         answer = httpx.post(f"{url}/completions", json={"text": "banana ->", "length": 16}, headers=headers).json()
         assert answer["result"] == [{"completion": read_samples(checkpoint)[0]["completion"]}]
         assert httpx.post(f"{url}/completions", json={"text": "x"}, headers={"Authorization": "Bearer nope"}).status_code == 401
+        # A client that puts its key in the query string: the access log must not keep it.
+        assert httpx.post(f"{url}/completions?api_key=SECRET-IN-QUERY&x=1", json={"text": "banana ->", "length": 2},
+                          headers=headers).status_code == 200
     finally:
         if servers:
             servers[0].should_exit = True
@@ -317,3 +336,193 @@ def test_serve_command_end_to_end_never_logs_the_key(tmp_path, capfd, monkeypatc
     assert f"serving run/{checkpoint.name} at http://127.0.0.1:{port} (API key required)" in output
     assert '"POST /completions HTTP/1.1" 200' in output and '"POST /completions HTTP/1.1" 401' in output
     assert KEY not in output
+    assert "SECRET-IN-QUERY" not in output and '"POST /completions?<redacted> HTTP/1.1" 200' in output
+
+
+def test_stop_tokens_from_the_seed_documents_example_is_stop_sequences(served):
+    # The seed document's example body names the stop sequences "stop_tokens".
+    seed_example = {"text": "banana ->", "top_p": 1, "top_k": 40, "temperature": 0, "length": 16, "stop_tokens": ["> -"]}
+    with served.client() as client:
+        aliased = client.post("/completions", json=seed_example)
+        named = client.post("/completions", json={**{k: v for k, v in seed_example.items() if k != "stop_tokens"},
+                                                  "stop_sequences": ["> -"]})
+    assert served.samples[0]["completion"].startswith(" -> ->")
+    assert aliased.status_code == 200 and aliased.json()["result"] == named.json()["result"] == [{"completion": " -"}]
+
+
+STREAM_CASES = [
+    {"prompt": "banana ->", "max_tokens": 16, "temperature": 0},
+    {"prompt": "banana ->", "max_tokens": 16, "temperature": 0, "stop": ["> -"]},  # cut mid-stream
+    {"prompt": "tomato ->", "max_tokens": 8, "temperature": 0.8, "seed": SEED, "extra_body": {"top_k": 20}},  # U+FFFD inside
+    {"prompt": "", "max_tokens": 16, "temperature": 0},  # ends at EOS at once
+]
+
+
+@pytest.mark.parametrize("case", STREAM_CASES, ids=["greedy", "stop", "seeded-sampling", "eos"])
+def test_streamed_completions_add_up_to_the_non_streamed_ones(served, case):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key=KEY, max_retries=0)
+    [whole] = client.completions.create(model=served.name, **case).choices
+    chunks = list(client.completions.create(model=served.name, stream=True, **case))
+    assert "".join(chunk.choices[0].text for chunk in chunks) == whole.text
+    assert [chunk.choices[0].finish_reason for chunk in chunks] == [None] * (len(chunks) - 1) + [whole.finish_reason]
+    assert {chunk.id for chunk in chunks} == {chunks[0].id} and chunks[0].object == "text_completion"
+    sample = {"banana ->": served.samples[0], "tomato ->": served.samples[2], "": served.samples[4]}[case["prompt"]]
+    if "stop" not in case:
+        assert whole.text == sample["completion"]
+    if case == STREAM_CASES[0]:  # sent as generated: one chunk per token, the last one with the finish reason
+        assert [chunk.choices[0].text for chunk in chunks] == [" ->"] * 16 + [""]
+
+
+def test_streamed_chat_and_several_prompts_follow_openais_chunk_format(served):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key=KEY, max_retries=0)
+    messages = TEST_PROMPTS[3]["messages"]
+    whole = client.chat.completions.create(model=served.name, messages=messages, max_tokens=8, temperature=0)
+    chunks = list(client.chat.completions.create(model=served.name, messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert whole.choices[0].message.content == served.samples[3]["completion"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump() | {
+        "completion_tokens_details": None, "prompt_tokens_details": None}
+
+    # Two prompts, two samples each, on the wire: every choice's chunks in order, then [DONE].
+    body = {"model": served.name, "prompt": ["banana ->", "kiwi ->"], "max_tokens": 4, "temperature": 0, "n": 2, "stream": True}
+    with served.client() as http:
+        whole = http.post("/v1/completions", json={**body, "stream": False}).json()
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+            lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    texts = ["", "", "", ""]
+    for line in lines[:-1]:
+        [choice] = json.loads(line.removeprefix("data: "))["choices"]
+        texts[choice["index"]] += choice["text"]
+    assert texts == [c["text"] for c in whole["choices"]] == [" -> -> -> ->"] * 4
+
+
+def test_embeddings_are_the_pooled_last_hidden_states_of_plain_transformers(served):
+    import openai
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(served.checkpoint).eval()  # the adapter folder: base + LoRA
+    tokenizer = AutoTokenizer.from_pretrained(served.checkpoint)
+    texts = ["banana -> yellow", "kiwi", "a longer input: tomatoes, limes and a kiwi ->"]
+
+    def expected(text: str, pooling: str) -> torch.Tensor:
+        with torch.no_grad():
+            hidden = model(**tokenizer(text, return_tensors="pt"), output_hidden_states=True).hidden_states[-1][0]
+        return hidden.float().mean(dim=0) if pooling == "mean" else hidden[-1].float()
+
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key=KEY, max_retries=0)
+    mean = client.embeddings.create(model=served.name, input=texts)  # the client asks for base64
+    assert mean.object == "list" and mean.model == served.name and [d.index for d in mean.data] == [0, 1, 2]
+    assert mean.usage.prompt_tokens == mean.usage.total_tokens == sum(len(tokenizer(t)["input_ids"]) for t in texts)
+    last = client.embeddings.create(model=served.name, input=texts, encoding_format="float", extra_body={"pooling": "last"})
+    for i, text in enumerate(texts):
+        assert len(mean.data[i].embedding) == model.config.hidden_size
+        torch.testing.assert_close(torch.tensor(mean.data[i].embedding), expected(text, "mean"), atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.tensor(last.data[i].embedding), expected(text, "last"), atol=1e-6, rtol=0)
+    ids = tokenizer(texts[0])["input_ids"]
+    by_ids = client.embeddings.create(model=served.name, input=ids, encoding_format="float")
+    assert by_ids.data[0].embedding == client.embeddings.create(model=served.name, input=texts[0], encoding_format="float").data[0].embedding
+    same_size = client.embeddings.create(model=served.name, input="kiwi", dimensions=model.config.hidden_size)
+    torch.testing.assert_close(torch.tensor(same_size.data[0].embedding), expected("kiwi", "mean"), atol=1e-6, rtol=0)
+
+
+def test_a_small_request_is_not_stuck_behind_a_big_one(served):
+    """24 prompts and then 1: the small one gets into the very next batch and is answered first."""
+    worker = served.app.state.worker
+    generate_batch, batches = worker.generate_batch, []
+    first_started, release = threading.Event(), threading.Event()
+
+    def holding_the_first_batch(rows):
+        batches.append([row.prompt_text for row in rows])
+        if len(batches) == 1:
+            first_started.set()
+            release.wait(30)
+        return generate_batch(rows)
+
+    finished: list[str] = []
+
+    def send(name: str, prompts: list[str]):
+        with served.client() as client:
+            response = client.post("/v1/completions", json={"model": served.name, "prompt": prompts, "max_tokens": 2, "temperature": 0})
+        assert response.status_code == 200 and len(response.json()["choices"]) == len(prompts)
+        finished.append(name)
+
+    worker.generate_batch = holding_the_first_batch
+    try:
+        big = threading.Thread(target=send, args=("big", [f"big {i} ->" for i in range(24)]))
+        big.start()
+        assert first_started.wait(30)
+        small = threading.Thread(target=send, args=("small", ["small ->"]))
+        small.start()
+        deadline = time.monotonic() + 30
+        while worker.queued < 17 and time.monotonic() < deadline:  # big's other 16 rows and small's one
+            time.sleep(0.01)
+        release.set()
+        small.join(30)
+        big.join(30)
+    finally:
+        worker.generate_batch = generate_batch
+        release.set()
+    assert finished == ["small", "big"]
+    assert [len(batch) for batch in batches] == [8, 8, 8, 1] and batches[1][1] == "small ->"
+
+
+class ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_a_client_that_sends_half_a_body_costs_one_log_line(served):
+    handler, loggers = ListHandler(), [logging.getLogger(name) for name in ("trainer.serve", "uvicorn.error", "uvicorn")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        host, port = served.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as half:
+            half.sendall(b"POST /completions?api_key=SECRET-9 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                         + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n" + b'{"text": "ba')
+            time.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while not handler.records and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # anything logged after the first line arrives too
+        with served.client() as client:
+            assert client.post("/completions", json={"text": "banana ->", "length": 2}).status_code == 200
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert [(r.levelname, r.getMessage()) for r in handler.records] == [
+        ("WARNING", "POST /completions: the client disconnected before sending the whole body")]
+    assert handler.records[0].exc_info is None
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", b'{"model": "\\ud800", "prompt": "a"}'),
+    ("/v1/completions", b'{"model": "NAME", "prompt": "a", "\\udc00": 1}'),
+    ("/v1/embeddings", b'{"model": "NAME", "input": ["ok", "\\ud83d"]}'),
+    ("/v1/embeddings", b'{"model": "NAME", "input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    ("/v1/chat/completions", b'{"model": "NAME", "messages": ' + b"[" * 900 + b"]" * 900 + b"}"),
+    ("/completions", b'{"text": "a", "temperature": Infinity}'),
+    ("/completions", b'{"text": "a", "temperature": NaN, "n": 1e400}'),
+    ("/completions", b'{"text": "a", "seed": 100000000000000000000}'),
+    ("/completions", b'{"text": "a", "stop_sequences": [' + b'"x", ' * 20_000 + b'"y"]}'),
+    ("/completions", b'"\\ud800"'),
+])
+def test_nothing_a_client_sends_is_a_500(served, path, body):
+    with served.client() as client:
+        response = client.post(path, content=body.replace(b"NAME", served.name.encode()), headers={"Content-Type": "application/json"})
+        assert 400 <= response.status_code < 500, response.text
+        assert response.json()["error"]["type"] == "invalid_request_error"
+        assert client.post("/completions", json={"text": "banana ->", "length": 2}).status_code == 200

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from pydantic import ValidationError
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from trainer.config import TestPrompt
 from trainer.data.tokenize import encode_chat_prompt, encode_prompt, render_chat_prompt
@@ -47,6 +48,9 @@ class Row:
     seed: int | None = None
     cancelled: Callable[[], bool] | None = None
     """Polled at every step: True ends this row early (its client went away)."""
+    on_text: Callable[[str], None] | None = None
+    """Streaming: called on the generating thread with each settled piece of the completion's text
+    as tokens are generated (`RowTextStreamer`); the pieces are a prefix of the final text."""
 
     @property
     def sampled(self) -> bool:
@@ -189,6 +193,49 @@ class _StopRows(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+def settled_text(text: str, stops: list[str]) -> str:
+    """The part of a growing completion that later tokens cannot change: without an unfinished
+    UTF-8 character at the end (decoded as U+FFFD) and without an end that may be the start of a
+    stop sequence (the text would be cut there)."""
+    text = text.rstrip("\ufffd")
+    held = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+    return text[: len(text) - held]
+
+
+class RowTextStreamer(BaseStreamer):
+    """Streams each row that has an `on_text` callback, from the very tokens `generate` produces
+    (so the streamed text is the same as the finished text, `_finish`): the row's new ids up to its
+    budget and before EOS, decoded, cut before a stop sequence, and sent as far as settled
+    (`settled_text`). What is held back at the end is the caller's to send from the Completion."""
+
+    def __init__(self, tokenizer, rows: list[Row], budgets: list[int]):
+        self.tokenizer, self.rows, self.budgets = tokenizer, rows, budgets
+        self.ids: list[list[int]] = [[] for _ in rows]
+        self.sent = [""] * len(rows)
+        self.done = [row.on_text is None for row in rows]
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() > 1:  # generate first hands over the prompts
+            return
+        for i, token in enumerate(value.tolist()):
+            if self.done[i]:
+                continue
+            if token == self.tokenizer.eos_token_id or len(self.ids[i]) >= self.budgets[i]:
+                self.done[i] = True
+                continue
+            self.ids[i].append(token)
+            stops = self.rows[i].test_prompt.stop
+            text, stopped = cut_completion(self.tokenizer.decode(self.ids[i]), stops)
+            self.done[i] = stopped
+            settled = text if stopped else settled_text(text, stops)
+            if len(settled) > len(self.sent[i]) and settled.startswith(self.sent[i]):
+                self.rows[i].on_text(settled[len(self.sent[i]):])
+                self.sent[i] = settled
+
+    def end(self) -> None:
+        pass
+
+
 @torch.no_grad()
 def generate_rows(model, tokenizer, rows: list[Row]) -> list[Completion]:
     """One `generate` call for rows of one `batch_key` (see `plan_batches`), left-padded."""
@@ -220,6 +267,8 @@ def generate_rows(model, tokenizer, rows: list[Row]) -> list[Completion]:
         or len(set(active_budgets)) > 1
     )
     stopping = _StopRows(tokenizer, width, active_rows, active_budgets) if needs_stopping else None
+    # Only streamed rows pay for it: the streamer copies each step's tokens to the CPU (a sync).
+    streamer = RowTextStreamer(tokenizer, active_rows, active_budgets) if any(r.on_text for r in active_rows) else None
     # A seeded sampled row is alone in its batch (batch_key); greedy decoding draws no random numbers.
     seed = active_rows[0].seed if len(active_rows) == 1 else None
     if seed is None:
@@ -234,6 +283,7 @@ def generate_rows(model, tokenizer, rows: list[Row]) -> list[Completion]:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad_id,
             stopping_criteria=StoppingCriteriaList([stopping]) if stopping else None,
+            streamer=streamer,
             use_cache=True,
             **options,
         )

@@ -1,16 +1,23 @@
 """Serve a checkpoint or an exported model over HTTP: the seed's completion API and OpenAI's.
 
     python -m trainer.serve CHECKPOINT_OR_EXPORT [--host 127.0.0.1] [--port 8000] [--model-name NAME]
-                            [--api-key-file FILE] [--max-batch-size 8]
+                            [--api-key-file FILE] [--max-batch-size 8] [--max-rows-per-request 64]
+                            [--embedding-pooling mean|last]
 
-Routes: POST /completions (the seed's API: text, length, temperature, top_p, top_k, stop_sequences,
-n), POST /v1/completions and POST /v1/chat/completions (for the `openai` client), GET /v1/models and
-GET /health. It listens on loopback unless told otherwise. With an API key (the TRAINER_API_KEY
-environment variable, or --api-key-file) every route but /health needs `Authorization: Bearer <key>`;
-on any address but loopback it refuses to start without one. The key is never printed or logged.
+Routes: POST /completions (the seed's API: text, length, temperature, top_p, top_k, stop_sequences
+or stop_tokens, n), POST /v1/completions and POST /v1/chat/completions (for the `openai` client;
+`stream: true` sends server-sent events), POST /v1/embeddings, GET /v1/models and GET /health. It
+listens on loopback unless told otherwise. With an API key (the TRAINER_API_KEY environment
+variable, or --api-key-file) every route but /health needs `Authorization: Bearer <key>`; on any
+address but loopback it refuses to start without one. The key is never printed or logged (the
+access log shows paths without query strings).
 
-Requests are queued and generated in dynamic batches of up to --max-batch-size rows by one worker
-that owns the model (see trainer/serving/worker.py). Needs the `serve` extra: pip install -e ".[serve]".
+Requests are queued and served in dynamic batches of up to --max-batch-size rows by one worker that
+owns the model. Fairness: a request holds at most --max-rows-per-request rows (completions: prompts
+x n; embeddings: inputs; more is refused with 422), and each batch is shared out round-robin over
+the waiting requests, one row each in turn, so a small request waits at most for the batch being
+generated, never for a big request's remaining rows (see trainer/serving/worker.py). Needs the
+`serve` extra: pip install -e ".[serve]".
 """
 
 from __future__ import annotations
@@ -41,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", help="the name clients use (default: RUN/checkpoint-STEP, or the folder's name)")
     parser.add_argument("--api-key-file", type=Path, help=f"a file holding the API key (default: ${API_KEY_VARIABLE})")
     parser.add_argument("--max-batch-size", type=int, default=8, help="most rows generated together (default 8)")
+    parser.add_argument("--max-rows-per-request", type=int, default=64,
+                        help="most completions (prompts x n) or embedding inputs in one request; more is refused with 422 "
+                             "(default 64)")
+    parser.add_argument("--embedding-pooling", default="mean", choices=("mean", "last"),
+                        help="/v1/embeddings' vector: the mean of the input's last hidden states, or the last token's "
+                             "(default mean; a request's \"pooling\" field overrides it)")
     parser.add_argument("--base", metavar="PATH_OR_ID", help="base model of an adapter checkpoint (default: adapter_config.json's)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                         help="weights dtype (auto: bfloat16 on a CUDA GPU that supports it, else float32)")
@@ -104,6 +117,7 @@ def build_server(args: argparse.Namespace, key: str | None):
     from trainer.generate import generate_all
     from trainer.loading import inspect_checkpoint, load_model, load_tokenizer, position_limit, resolve_device, resolve_dtype
     from trainer.serving.app import ServedModel, create_app
+    from trainer.serving.embed import embed_rows
     from trainer.serving.worker import GenerationWorker
 
     info = inspect_checkpoint(args.checkpoint)
@@ -111,9 +125,15 @@ def build_server(args: argparse.Namespace, key: str | None):
     tokenizer = load_tokenizer(info)
     model = load_model(info, resolve_dtype(args.dtype, device), base=args.base).to(device)
     # The worker thread uses `tokenizer`; the app encodes requests with its own copy (create_app).
-    worker = GenerationWorker(lambda rows: generate_all(model, tokenizer, rows, args.max_batch_size), args.max_batch_size)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    worker = GenerationWorker(lambda rows: generate_all(model, tokenizer, rows, args.max_batch_size), args.max_batch_size,
+                              embed_batch=lambda rows: embed_rows(model, rows, pad_id or 0))
     name = args.model_name or default_model_name(info.path)
-    return create_app(ServedModel(name, tokenizer, position_limit(model)), worker, token=key), name
+    served = ServedModel(name, tokenizer, position_limit(model), hidden_size=model.config.hidden_size,
+                         vocab_size=model.get_input_embeddings().num_embeddings)
+    app = create_app(served, worker, token=key, max_rows_per_request=args.max_rows_per_request,
+                     embedding_pooling=args.embedding_pooling)
+    return app, name
 
 
 @contextmanager
@@ -142,8 +162,9 @@ def serving_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: st
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.max_batch_size < 1:
-            raise UsageError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
+        for option in ("max_batch_size", "max_rows_per_request"):
+            if getattr(args, option) < 1:
+                raise UsageError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
         missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
         if missing:
             raise UserError(f"serving needs {' and '.join(missing)}, not installed here. Fix: pip install -e \".[serve]\"")
@@ -166,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
     access = "API key required" if key else "no API key (loopback only)"
     print(f"serving {name} at http://{host}:{sock.getsockname()[1]} ({access}); POST /completions, /v1/completions, "
-          "/v1/chat/completions; GET /v1/models, /health", file=sys.stderr, flush=True)
+          "/v1/chat/completions, /v1/embeddings; GET /v1/models, /health", file=sys.stderr, flush=True)
     serve_forever(app, sock, args.log_level)
     return 0
 

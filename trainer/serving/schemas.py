@@ -1,20 +1,22 @@
 """Request bodies the server accepts, and error messages that name the field and its allowed range.
 
-Three bodies: the seed's completion request (`POST /completions`: text, length, temperature, top_p,
-top_k, stop_sequences, n), OpenAI's completion request and OpenAI's chat completion request. Unknown
-fields are rejected by name. OpenAI fields this server has no use for are accepted only at their
-neutral value (`stream: false`, `presence_penalty: 0`, ...), so a client that sends defaults
-works and one that asks for something else is told it is not supported.
+Four bodies: the seed's completion request (`POST /completions`: text, length, temperature, top_p,
+top_k, stop_sequences or its alias stop_tokens, n), OpenAI's completion request, OpenAI's chat
+completion request (both may ask for `stream: true`) and OpenAI's embedding request. Unknown fields
+are rejected by name. OpenAI fields this server has no use for are accepted only at their neutral
+value (`presence_penalty: 0`, ...), so a client that sends defaults works and one that asks for
+something else is told it is not supported.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_N = 16
 MAX_STOPS = 16
+SEED_RANGE = (-(2**63), 2**63 - MAX_N)  # sample i is seeded seed + i, and torch takes a 64-bit seed
 SEED_DEFAULT_LENGTH = 64  # the test prompts' default max_new_tokens
 OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -32,10 +34,11 @@ Stops = Annotated[str | list[str] | None, Field(None, validate_default=True)]
 
 
 class _Body(BaseModel):
-    # strict: "0.5" is not a number, true is not an integer
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # strict: "0.5" is not a number, true is not an integer; NaN and Infinity (which Python's json
+    # reads) are no temperature
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    @field_validator("stop", "stop_sequences", mode="after", check_fields=False)
+    @field_validator("stop", "stop_sequences", "stop_tokens", mode="after", check_fields=False)
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
@@ -57,8 +60,26 @@ class SeedCompletionRequest(_Body):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     stop_sequences: Stops
+    stop_tokens: Stops
+    """The seed document's own example body calls stop_sequences this; either name, not both."""
     n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+
+    @model_validator(mode="after")
+    def _one_stop_name(self):
+        if self.stop_sequences and self.stop_tokens:
+            raise ValueError("give stop_sequences or stop_tokens (the same field), not both")
+        return self
+
+    @property
+    def stops(self) -> list[str]:
+        return self.stop_sequences or self.stop_tokens
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+    """A last chunk with `usage` and no choices, as OpenAI's."""
 
 
 class _OpenAIBody(_Body):
@@ -68,10 +89,10 @@ class _OpenAIBody(_Body):
     top_k: int = Field(0, ge=0)  # an extension (vLLM has it too); 0 is off
     stop: Stops
     n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     user: str | None = None
-    stream: Annotated[bool | None, _neutral(False)] = None
-    stream_options: Annotated[dict | None, _neutral({})] = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
     presence_penalty: Annotated[float | None, _neutral(0)] = None
     frequency_penalty: Annotated[float | None, _neutral(0)] = None
     logit_bias: Annotated[dict | None, _neutral({})] = None
@@ -86,6 +107,13 @@ class CompletionRequest(_OpenAIBody):
     logprobs: Annotated[int | None, _neutral(0)] = None
     best_of: Annotated[int | None, _neutral(1)] = None
     suffix: Annotated[str | None, _neutral("")] = None
+
+    @field_validator("prompt", mode="after")
+    @classmethod
+    def _some_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list holds no prompt")
+        return value
 
     @property
     def prompts(self) -> list[str]:
@@ -123,12 +151,46 @@ class ChatCompletionRequest(_OpenAIBody):
         return self.max_completion_tokens or self.max_tokens
 
 
+class EmbeddingRequest(_Body):
+    """`POST /v1/embeddings`: one vector per input, pooled from the last hidden states."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    pooling: Literal["mean", "last"] | None = None
+    """An extension: "mean" (every token's last hidden state, averaged) or "last" (the last token's);
+    None: the server's --embedding-pooling."""
+
+    @field_validator("input", mode="after")
+    @classmethod
+    def _some_input(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list holds no input")
+        return value
+
+    @property
+    def inputs(self) -> list[str | list[int]]:
+        """Each input: a string, or a list of token ids."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if all(isinstance(item, int) for item in self.input):
+            return [self.input]
+        return list(self.input)
+
+
 def allowed_values(limit: int) -> dict[str, str]:
     """What each field accepts, for error messages; `limit` is the model's context in tokens."""
     tokens = f"an integer from 1 to {limit} (the model's context)"
     return {
         "text": "a string: the prompt, exactly as in training",
-        "prompt": "a string or a list of strings",
+        "prompt": "a string or a non-empty list of strings",
+        "input": "a string, a non-empty list of strings, a list of token ids, or a list of lists of token ids",
+        "encoding_format": '"float" or "base64"',
+        "dimensions": "the model's hidden size (vectors are not shortened)",
+        "pooling": '"mean" or "last"',
+        "include_usage": "true or false",
         "model": "a string: the served model's name (GET /v1/models)",
         "messages": 'a non-empty list of {"role": "system"|"user"|"assistant", "content": "..."}',
         "role": '"system", "user" or "assistant"',
@@ -140,13 +202,14 @@ def allowed_values(limit: int) -> dict[str, str]:
         "top_p": "a number in (0, 1]",
         "top_k": "an integer >= 0 (0 turns it off)",
         "n": f"an integer from 1 to {MAX_N}",
-        "seed": "an integer",
+        "seed": f"an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}",
         "stop": f"a string or a list of at most {MAX_STOPS} strings",
         "stop_sequences": f"a string or a list of at most {MAX_STOPS} strings",
+        "stop_tokens": f"a string or a list of at most {MAX_STOPS} strings (an alias of stop_sequences)",
         "user": "a string",
-        "stream": "false (streaming is not supported)",
+        "stream": "true or false",
         "echo": "false", "logprobs": "null (not supported)", "top_logprobs": "null (not supported)",
-        "best_of": "1", "suffix": "null (not supported)", "stream_options": "null",
+        "best_of": "1", "suffix": "null (not supported)", "stream_options": '{"include_usage": true|false}',
         "presence_penalty": "0 (not supported)", "frequency_penalty": "0 (not supported)",
         "logit_bias": "null (not supported)",
     }
@@ -164,6 +227,9 @@ def describe_errors(err: ValidationError, body_type: type[BaseModel], limit: int
         first = first or (path[0] if path else None)
         if field in problems:
             continue  # a union's alternatives each fail: one message per field
+        if not path:  # a check across fields (model_validator): its message says it all
+            problems[field] = error["msg"].removeprefix("Value error, ")
+            continue
         if error["type"] == "extra_forbidden" and not union:
             fields = ", ".join(body_type.model_fields) if len(path) == 1 else None
             problems[field] = f"unknown field '{field}'" + (f"; allowed fields: {fields}" if fields else "")
