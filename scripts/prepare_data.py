@@ -21,11 +21,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from trainer.atomic import write_bytes_atomically  # noqa: E402
 from trainer.data.convert import ConvertOptions, convert_table, unescape  # noqa: E402
 from trainer.data.split import split_file, split_output_paths  # noqa: E402
 from trainer.data.validate import (  # noqa: E402
@@ -53,16 +53,10 @@ def check_output(output: Path, *, inputs: list[Path], force: bool) -> None:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file, and the
+    file gets the umask's permissions (a bare `tempfile.mkstemp` file would stay 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_bytes_atomically(path, data)
 
 
 def jsonl_bytes(rows: list[dict]) -> bytes:

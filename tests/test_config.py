@@ -63,6 +63,29 @@ def test_unknown_override_is_blamed_on_the_command_line(tmp_path):
     assert "did you mean 'checkpoints.count'?" in message
 
 
+@pytest.mark.parametrize("text, overrides, unknown, where, suggested", [
+    ("epoch: 3\n", [], "epoch", "in {path}", "'training.epochs'"),  # a top-level key of another section
+    ("seed: 1\n", [], "seed", "in {path}", "'training.seed'"),
+    ("model:\n  name_or_path: m\n  learning_rate: 1\n", [], "model.learning_rate", "in {path}", "'training.learning_rate'"),
+    ("", ["lr=1e-4"], "lr", "on the command line", "'training.learning_rate'"),  # other trainers' name
+    ("", ["training.num_epochs=2"], "training.num_epochs", "on the command line", "'training.epochs'"),
+])
+def test_unknown_key_suggests_keys_of_other_sections(tmp_path, text, overrides, unknown, where, suggested):
+    path = write(tmp_path, MINIMAL + text)
+    message = error_of(path, overrides)
+    assert message == f"unknown key '{unknown}' {where.format(path=path)}: did you mean {suggested}?"
+
+
+def test_one_config_error_does_not_say_error_twice(tmp_path, capsys):
+    """Entry points print 'error: ' before the message; the message itself names the key and file."""
+    from trainer.status import main as status_main  # an entry point that only reads a config
+
+    path = write(tmp_path, MINIMAL + "training:\n  learnin_rate: 1\n")
+    assert status_main([str(path)]) == 1
+    assert capsys.readouterr().err == f"error: unknown key 'training.learnin_rate' in {path}: did you mean 'training.learning_rate'?\n"
+    assert error_of(path, ["checkpoints.count=0"]).startswith("config has 2 errors:\n")
+
+
 def test_wrong_type_names_key_and_value(tmp_path):
     message = error_of(write(tmp_path, MINIMAL + "training:\n  micro_batch_size: many\n"))
     assert "key 'training.micro_batch_size'" in message and "'many'" in message
@@ -148,3 +171,25 @@ def test_every_shipped_config_loads():
     assert (loaded["gptj-full.yaml"].method, loaded["gptj-full.yaml"].training.optimizer) == ("full", "adamw_8bit")
     assert (loaded["neox20b-full.yaml"].method, loaded["neox20b-full.yaml"].distributed.strategy) == ("full", "fsdp")
     assert {c.model.name_or_path for n, c in loaded.items() if n != "tiny-gpt2.yaml"} == {"EleutherAI/gpt-j-6b", "EleutherAI/gpt-neox-20b"}
+
+
+def test_config_is_read_without_torch_or_transformers(tmp_path):
+    """A config typo is reported before the heavy imports: trainer.config and load_config (valid or
+    not) import neither torch nor transformers. A fresh process: this one has imported both."""
+    import subprocess
+    import sys
+
+    path = write(tmp_path, MINIMAL)
+    script = (
+        "import sys\n"
+        "from trainer.config import load_config\n"
+        f"load_config({str(path)!r})\n"
+        "try:\n"
+        f"    load_config({str(path)!r}, ['training.learnin_rate=1'])\n"
+        "except Exception as err:\n"
+        "    print(type(err).__name__)\n"
+        "print(sorted(name for name in ('torch', 'transformers', 'accelerate', 'peft') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "UserError\n[]\n", "")

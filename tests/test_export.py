@@ -2,7 +2,9 @@
 checked against the checkpoints' own samples and logits; bad inputs end in one line."""
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -167,3 +169,17 @@ def test_bad_inputs_end_in_one_line(tmp_path, capsys, trained_checkpoints, case,
     assert code == expected_code and expected in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error") or "error:" in line]) == 1
     assert not (tmp_path / "out").exists() and (tmp_path / "full" / "keep.txt").exists()
+
+
+def test_exported_files_follow_the_umask(tmp_path, capsys, trained_checkpoints):
+    """save_pretrained writes model.safetensors 0600; the export gives every file the umask's
+    permissions (0644 under umask 022), so other users of a shared folder can load it."""
+    checkpoint = trained_checkpoints("gpt2", "lora")
+    previous = os.umask(0o022)
+    try:
+        assert export(capsys, checkpoint, tmp_path / "merged")[0] == 0
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "merged").iterdir()}
+    assert modes["model.safetensors"] == 0o644
+    assert set(modes.values()) == {0o644}, modes

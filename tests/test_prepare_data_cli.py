@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -124,3 +126,35 @@ def test_config_gives_tokenizer_length_policy_and_test_prompts(tmp_path, tiny_mo
     report = json.loads(capsys.readouterr().out)
     assert report["stats"]["tokens"]["total"] > 0 and report["stats"]["lengths"]["over"] == 1
     assert [(w["kind"], w["line"]) for w in report["warnings"] if w["kind"].startswith("test_prompt")] == [("test_prompt_in_data", 4)]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_follow_the_umask(tmp_path, capsys, umask, mode):
+    """convert, validate --fix and split write through a temporary file (0600 from mkstemp); each
+    output gets the umask's permissions instead, the umask of the moment (0644 under umask 022)."""
+    table = tmp_path / "data.csv"
+    table.write_text("prompt,completion\n" + "".join(f"fruit {i} ->,yellow\n" for i in range(20)), encoding="utf-8")
+    previous = os.umask(umask)
+    try:
+        assert cli.main(["convert", str(table), str(tmp_path / "data.jsonl")]) == 0
+        assert cli.main(["validate", str(tmp_path / "data.jsonl"), "--fix", str(tmp_path / "fixed.jsonl")]) == 0
+        assert cli.main(["split", str(tmp_path / "fixed.jsonl"), "--out-dir", str(tmp_path / "split")]) == 0
+    finally:
+        os.umask(previous)
+    written = [tmp_path / "data.jsonl", tmp_path / "fixed.jsonl", tmp_path / "split" / "fixed-train.jsonl",
+               tmp_path / "split" / "fixed-test.jsonl"]
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in written} == {path.name: mode for path in written}
+
+
+def test_a_utf16_file_gets_one_message_with_the_utf16_fix(tmp_path, capsys):
+    """100 lines of UTF-16 (as Windows 'Unicode' saves them): one error naming the encoding and the
+    iconv command that converts it, not 101 (a CP1252 hint and an 'invalid JSON' for every line)."""
+    source = tmp_path / "data.jsonl"
+    source.write_bytes("".join(json.dumps(row) + "\n" for row in rows(100)).encode("utf-16"))
+    assert cli.main(["validate", str(source)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"error: {source} is UTF-16 text (it starts with the UTF-16 byte-order mark), not UTF-8. Fix: convert it, "
+        f"e.g. `iconv -f UTF-16 -t UTF-8 {source} > data-utf8.jsonl`, or 'Save as... UTF-8' in your editor\n"
+    )

@@ -2,13 +2,14 @@
 
 A crash (kill -9, a dead node, a full disk) can leave a `.<name>.partial` folder behind but never a
 folder under its final name that looks complete and is not. Files get the permissions the
-process umask gives (safetensors writes 0600, which hides checkpoints from the other users of a
-shared cluster folder).
+process umask gives, as `open(..., "w")` would (safetensors and `tempfile.mkstemp` write 0600,
+which hides checkpoints, exports and data files from the other users of a shared cluster folder):
+everything the project writes through a temporary name goes through `commit_partial` or
+`write_bytes_atomically` for that reason.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import tempfile
@@ -17,9 +18,9 @@ from pathlib import Path
 from typing import Iterator
 
 
-@functools.lru_cache(maxsize=1)
 def file_mode() -> int:
-    """0666 minus the process umask: what `open(..., "w")` gives a new file."""
+    """0666 minus the process umask: what `open(..., "w")` gives a new file. Read at each call (not
+    cached): a process may change its umask, and each write must follow the umask of its moment."""
     try:  # Linux shows the umask without changing it
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):

@@ -19,6 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from trainer.atomic import commit_partial, discard_partial, start_partial
 from trainer.errors import UsageError, UserError
 from trainer.loading import DTYPE_NAMES, base_model_name, inspect_checkpoint, load_model, load_tokenizer
 
@@ -77,10 +78,8 @@ def export(checkpoint: str | Path, out_dir: Path, *, dtype: str | None = None, b
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    partial = out_dir.parent / f".{out_dir.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
     try:
-        partial.mkdir(parents=True)
+        partial = start_partial(out_dir)
         model.save_pretrained(partial, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(partial)
         for name in PROVENANCE_FILES:
@@ -89,11 +88,10 @@ def export(checkpoint: str | Path, out_dir: Path, *, dtype: str | None = None, b
         record = {"source": str(info.path.resolve()), "kind": info.kind, "method": info.method,
                   "base_model": base_name, "dtype": dtype}
         (partial / EXPORT_INFO).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        partial.rename(out_dir)
+        # The umask's permissions (save_pretrained writes safetensors 0600), fsync, then the rename.
+        commit_partial(partial, out_dir)
     except OSError as err:
-        shutil.rmtree(partial, ignore_errors=True)
+        discard_partial(out_dir)
         raise UserError(f"could not write {out_dir} ({err.strerror or err}). Fix: choose a folder you can write to, with free space") from None
     log(f"wrote {out_dir}")
     return out_dir

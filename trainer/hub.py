@@ -3,7 +3,8 @@
 Without this, a machine that cannot reach the Hub (a cluster node, a laptop offline) spends a
 minute on huggingface_hub's retries for every file before it even looks in the local cache. One
 short request decides it: unreachable means the model must come from the local cache
-(`local_files_only`), and a model that is not there fails at once with the fix.
+(`local_files_only`), and a model that is not there fails at once with the fix. A value written as
+a path (`/...`, `./...`, `~/...`) is never a Hub id: when it is not there, the folder is missing.
 """
 
 from __future__ import annotations
@@ -11,11 +12,46 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from trainer.errors import UserError
+
 PROBE_SECONDS = 5.0
 
 
 def is_local(name_or_path: str) -> bool:
-    return Path(name_or_path).exists()
+    return Path(name_or_path).expanduser().exists()
+
+
+class ModelFolderMissing(UserError):
+    """A model given as a path (`key` in the config or on the command line) whose folder is not there."""
+
+    def __init__(self, message: str, key: str = "", path: str = ""):
+        super().__init__(message)
+        self.key, self.path = key, path
+
+
+def written_as_path(name_or_path: str) -> bool:
+    """Absolute, `./`, `../` or `~`: a path, never a Hugging Face id (ids start with a letter or digit)."""
+    return name_or_path.startswith(("/", "./", "../", "~", ".\\", "..\\")) or name_or_path in (".", "..") or (
+        Path(name_or_path).is_absolute())
+
+
+def model_source(name_or_path: str, key: str) -> str:
+    """What to give `from_pretrained` for the model that `key` names: a value written as a path is
+    that folder, with `~` expanded (transformers would take `~/model` for a malformed Hub id), and
+    must exist: a missing one is said to be missing at once, rather than looked for on the Hub (with
+    the advice `hf download /some/path`). Anything else is a local folder or a Hub id, as it is."""
+    if not written_as_path(name_or_path):
+        return name_or_path
+    expanded = Path(name_or_path).expanduser()
+    if expanded.exists():
+        return str(expanded)
+    shown = f"{name_or_path} ({expanded})" if name_or_path.startswith("~") else name_or_path
+    relative = "" if expanded.is_absolute() else f" (relative paths start at {Path.cwd()})"
+    raise ModelFolderMissing(
+        f"{key}: the folder {shown} does not exist. Fix: give the path of a model folder made by save_pretrained"
+        f"{relative}, or a Hugging Face model id such as EleutherAI/gpt-j-6b",
+        key=key, path=name_or_path,
+    )
 
 
 @functools.lru_cache(maxsize=1)

@@ -100,3 +100,11 @@ def test_unescape_turns_typed_escapes_into_characters():
     assert unescape(r"\n\n###\n\n") == "\n\n###\n\n"
     assert unescape(r"a\tb\\n") == "a\tb\\n"
     assert unescape("caf\u00e9 ->") == "caf\u00e9 ->"
+
+
+def test_add_eos_drops_the_spaces_at_the_end_of_a_cell(tmp_path):
+    path = write_table(tmp_path / "data.csv", ["prompt", "completion"], [["a ->", " no  "], ["b ->", " yes\n"]])
+    assert convert_table(path, ConvertOptions(add_eos=True)) == [
+        {"prompt": "a ->", "completion": " no<|endoftext|>"},
+        {"prompt": "b ->", "completion": " yes\n<|endoftext|>"},
+    ]

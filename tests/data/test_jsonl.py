@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from trainer.data.jsonl import read_jsonl
+from trainer.data.jsonl import NotUtf8File, read_jsonl
 from trainer.errors import UserError
 
 ROWS = [{"prompt": "banana ->", "completion": " yellow<|endoftext|>"}, {"prompt": "lime ->", "completion": " green<|endoftext|>"}]
@@ -25,3 +25,25 @@ def test_a_line_holding_an_array_is_still_a_per_line_error(tmp_path):
     path.write_text('{"prompt": "a", "completion": " b"}\n["a", "b"]\n', encoding="utf-8")
     rows, problems = read_jsonl(path)
     assert [number for number, _ in rows] == [1, 2] and problems == []  # the row check rejects line 2 later
+
+
+@pytest.mark.parametrize("codec, encoding", [("utf-16-le", "UTF-16"), ("utf-16-be", "UTF-16"), ("utf-32-le", "UTF-32")])
+def test_a_utf16_or_utf32_file_is_named_once_with_the_iconv_fix(tmp_path, codec, encoding):
+    """Not an error per line (each would say 'invalid JSON'), and not the CP1252 fix: one message
+    with the conversion from the encoding the byte-order mark names."""
+    path = tmp_path / "train.jsonl"
+    text = "".join(json.dumps(row) + "\n" for row in ROWS * 50)
+    path.write_bytes(("\ufeff" + text).encode(codec))  # the mark, in the codec's byte order
+    with pytest.raises(NotUtf8File) as error:
+        read_jsonl(path)
+    assert (error.value.path, error.value.encoding) == (str(path), encoding)
+    assert str(error.value) == (
+        f"{path} is {encoding} text (it starts with the {encoding} byte-order mark), not UTF-8. Fix: convert it, "
+        f"e.g. `iconv -f {encoding} -t UTF-8 {path} > train-utf8.jsonl`, or 'Save as... UTF-8' in your editor"
+    )
+
+
+def test_a_utf8_byte_order_mark_is_still_read(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(("\ufeff" + "".join(json.dumps(row) + "\n" for row in ROWS)).encode("utf-8"))
+    assert read_jsonl(path) == ([(1, ROWS[0]), (2, ROWS[1])], [])

@@ -2,6 +2,7 @@
 minimal file and absent from a clean one, statistics, and --fix."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,7 @@ from trainer.data.tokenize import tokenize_examples
 from trainer.data.validate import (
     FIXABLE,
     find_separator,
+    fix_row,
     fixed_lines,
     length_histogram,
     percentile,
@@ -335,6 +337,20 @@ def test_fix_removes_the_fixable_warnings_and_is_idempotent(tmp_path):
     assert b"".join(twice) == once.read_bytes() and not changes
 
 
+@pytest.mark.parametrize("completion, fixed", [
+    (" no  ", " no" + EOS),  # the spaces would be trained as a token before the EOS
+    ("no \t", " no" + EOS),  # the leading space is added, the trailing ones dropped
+    (" no\n", " no\n" + EOS),  # a newline stop sequence is kept
+    (" no \n", " no \n" + EOS),  # only what ends the completion is trailing
+    (" no " + EOS + " ", " no " + EOS),  # whitespace after a written EOS: dropped, no second EOS
+    ("   ", "   " + EOS),  # nothing but spaces (an error of its own): not emptied
+])
+def test_fix_drops_the_trailing_spaces_before_the_eos_it_appends(completion, fixed):
+    row, kinds = fix_row({"prompt": "q ->", "completion": completion})
+    assert row == {"prompt": "q ->", "completion": fixed}
+    assert fix_row(row) == (row, [])  # idempotent
+
+
 def test_fix_refuses_a_file_with_errors(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_bytes(lines(GOOD, "{oops"))
@@ -363,6 +379,33 @@ def test_preflight_stops_on_errors_and_saves_warnings(tmp_path):
         preflight_data(config, log=logged.append)
     config.data.on_error = "skip"
     assert not preflight_data(config, log=logged.append)[0].ok
+
+
+def test_preflight_runs_without_torch_or_transformers(tmp_path):
+    """The data check before any model loads needs neither torch nor transformers (without a
+    tokenizer), so a broken file can be reported before the heavy imports. A fresh process: this
+    one has imported both."""
+    import subprocess
+    import sys
+
+    train = write_jsonl(tmp_path / "train.jsonl", clean_rows(per_class=4))
+    train.write_bytes(train.read_bytes() + b"{oops\n")
+    script = (
+        "import sys\n"
+        "from trainer.config import load_config\n"
+        "from trainer.data.validate import preflight_data\n"
+        "from trainer.errors import UserError\n"
+        f"config = load_config({str(tmp_path / 'config.yaml')!r})\n"
+        "try:\n"
+        "    preflight_data(config, log=lambda message: None)\n"
+        "except UserError as err:\n"
+        "    print(str(err).splitlines()[0])\n"
+        "print(sorted(name for name in ('torch', 'transformers', 'accelerate', 'peft') if name in sys.modules))\n"
+    )
+    (tmp_path / "config.yaml").write_text(f"model:\n  name_or_path: unused\ndata:\n  train_file: {train}\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "the data has 1 error:\n[]\n", "")
 
 
 # ---------------------------------------------------------------------------------------------

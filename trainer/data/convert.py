@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.data.tokenize import EOS_LITERAL
+from trainer.data.validate import end_with_eos
 from trainer.errors import UsageError, UserError
 
 DELIMITERS_BY_SUFFIX = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
@@ -70,8 +70,8 @@ def _delimiter(path: Path, options: ConvertOptions) -> str:
 def _completion(text: str, options: ConvertOptions) -> str:
     if options.leading_space and not text[:1].isspace():
         text = " " + text
-    if options.add_eos and not text.endswith(EOS_LITERAL):
-        text += EOS_LITERAL
+    if options.add_eos:
+        text = end_with_eos(text)  # as `validate --fix` does: no spaces kept before the EOS
     return text
 
 

@@ -49,6 +49,40 @@ def _guess_encoding(raw: bytes) -> str:
         return "an unknown 8-bit encoding"
 
 
+# Byte-order marks of the encodings that are not UTF-8 (UTF-32 first: its little-endian mark starts
+# with UTF-16's). `iconv` knows each by this name and reads the mark to tell the byte order.
+BYTE_ORDER_MARKS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
+
+
+class NotUtf8File(UserError):
+    """The whole file is in another Unicode encoding (it starts with that encoding's byte-order mark)."""
+
+    def __init__(self, message: str, path: str = "", encoding: str = ""):
+        super().__init__(message)
+        self.path, self.encoding = path, encoding
+
+
+def refuse_other_unicode(path: Path) -> None:
+    """A UTF-16 or UTF-32 file (Windows tools save 'Unicode' text so) would get an error for every
+    line, none of which names the cause; say once what the file is and how to convert it."""
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    encoding = next((name for mark, name in BYTE_ORDER_MARKS if head.startswith(mark)), None)
+    if encoding is None:
+        return
+    converted = f"{path.stem}-utf8{path.suffix}"
+    raise NotUtf8File(
+        f"{path} is {encoding} text (it starts with the {encoding} byte-order mark), not UTF-8. Fix: convert it, "
+        f"e.g. `iconv -f {encoding} -t UTF-8 {path} > {converted}`, or 'Save as... UTF-8' in your editor",
+        path=str(path), encoding=encoding,
+    )
+
+
 def refuse_json_array(path: Path) -> None:
     """A JSON array (`[{...}, {...}]`, often pretty-printed) given where JSON Lines belong would get
     an error for nearly every line; say once what the file is and how to convert it."""
@@ -77,10 +111,12 @@ def read_jsonl(path: str | Path) -> tuple[list[tuple[int, Any]], list[str]]:
 
     Returns the parsed rows and a problem ('line N: ...') for each line that is not UTF-8 or not
     JSON, so the caller can report them together with its own checks. Raises `UserError` if the
-    file is missing or holds no line at all.
+    file is missing, holds no line at all, or is a whole file of another kind (UTF-16/UTF-32, one
+    JSON array) that would otherwise get an error for every line.
     """
     path = Path(path)
     require_files([path])
+    refuse_other_unicode(path)
     refuse_json_array(path)
     rows: list[tuple[int, Any]] = []
     problems: list[str] = []

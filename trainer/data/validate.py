@@ -15,7 +15,8 @@ every mistake they describe and explains each in one sentence with its line numb
 
 `validate_file` returns a `ValidationReport` (`render()` for people, `to_json()` for tools);
 `scripts/prepare_data.py validate` and the trainer's preflight (`preflight_data`) both use it.
-`fixed_lines` writes the mechanical fixes (leading space, EOS, trailing whitespace).
+`fixed_lines` writes the mechanical fixes (leading space and EOS on completions, with the spaces
+before an appended EOS dropped; trailing whitespace off prompts).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from trainer.data.jsonl import raise_problems
 from trainer.data.readers import TABLE_SUFFIXES, read_rows, row_unit
 from trainer.data.tokenize import EOS_LITERAL, IGNORE_INDEX, tokenize_examples
 from trainer.errors import UserError
+from trainer.hub import ModelFolderMissing, model_source
 from trainer.schedule import auto_epochs
 
 # The seeds' sizes: "at least ~25 examples per class" for classification; the usual guidance for
@@ -746,6 +748,18 @@ def validate_file(
 # Mechanical fixes
 
 
+def end_with_eos(completion: str, eos_texts: tuple[str, ...] = (EOS_LITERAL,)) -> str:
+    """`completion` ending with EOS. Spaces and tabs before an appended EOS are dropped: `" no  "`
+    would teach the model to end its answers with a lone space token. A trailing newline is kept (it
+    is the stop sequence of the seeds' older style, and its own token); whitespace after a written EOS
+    is a slip, not text to keep, so it is dropped rather than a second EOS added."""
+    if completion.endswith(eos_texts):
+        return completion
+    if completion.rstrip().endswith(eos_texts):
+        return completion.rstrip()
+    return (completion.rstrip(TRAILING_SPACE) or completion) + EOS_LITERAL
+
+
 def fix_row(obj: dict, eos_texts: tuple[str, ...] = (EOS_LITERAL,)) -> tuple[dict, list[str]]:
     """A prompt/completion row with the mechanical fixes applied, and the kinds fixed.
 
@@ -760,8 +774,7 @@ def fix_row(obj: dict, eos_texts: tuple[str, ...] = (EOS_LITERAL,)) -> tuple[dic
     if not completion[:1].isspace():
         completion, kinds = " " + completion, kinds + ["leading_space"]
     if not completion.endswith(eos_texts):
-        # Whitespace after a written EOS is a slip, not text to keep: drop it rather than add a second EOS.
-        completion = completion.rstrip() if completion.rstrip().endswith(eos_texts) else completion + EOS_LITERAL
+        completion = end_with_eos(completion, eos_texts)
         kinds.append("missing_eos")
     if completion != obj["completion"]:
         fixed["completion"] = completion
@@ -770,9 +783,10 @@ def fix_row(obj: dict, eos_texts: tuple[str, ...] = (EOS_LITERAL,)) -> tuple[dic
 
 def fixed_lines(path: str | Path, *, data_format: str = "auto") -> tuple[list[bytes], Counter]:
     """The file's lines with the mechanical fixes (leading space and EOS on completions, trailing
-    whitespace off prompts) and how many of each were made. Lines that need no fix are kept byte
-    for byte, so fixing a fixed file changes nothing. Raises `UserError` when the file has errors
-    (they need a person, not a rule). Only prompt/completion files have fixable warnings.
+    spaces dropped before the EOS; trailing whitespace off prompts) and how many of each were made.
+    Lines that need no fix are kept byte for byte, so fixing a fixed file changes nothing. Raises
+    `UserError` when the file has errors (they need a person, not a rule). Only prompt/completion
+    files have fixable warnings.
     """
     path = Path(path)
     if path.suffix.lower() in TABLE_SUFFIXES:
@@ -804,9 +818,13 @@ def load_local_tokenizer(name_or_path: str) -> tuple[Any, str | None]:
     """(tokenizer, None), or (None, why not) when it is not available locally: nothing is downloaded
     and no repository code runs, so validating data is always safe and offline."""
     try:
+        source = model_source(name_or_path, "tokenizer")
+    except ModelFolderMissing:
+        return None, f"tokenizer folder {name_or_path} does not exist: token counts and length checks skipped"
+    try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True, trust_remote_code=False), None
+        return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False), None
     except Exception as err:  # noqa: BLE001 - any failure only means "no token statistics"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return None, f"tokenizer {name_or_path!r} is not available locally ({first}): token counts and length checks skipped"
