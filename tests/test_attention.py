@@ -55,22 +55,22 @@ def test_backend_matches_eager_padded_and_packed(tiny_model_dirs, family, attent
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "varlen"])
-def test_gptj_no_longer_builds_fp32_scores_in_attn(tiny_model_dirs, attention, monkeypatch):
-    from transformers.models.gptj.modeling_gptj import GPTJAttention
+def test_gptj_attends_through_the_chosen_function_not_its_fp32_eager_scores(tiny_model_dirs, attention, monkeypatch):
+    import transformers.models.gptj.modeling_gptj as modeling_gptj
 
     model = load(tiny_model_dirs, "gptj")
     install_attention(model, attention)
     assert model.config._attn_implementation == {"sdpa": "sdpa", "varlen": "trainer_varlen"}[attention]
 
     def eager_attention_called(*args, **kwargs):
-        raise AssertionError("GPTJAttention._attn ran")
+        raise AssertionError("GPT-J's eager attention ran")
 
-    monkeypatch.setattr(GPTJAttention, "_attn", eager_attention_called)
+    monkeypatch.setattr(modeling_gptj, "eager_attention_forward", eager_attention_called)
     padded, packed = batches()
     model(**padded, use_cache=False)
     model(**packed, use_cache=False)
-    install_attention(model, "eager")  # and back: transformers' own forward (and _attn) again
-    with pytest.raises(AssertionError, match="_attn ran"):
+    install_attention(model, "eager")  # and back: transformers' eager attention again
+    with pytest.raises(AssertionError, match="eager attention ran"):
         model(**padded, use_cache=False)
 
 
@@ -236,22 +236,22 @@ def test_varlen_takes_the_batch_boundaries_and_the_other_backends_ignore_them(ti
         assert not torch.allclose(models["varlen"](**merged, use_cache=False).logits, expected[1], atol=1e-3)
 
 
-def test_gptj_carries_the_boundaries_for_one_forward_only(tiny_model_dirs):
-    import inspect
+def test_gptj_hands_the_batch_boundaries_to_its_attention_function(tiny_model_dirs, monkeypatch):
+    """GPT-J passes a forward's extra arguments (FlashAttentionKwargs) down to every attention call
+    since transformers 5.25, as GPT-2 and GPT-NeoX do: no wrapper of ours carries them."""
+    import trainer.attention as attention
 
     model = load(tiny_model_dirs, "gptj")
     install_attention(model, "varlen")
-    install_attention(model, "varlen")  # again: still one wrapper
-    carrier = model._trainer_boundaries
-    assert "logits_to_keep" in inspect.signature(model.forward).parameters  # generate() reads it
+    assert "forward" not in model.__dict__  # the model's own forward, unwrapped
     _, packed = collated_batches()
     seen = []
-    model.transformer.h[0].attn.register_forward_pre_hook(lambda module, args: seen.append(dict(carrier.kwargs)))
-    model(**packed, use_cache=False)
-    assert seen[-1]["cu_seq_lens_q"] is packed["cu_seq_lens_q"] and carrier.kwargs == {}
-    with pytest.raises(RuntimeError):
-        model(**dict(packed, position_ids=packed["position_ids"][:, :3]), use_cache=False)  # a failing forward
-    assert carrier.kwargs == {}  # emptied all the same: the next call must not see stale boundaries
+    reference = attention._reference_varlen
+    monkeypatch.setattr(attention, "_reference_varlen", lambda *args: seen.append(args[3]) or reference(*args))
+    from trainer.loss import model_inputs
+
+    model(**model_inputs(model, packed), use_cache=False)
+    assert len(seen) == model.config.n_layer and all(cu is packed["cu_seq_lens_q"] for cu in seen)
 
 
 @functools.cache
@@ -306,10 +306,8 @@ def test_a_kernel_taking_the_max_length_as_an_int_recompiles_once_not_per_length
     stands in for it here, so dynamo must trace the max lengths as the GPU path does: a new value
     must not recompile (a forward pass: the stand-in has no backward).
 
-    GPT-J, whose boundaries the trainer carries (`_BoundaryCarrier`): read from an object instead
-    of the forward's arguments, an int is static to dynamo and every new length recompiled. GPT-2
-    and GPT-NeoX get them as arguments of the compiled forward, as the carrier now does (the same
-    check passes for them; left out to keep the suite fast)."""
+    GPT-J here; GPT-2 and GPT-NeoX get the boundaries as arguments of the compiled forward the same
+    way (the same check passes for them; left out to keep the suite fast)."""
     import trainer.attention as attention
 
     check = _compile_check()

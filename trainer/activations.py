@@ -337,7 +337,7 @@ class _Trace:
 
 
 # ---------------------------------------------------------------------------------------------
-# The families' blocks, as transformers 5 (and trainer/attention.py for GPT-J) run them
+# The families' blocks, as transformers 5.25 runs them
 
 
 def _sizes(config) -> tuple[int, int, int, int]:
@@ -362,8 +362,9 @@ def _mlp_activation(tr: _Trace, x: _Tensor, name: str) -> _Tensor:
 
 
 def _gptj_block(tr: _Trace, x: _Tensor, config) -> _Tensor:
-    """GPTJBlock: attention and MLP in parallel on one layer norm; rotary embedding of q and k
-    recomputed in every layer (sin and cos repeated per call: four tensors of tokens x rotary)."""
+    """GPTJBlock: attention and MLP in parallel on one layer norm; sin and cos are looked up once
+    per forward pass, but `apply_rotary_pos_emb` repeats them for q and for k in every layer
+    (four tensors of tokens x rotary saved for the backward pass)."""
     d, f, heads, rotary = _sizes(config)
     h = tr.layer_norm(x)
     q, k, v = (tr.linear(h, d, d, name) for name in ("q_proj", "k_proj", "v_proj"))

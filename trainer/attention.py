@@ -3,12 +3,11 @@
 Every backend gives each packed example its own attention (see trainer/data/packing.py), and the
 eager backend's result within floating-point tolerance (tests/test_attention.py):
 
-* `eager`: transformers' reference code. GPT-J's builds the full T x T score matrix in float32.
-* `sdpa`: torch's scaled_dot_product_attention. GPT-2 and GPT-NeoX use transformers' own sdpa
-  path. GPT-J has none in transformers, so its attention modules get a forward that keeps
-  transformers' rotary code and calls the same sdpa function. Packed rows (position_ids restarting
-  at 0, no 2D mask, use_cache=False) get a block-diagonal causal mask from transformers'
-  `create_causal_mask` (verified in masking_utils: `find_packed_sequence_indices`).
+* `eager`: transformers' reference code (GPT-J's computes the T x T scores in float32).
+* `sdpa`: torch's scaled_dot_product_attention, through transformers' own sdpa path for every
+  family (GPT-J has had one since transformers 5.25, the lowest version this project supports).
+  Packed rows (position_ids restarting at 0, no 2D mask, use_cache=False) get a block-diagonal
+  causal mask from transformers' `create_causal_mask` (`find_packed_sequence_indices`).
 * `varlen` (CUDA): torch's variable-length flash attention (`torch.nn.attention.varlen`), fed the
   sequence boundaries of the batch, so packed rows need no T x T mask at all and padding is never
   attended to. The collate functions compute the boundaries once per batch on the CPU
@@ -26,6 +25,13 @@ eager backend's result within floating-point tolerance (tests/test_attention.py)
 * CUDA: `varlen` when the installed torch has `torch.nn.attention.varlen`, the weights are bfloat16
   or float16, the head size is a multiple of 8 up to 256 and attention dropout is 0 (GPT-J-6B,
   GPT-NeoX-20B); otherwise `sdpa`. Flex is never picked automatically (compile time).
+* only backends the model's class declares (`supported_backends`): a model without transformers'
+  sdpa path (e.g. BLOOM) gets `eager`; `auto` never asks for what the model cannot do.
+
+Nothing here patches a model's internals: backends are registered in transformers' public
+AttentionInterface / AttentionMaskInterface and chosen with `set_attn_implementation`, and the
+batch's sequence boundaries reach the attention function as the FlashAttentionKwargs that every
+family's forward passes down.
 
 The chosen backend lives in `model.config._attn_implementation`, which transformers does not save,
 so checkpoints load with the library's default attention everywhere.
@@ -33,18 +39,14 @@ so checkpoints load with the library's default attention everywhere.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
-import types
 import weakref
 
 import torch
 import torch.nn.functional as F
 
-from trainer.data.boundaries import BOUNDARY_KEYS
 from trainer.errors import UserError
-from trainer.families import family_of
 from trainer.unwrap import transformers_model
 
 IMPLEMENTATIONS = ("auto", "eager", "sdpa", "varlen", "flex")
@@ -97,6 +99,22 @@ def _unavailable(requested: str, reason: str) -> UserError:
     )
 
 
+def supported_backends(model_config) -> set[str]:
+    """The backends the model's class declares it can use (transformers' `_supports_sdpa`,
+    `_supports_flex_attn` and `_supports_attention_backend` class flags, which
+    `set_attn_implementation` checks), found from the config alone, before any weight loads.
+    A config transformers has no causal-LM class for is assumed to take every backend; installing
+    one it refuses then fails with a UserError naming the fix."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)]
+    except KeyError:
+        return {"eager", "sdpa", "varlen", "flex"}
+    flags = {"sdpa": "_supports_sdpa", "flex": "_supports_flex_attn", "varlen": "_supports_attention_backend"}
+    return {"eager"} | {name for name, flag in flags.items() if getattr(model_class, flag, False)}
+
+
 def choose_attention(model: torch.nn.Module, requested: str, device: torch.device | str) -> str:
     """Resolve `auto` and check that the requested backend can run here; raise UserError if not."""
     inner = transformers_model(model)
@@ -113,8 +131,11 @@ def choose_attention_for(model_config, dtype: torch.dtype, requested: str, devic
     dropout = _attention_dropout(model_config)
     head = _head_size(model_config)
     if requested == "auto":
+        supports = supported_backends(model_config)
         fits_flash = dtype in (torch.bfloat16, torch.float16) and head % 8 == 0 and head <= 256 and dropout == 0
-        return "varlen" if device.type == "cuda" and varlen_kernel() is not None and fits_flash else "sdpa"
+        if "varlen" in supports and device.type == "cuda" and varlen_kernel() is not None and fits_flash:
+            return "varlen"
+        return "sdpa" if "sdpa" in supports else "eager"
     if requested == "varlen":
         if device.type != "cuda":
             raise _unavailable("varlen", f"it is a CUDA kernel and this run is on {device.type}")
@@ -140,8 +161,8 @@ def configure_attention(model: torch.nn.Module, requested: str, device: torch.de
     """Set the attention backend of a loaded model (before LoRA, accelerate.prepare or compile).
 
     `requested` is `model.attention`: auto | eager | sdpa | varlen | flex. Returns the backend
-    chosen (`auto` resolved: sdpa on CPU; varlen on CUDA where it can run, else sdpa; see the
-    module docstring). Raises UserError, naming the fix, for a backend that cannot run here.
+    chosen (`auto` resolved as the module docstring says). Raises UserError, naming the fix, for
+    a backend that cannot run here or that the model refuses.
     """
     chosen = choose_attention(model, requested, device)
     install_attention(model, chosen)
@@ -150,25 +171,13 @@ def configure_attention(model: torch.nn.Module, requested: str, device: torch.de
 
 def install_attention(model: torch.nn.Module, implementation: str) -> None:
     """Switch `model` to `implementation` without availability checks (tests use this to run the
-    varlen logic on CPU, where a reference kernel stands in for flash attention)."""
+    varlen logic on CPU, where a reference kernel stands in for flash attention).
+
+    Every family goes through transformers' public `set_attn_implementation` (GPT-J too, since
+    transformers 5.25 gave it the AttentionInterface); a model that refuses a backend gets a
+    UserError naming the fix, never an AttributeError from a patched internal."""
     model = transformers_model(model)
     name = TRANSFORMERS_NAMES[implementation]
-    family = family_of(model)
-    if family is not None and family.replaced_attention_class is not None:
-        # GPT-J: transformers has no sdpa path for it, so its attention modules get ours.
-        carrier = _carry_boundaries(model)
-        for layer in model.modules():
-            if type(layer).__name__ != family.replaced_attention_class:
-                continue
-            if implementation == "eager":
-                layer.__dict__.pop("forward", None)  # back to transformers' own forward
-            else:
-                layer.forward = types.MethodType(_gptj_attention_forward, layer)
-                layer._trainer_boundaries = carrier
-        # GPT-J picks its modules at construction and reads the config only to build the mask, so
-        # set it directly: the mask then comes in the form the chosen function expects.
-        model.config._attn_implementation = name
-        return
     refusal = "it does not use transformers' AttentionInterface"
     if model.config._attn_implementation != name:
         try:
@@ -186,113 +195,6 @@ def takes_sequence_boundaries(model: torch.nn.Module) -> bool:
     """Whether `model` attends with `varlen`, the one backend that uses a batch's sequence
     boundaries (trainer/data/boundaries.py); trainer/loss.py gives them to no other."""
     return transformers_model(model).config._attn_implementation == VARLEN_NAME
-
-
-# ---------------------------------------------------------------------------------------------
-# GPT-J: transformers' rotary embedding, then any attention function of the AttentionInterface.
-
-
-class _BoundaryCarrier:
-    """Takes a GPT-J forward's sequence boundaries from the causal LM's call to its attention modules.
-
-    GPT-2 and GPT-NeoX pass a forward's extra keyword arguments (transformers' FlashAttentionKwargs:
-    `cu_seq_lens_q`, `max_length_q`, ...) from the model's call down to every attention function.
-    GPT-J's transformers code drops them: GPTJForCausalLM keeps them for its loss, GPTJModel and
-    GPTJBlock pass none on. Threading them through would mean copying those two forwards too
-    (GPTJBlock's is wrapped for gradient checkpointing at the class level). Instead the causal LM's
-    forward is wrapped (`_carry_boundaries`): it takes them out of the call and keeps them here for
-    the length of that forward, and `_gptj_attention_forward` (every GPTJAttention of the model
-    holds this carrier) hands them to the attention function as the other families' code does.
-
-    A wrapped forward, not a forward pre-hook: `torch.compile(model)` compiles `forward` but runs
-    the outermost module's hooks outside the compiled frame, and an int that the compiled frame
-    then reads from an object is static to dynamo (one recompile per longest length). Taken from
-    the forward's own arguments, `max_length_q` stays a (symbolic) input of the frame.
-
-    One carrier per model, not a global. It is emptied when the forward returns or raises, so a
-    later call without boundaries (generation) never sees stale ones: it finds its own, as does a
-    layer recomputed by gradient checkpointing in the backward pass of an uncompiled model (the
-    same cuts: tested).
-    """
-
-    def __init__(self) -> None:
-        self.kwargs: dict = {}
-
-
-def _carry_boundaries(model: torch.nn.Module) -> _BoundaryCarrier:
-    """`model`'s carrier; on first use, wrap `model.forward` to fill it (install_attention may run
-    again on the same model). The wrapper keeps the forward's signature (`functools.wraps`), which
-    `generate()` inspects."""
-    carrier = model.__dict__.get("_trainer_boundaries")
-    if carrier is not None:
-        return carrier
-    carrier = model._trainer_boundaries = _BoundaryCarrier()
-    forward = type(model).forward
-
-    @functools.wraps(forward)
-    def forward_carrying_boundaries(self, *args, **kwargs):
-        carrier.kwargs = {key: kwargs.pop(key) for key in BOUNDARY_KEYS if key in kwargs}
-        try:
-            return forward(self, *args, **kwargs)
-        finally:
-            carrier.kwargs = {}
-
-    model.forward = types.MethodType(forward_carrying_boundaries, model)
-    return carrier
-
-
-def _gptj_attention_forward(
-    self,
-    hidden_states: torch.Tensor,
-    layer_past=None,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    use_cache: bool | None = False,
-    output_attentions: bool | None = False,
-    **kwargs,
-):
-    """GPTJAttention.forward of transformers 5 up to the attention itself (same projections, same
-    rotary code, same cache update), which then goes through transformers' AttentionInterface
-    instead of `_attn`. The scale is 1/sqrt(head_dim), as `_attn` divides by sqrt(head_dim).
-
-    `_attn` upcasts query and key to float32 so fp16 scores cannot overflow; sdpa's and flash's
-    fused kernels accumulate the scores and the softmax in float32 themselves, and bfloat16 has
-    float32's range."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb
-
-    query = self._split_heads(self.q_proj(hidden_states), self.num_attention_heads, self.head_dim, True)
-    key = self._split_heads(self.k_proj(hidden_states), self.num_attention_heads, self.head_dim, True)
-    value = self._split_heads(self.v_proj(hidden_states), self.num_attention_heads, self.head_dim, False)
-
-    embed_positions = self._get_embed_positions(position_ids)
-    repeated_position_ids = position_ids.unsqueeze(-1).repeat(1, 1, embed_positions.shape[-1])
-    sincos = torch.gather(embed_positions, 1, repeated_position_ids).to(key.dtype)
-    sin, cos = torch.split(sincos, sincos.shape[-1] // 2, dim=-1)
-    if self.rotary_dim is not None:
-        k_rot, k_pass = key[:, :, :, : self.rotary_dim], key[:, :, :, self.rotary_dim :]
-        q_rot, q_pass = query[:, :, :, : self.rotary_dim], query[:, :, :, self.rotary_dim :]
-        key = torch.cat([apply_rotary_pos_emb(k_rot, sin, cos), k_pass], dim=-1)
-        query = torch.cat([apply_rotary_pos_emb(q_rot, sin, cos), q_pass], dim=-1)
-    else:
-        key = apply_rotary_pos_emb(key, sin, cos)
-        query = apply_rotary_pos_emb(query, sin, cos)
-    key = key.permute(0, 2, 1, 3)  # (batch, heads, time, head_dim)
-    query = query.permute(0, 2, 1, 3)
-    if layer_past is not None:
-        key, value = layer_past.update(key, value, self.layer_idx)
-
-    attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
-    attn_output, attn_weights = attention(
-        self, query, key, value, attention_mask,
-        scaling=1.0 / self.scale_attn,
-        dropout=self.attn_dropout.p if self.training else 0.0,
-        position_ids=position_ids,
-        **self._trainer_boundaries.kwargs,  # this forward's sequence boundaries, if it has them
-    )
-    attn_output = attn_output.reshape(*attn_output.shape[:2], -1)  # (batch, time, heads * head_dim)
-    attn_output = self.resid_dropout(self.out_proj(attn_output))
-    return attn_output, attn_weights
 
 
 # ---------------------------------------------------------------------------------------------

@@ -179,6 +179,13 @@ class TrainingConfig(_Section):
     """A step whose loss or gradient norm is not finite is skipped (no update). After this many in a
     row the run saves its state and stops with an error naming the step."""
 
+    self_test: bool = True
+    """Before step 1, on the real model, device and dtype, check that the attention backend matches
+    eager attention, that training's batch layout (packed or padded) matches each example alone,
+    and that the first batch supervises exactly its completions (trainer/selftest.py). A failure
+    stops the run before any training, naming the check, the difference and the fix. About a
+    second; `false` skips it."""
+
     @field_validator("time_limit")
     @classmethod
     def _duration(cls, value: str | None) -> str | None:
@@ -386,7 +393,8 @@ def _apply_override(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist: check the path (it is relative to {Path.cwd()})")
+        relative = "" if path.is_absolute() else f" (it is relative to {Path.cwd()})"
+        raise UserError(f"config file {path} does not exist: check the path{relative}")
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -411,6 +419,39 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             keys.extend(_known_keys(annotation, prefix + name + "."))
     return keys
+
+
+# Names other trainers (transformers' TrainingArguments, axolotl) give to keys of this config.
+_OTHER_NAMES = {
+    "lr": "learning_rate",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "max_length": "max_seq_len",
+    "sequence_len": "max_seq_len",
+    "lr_scheduler_type": "lr_scheduler",
+}
+
+
+def _suggest_keys(unknown: str) -> list[str]:
+    """The keys an unknown one was probably meant to be, searched across sections: the same name in
+    another section (`epochs` -> `training.epochs`), a near spelling of the whole dotted key
+    (`training.learnin_rate`), else a near spelling of its last part (`epoch` -> `training.epochs`)."""
+    # The section an unknown key sits in is no suggestion for it (`training` for `training.lr`).
+    known = [key for key in _known_keys(Config) if key != unknown and not unknown.startswith(key + ".")]
+    leaf = unknown.rsplit(".", 1)[-1]
+    by_leaf: dict[str, list[str]] = {}
+    for key in known:
+        by_leaf.setdefault(key.rsplit(".", 1)[-1], []).append(key)
+    leaf = leaf if leaf in by_leaf else _OTHER_NAMES.get(leaf, leaf)
+    if leaf in by_leaf:
+        return by_leaf[leaf]
+    close = difflib.get_close_matches(unknown, known, n=1, cutoff=0.6)
+    if close:
+        return close
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.7)
+    return by_leaf[close[0]] if close else []
 
 
 def _field_path(loc: tuple) -> tuple:
@@ -451,8 +492,8 @@ def _describe_error(error: dict[str, Any], source: Path, overrides: dict[str, An
     where = "on the command line" if from_cli else f"in {source}"
     kind = error["type"]
     if kind == "extra_forbidden":
-        close = difflib.get_close_matches(loc, _known_keys(Config), n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'?" if close else "remove it (see the config reference in README.md)"
+        close = _suggest_keys(loc)
+        hint = f"did you mean {' or '.join(repr(k) for k in close)}?" if close else "remove it (see the config reference in README.md)"
         return f"unknown key '{loc}' {where}: {hint}"
     if kind == "missing":
         return f"missing key '{loc}' {where}: add it (see the config reference in README.md)"
@@ -477,8 +518,8 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
         return Config.model_validate(tree)
     except ValidationError as err:
         problems = [_describe_error(e, path, overrides) for e in _merge_union_errors(err.errors())]
-        if len(problems) == 1:
-            raise UserError(f"config error: {problems[0]}") from None
+        if len(problems) == 1:  # it names the key and the file: entry points print it after "error: "
+            raise UserError(problems[0]) from None
         listed = "\n".join(f"  - {p}" for p in problems)
         raise UserError(f"config has {len(problems)} errors:\n{listed}") from None
 

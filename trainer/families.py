@@ -4,8 +4,8 @@ Every module that needs family knowledge asks `family_of(model or config)` inste
 
 * LoRA's default targets (`lora.target_modules: auto`) and whether projections are Conv1D (GPT-2);
 * the transformer block class: FSDP shards each block, gradient checkpointing recomputes it;
-* how attention is installed: transformers' AttentionInterface, or (GPT-J, which transformers gives
-  no sdpa path) the trainer's own attention forward on the family's attention modules;
+* attention needs no entry: every family reaches every backend through transformers' public
+  AttentionInterface (GPT-J since transformers 5.25), so nothing of a model's internals is patched;
 * the FLOP shape (`trainer/flops.py`), the tiny test configuration (`trainer/tiny_models.py`) and
   the published configurations of the real models (the planner, the benchmark).
 
@@ -32,9 +32,6 @@ class Family:
     """The transformer block's class name."""
     conv1d_projections: bool
     """Projections stored as Conv1D with transposed weights (LoRA needs fan_in_fan_out)."""
-    replaced_attention_class: str | None
-    """Attention modules whose forward the trainer replaces (trainer/attention.py), or None when
-    transformers' AttentionInterface already reaches every backend."""
     shape: Callable[..., ModelShape]
     tiny_config: Callable[..., object]
     """(token ids, n_layer, n_embd, n_head, n_positions, **overrides) -> config, dropout off."""
@@ -83,11 +80,11 @@ def _tiny_neox(token_ids: dict, *, n_layer: int, n_embd: int, n_head: int, n_pos
 FAMILIES: dict[str, Family] = {
     family.model_type: family
     for family in (
-        Family("gpt2", ("c_attn", "c_proj", "c_fc"), "GPT2Block", True, None, _gpt2_like_shape, _tiny_gpt2),
+        Family("gpt2", ("c_attn", "c_proj", "c_fc"), "GPT2Block", True, _gpt2_like_shape, _tiny_gpt2),
         Family("gptj", ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"), "GPTJBlock", False,
-               "GPTJAttention", _gpt2_like_shape, _tiny_gptj),
+               _gpt2_like_shape, _tiny_gptj),
         Family("gpt_neox", ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"), "GPTNeoXLayer", False,
-               None, _neox_shape, _tiny_neox),
+               _neox_shape, _tiny_neox),
     )
 }
 

@@ -22,7 +22,7 @@ from trainer.state import SavedState, newest_state, read_state
 #: Keys that cannot change the trained weights, checkpoints or samples: a resumed run may differ in them.
 RESULT_NEUTRAL_KEYS = frozenset({
     "checkpoints.state_every_minutes", "checkpoints.state_every_steps", "training.time_limit",
-    "training.max_bad_steps", "resume", "overwrite_output_dir", "data.cache_dir", "data.num_proc",
+    "training.max_bad_steps", "training.self_test", "resume", "overwrite_output_dir", "data.cache_dir", "data.num_proc",
     "output_dir",  # the folder itself is what is being resumed, however its path is spelled
     "tracking.report_to", "tracking.project",  # where the run is reported, not what it trains
 })

@@ -54,12 +54,14 @@ from trainer.optim import build_optimizer, require_device_features
 from trainer.plan import plan_run as estimate_memory
 from trainer.report import CheckpointSummary, write_report
 from trainer.report_html import write_html_report
-from trainer.resolve import autocast_caches_weights, resolve_config, resolve_precision
+from trainer.resolve import activation_dtype, autocast_caches_weights, resolve_config, resolve_precision
 from trainer.resume import RunPlan, data_digests, plan_run
 from trainer.run_folder import (
     CONFIG_FILE, DATA_REPORT_FILE, METRICS_FILE, REPORT_FILE, SKIPPED_LINES_FILE, RunLock, clear_run, rewind_to,
     write_status,
 )
+from trainer.selftest import failure as selftest_failure
+from trainer.selftest import run_self_test
 from trainer.schedule import checkpoint_steps, learning_rate_at, warmup_steps
 from trainer.state import load_state, restore_rng_of, save_state, step_of
 from trainer.step import accumulate_gradients, optimizer_step
@@ -245,7 +247,24 @@ class FineTuneRecipe:
         self.data_digests = data_digests(cfg)
         if self.plan.action == "resume":
             self.restore(self.plan)
+
+        # 11. The self-test, on the real model, device and dtype (trainer/selftest.py): a backend or
+        #     batch layout that does not compute what training promises stops the run here.
+        if cfg.training.self_test:
+            self.self_test()
         return self.plan
+
+    def self_test(self) -> None:
+        cfg, acc = self.config, self.accelerator
+        items, batch, real = self.first_micro_batch()
+        result = run_self_test(
+            self.model, attention=cfg.model.attention, packing=cfg.data.packing,
+            compute_dtype=activation_dtype(cfg), autocast=acc.autocast, device=acc.device,
+            first_batch=(items, batch) if real else None, tokenizer=self.tokenizer, data_format=cfg.data.format,
+        )
+        if result.failed:
+            raise selftest_failure(result)
+        self.log(result.summary())
 
     def warn_about_memory(self, model_config, gpu_memory_bytes: int | None = None) -> str | None:
         """Log (and return) the planner's warning when the run's estimate exceeds the GPU."""
@@ -363,6 +382,15 @@ class FineTuneRecipe:
         else:
             reason = "checkpoint" if step in self.checkpoint_steps else "interval"
         return signalled or out_of_time, step in self.checkpoint_steps or every_steps or interval_due, reason
+
+    def first_micro_batch(self) -> tuple[list, dict, bool]:
+        """This process's first micro-batch of the next step: its items, the collated batch, and
+        whether it trains (a process with no item of its own gets a stand-in with no labels)."""
+        acc = self.accelerator
+        global_micro_batch = self.schedule.plan(self.start_step + 1).micro_batches[0]
+        mine, real = shard(global_micro_batch, acc.process_index, acc.num_processes)
+        items = [self.train_data[i] for i in mine]
+        return items, self.collate_train(items, self.tokenizer.pad_token_id, supervise=real), real
 
     def micro_batches(self, step: int) -> tuple[list[dict], list[int], int]:
         """This process's micro-batches of optimizer step `step` (collated, on the CPU), the indices
