@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM
 
 from trainer.config import Config
 from trainer.errors import UserError
-from trainer.optim import build_optimizer, parameter_groups, require_device_features
+from trainer.optim import build_optimizer, parameter_groups, require_bitsandbytes, require_device_features
 
 
 def config(**training) -> Config:
@@ -49,3 +49,14 @@ def test_bitsandbytes_features_are_checked_before_loading(monkeypatch):
         with pytest.raises(UserError) as info:
             require_device_features(config(**settings), torch.device("cpu"))
         assert key in str(info.value) and "needs bitsandbytes >= 0.50" in str(info.value)
+
+
+def test_bitsandbytes_is_imported_with_its_kernel_warning_filtered():
+    """bitsandbytes 0.50 logs "Failed to load CPU gemm_4bit_forward ..." at import on CPUs with
+    AVX512-BF16 (trainer/quantization.py): our import goes through the filter that drops it."""
+    import logging
+
+    from trainer import quantization
+
+    assert require_bitsandbytes("method=qlora", torch.device("cpu")).__name__ == "bitsandbytes"
+    assert logging.getLogger(quantization.BNB_CPU_LOGGER).filters.count(quantization._kernel_filter) == 1

@@ -167,6 +167,9 @@ def load_model(info: CheckpointInfo, dtype: torch.dtype, *, base: str | None = N
 
 
 def _merged_adapter_model(info: CheckpointInfo, dtype: torch.dtype, base: str | None, merge_safely: bool):
+    from trainer.quantization import quiet_bitsandbytes_import
+
+    quiet_bitsandbytes_import()  # peft imports bitsandbytes whenever it is installed
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -9,7 +9,8 @@ from trainer.attention import configure_attention, install_attention
 from trainer.config import Config
 from trainer.errors import UserError
 from trainer.families import family_of
-from trainer.hub import load_options, offline_fix
+from trainer.hub import load_options, model_source, offline_fix
+from trainer.quantization import keep_4bit_training_layout, kernel_notice, quiet_bitsandbytes_import
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -34,23 +35,24 @@ def _load_error(config: Config, what: str, err: Exception) -> UserError:
     )
 
 
+def _source(config: Config) -> str:
+    """model.name_or_path as from_pretrained takes it; a path that is not there stops here."""
+    return model_source(config.model.name_or_path, "model.name_or_path")
+
+
 def load_model_config(config: Config):
     """The model's transformers config (config.json only: cheap, no weights)."""
+    source = _source(config)
     try:
-        return AutoConfig.from_pretrained(
-            config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
-            **load_options(config.model.name_or_path),
-        )
+        return AutoConfig.from_pretrained(source, trust_remote_code=config.model.trust_remote_code, **load_options(source))
     except (OSError, ValueError) as err:
         raise _load_error(config, "model config", err) from None
 
 
 def load_tokenizer(config: Config):
+    source = _source(config)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            config.model.name_or_path, trust_remote_code=config.model.trust_remote_code,
-            **load_options(config.model.name_or_path),
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.model.trust_remote_code, **load_options(source))
     except (OSError, ValueError) as err:
         raise _load_error(config, "tokenizer", err) from None
     if tokenizer.pad_token_id is None:
@@ -90,10 +92,11 @@ def quantization_options(config: Config, device: torch.device) -> dict:
 
 
 def _from_pretrained(config: Config, device: torch.device) -> PreTrainedModel:
+    source = _source(config)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            config.model.name_or_path, dtype=storage_dtype(config), trust_remote_code=config.model.trust_remote_code,
-            **quantization_options(config, device), **load_options(config.model.name_or_path),
+            source, dtype=storage_dtype(config), trust_remote_code=config.model.trust_remote_code,
+            **quantization_options(config, device), **load_options(source),
         )
     except (OSError, ValueError) as err:
         raise _load_error(config, "model", err) from None
@@ -122,6 +125,10 @@ def load_model(config: Config, device: torch.device = torch.device("cpu"), *, on
     if config.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
+        # Evaluation and test prompts must not repack the 4-bit weights into bitsandbytes' CPU
+        # inference layout: training cannot continue on it (trainer/quantization.py).
+        keep_4bit_training_layout(model, device)
+        _say_once_on_rank_zero(kernel_notice())
         # Casts norms and the head to fp32 and enables input gradients, as k-bit training needs.
         model = prepare_model_for_kbit_training(
             model,
@@ -138,6 +145,12 @@ def load_model(config: Config, device: torch.device = torch.device("cpu"), *, on
     return model, attention
 
 
+def _say_once_on_rank_zero(message: str | None) -> None:
+    """Print `message` from one process of a group (every process loads the model)."""
+    if message and not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+        print(message, flush=True)
+
+
 def lora_target_modules(config: Config, model_config) -> list[str] | str:
     """`lora.target_modules`, with `auto` resolved from the model family (`model_config.model_type`)."""
     targets = config.lora.target_modules
@@ -152,6 +165,7 @@ def apply_method(config: Config, model: PreTrainedModel) -> PreTrainedModel:
     if config.method == "full":
         model.requires_grad_(True)
         return model
+    quiet_bitsandbytes_import()  # peft imports bitsandbytes whenever it is installed
     from peft import LoraConfig, get_peft_model
 
     targets = lora_target_modules(config, model.config)

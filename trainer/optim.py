@@ -29,8 +29,10 @@ CPU_BITSANDBYTES = (0, 50)
 def require_bitsandbytes(what: str, device: torch.device):
     """Import bitsandbytes for `what`, or say exactly why it cannot be used here. CUDA GPUs and (from
     bitsandbytes 0.50) the CPU run its 4-bit layers and 8-bit optimizers."""
+    from trainer.quantization import import_bitsandbytes
+
     try:
-        import bitsandbytes
+        bitsandbytes = import_bitsandbytes()  # without its kernel warning (trainer/quantization.py)
     except ImportError:
         raise UserError(f"{what} needs bitsandbytes: pip install -e '.[gpu]'") from None
     version = tuple(int(part) for part in bitsandbytes.__version__.split(".")[:2] if part.isdigit())
