@@ -67,7 +67,8 @@ def test_a_full_disk_while_saving_leaves_no_folder_and_says_so(tmp_path, tiny_mo
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".checkpoint-5.partial" / "tokenizer.json"))
 
     monkeypatch.setattr(tokenizer, "save_pretrained", disk_full)
-    with pytest.raises(SaveFailed, match="could not write checkpoint-5 .*No space left on device.*saved before are intact"):
+    with pytest.raises(SaveFailed, match="could not save checkpoint-5 .*No space left on device.* is free. Nothing of it was kept; no checkpoint "
+                       "was saved yet, no resumable state was saved yet \\(intact\\)"):
         save_checkpoint(tmp_path, 5, model=model, tokenizer=tokenizer, config=make_config("m"), samples=[], info={})
     assert list(tmp_path.iterdir()) == []  # neither a checkpoint nor a half-written folder
 

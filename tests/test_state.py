@@ -97,6 +97,6 @@ def test_a_full_disk_during_a_save_keeps_the_previous_state(tmp_path, monkeypatc
         raise OSError(errno.ENOSPC, "No space left on device", str(filename))
 
     monkeypatch.setattr("trainer.state.save_file", disk_full)
-    with pytest.raises(SaveFailed, match=r"state of step 6 .*No space left on device.*previous state \(state-3\) is intact"):
+    with pytest.raises(SaveFailed, match=r"state of step 6 .*No space left on device.*the last resumable state is state-3 \(intact\)"):
         save_state(accelerator, tmp_path, 6, model=model, optimizer=optimizer, config=config(tmp_path), info={})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state-3"]

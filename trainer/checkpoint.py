@@ -11,11 +11,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from trainer.atomic import atomic_folder
 from trainer.config import Config, save_config
 from trainer.data.jsonl import write_jsonl
-from trainer.errors import SaveFailed
+from trainer.disk import save_failure
 from trainer.faults import crash_point
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -64,14 +65,15 @@ def _record_dtype(folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
 
 def save_checkpoint(
     output_dir: Path, step: int, *, model, tokenizer, config: Config, samples: list[dict], info: dict,
-    state_dict: dict[str, torch.Tensor] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None, expected_bytes: int | None = None,
 ) -> Path:
     """Write weights (safetensors, sharded with an index for large models), tokenizer, resolved
     config, samples and info; then rename. `state_dict` gives the weights when they are not the
     model's own tensors (gathered from FSDP shards, or cast to the compute dtype).
 
-    A failed write (a full disk) leaves no folder behind and raises `SaveFailed`; the checkpoints
-    and the resumable state saved before are untouched."""
+    A failed write (a full disk) leaves no folder behind and raises `SaveFailed` (trainer/disk.py
+    `save_failure`, which `expected_bytes`, the checkpoint's estimated size, helps tell a full disk
+    from another error); the checkpoints and the resumable state saved before are untouched."""
     final = checkpoint_dir(output_dir, step)
     for adapter in getattr(model, "peft_config", {}).values():
         adapter.base_model_name_or_path = base_model_reference(config.model.name_or_path)
@@ -86,10 +88,9 @@ def save_checkpoint(
             write_jsonl(partial / SAMPLES_FILE, samples)
             (partial / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
             crash_point("checkpoint_save", step)
-    except OSError as err:
-        raise SaveFailed(
-            f"could not write {final.name} in {output_dir}: {err.strerror or err} ({err.filename}); the checkpoints "
-            "and the resumable state saved before are intact. Fix: free disk space (or fix the folder's "
-            "permissions) and rerun the same command to continue"
-        ) from None
+    except (OSError, SafetensorError, RuntimeError) as err:
+        failure = save_failure(final.name, output_dir, err, expected_bytes=expected_bytes)
+        if failure is None:
+            raise
+        raise failure from None
     return final

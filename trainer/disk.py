@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.errors import NotEnoughDisk
+from trainer.errors import NotEnoughDisk, SaveFailed
 
 #: Config, samples, JSON and safetensors headers: a few kB in practice; this is generous.
 SMALL_FILES_BYTES = 1 << 20
@@ -102,3 +102,42 @@ def check_free_space(folder: Path, sizes: RunBytes, *, checkpoints_left: int, st
             "folder on a larger disk (output_dir=...), or save fewer checkpoints (checkpoints.count)",
             needed=needed, free=free,
         )
+
+
+def _newest(folder: Path, prefix: str) -> str | None:
+    """The newest complete `<prefix><step>` folder's name (a `.partial` one is not complete)."""
+    steps = []
+    for path in Path(folder).glob(f"{prefix}*"):
+        suffix = path.name[len(prefix):]
+        if suffix.isdigit() and path.is_dir():
+            steps.append(int(suffix))
+    return f"{prefix}{max(steps)}" if steps else None
+
+
+def save_failure(what: str, output_dir: Path, err: BaseException, *, expected_bytes: int | None = None) -> SaveFailed | None:
+    """The SaveFailed for a write of `what` (e.g. `checkpoint-16`) that raised `err`, or None when
+    `err` is not a failed write (the caller re-raises it: a bug must not pass for a full disk).
+
+    An OSError is always a failed write. safetensors (SafetensorError) and torch.save (RuntimeError)
+    report a full disk with their own types, so those count when the disk has less free space than
+    the save needed. The message names the folder, the bytes, and what is still intact."""
+    free = free_bytes(output_dir) if Path(output_dir).exists() else 0
+    if isinstance(err, OSError):
+        reason = err.strerror or str(err)
+        if err.filename:
+            reason += f" ({err.filename})"
+    elif expected_bytes is not None and free < expected_bytes:
+        reason = f"the disk is full ({type(err).__name__})"
+    else:
+        return None
+    sizes = f"; it needs about {human(expected_bytes)} and {human(free)} is free" if expected_bytes else f"; {human(free)} is free"
+    checkpoint, state = _newest(output_dir, "checkpoint-"), _newest(output_dir, "state-")
+    intact = ", ".join(part for part in (
+        f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet",
+        f"the last resumable state is {state}" if state else "no resumable state was saved yet",
+    ) if part)
+    return SaveFailed(
+        f"could not save {what} in {output_dir}: {reason}{sizes}. Nothing of it was kept; {intact} (intact). "
+        "Fix: free disk space (or fix the folder's permissions) and rerun the same command to continue",
+        needed=expected_bytes or 0, free=free,
+    )

@@ -73,7 +73,11 @@ class NotEnoughDisk(UserError):
 
 class SaveFailed(UserError):
     """Writing a checkpoint or the resumable state failed (disk full, permissions); the previous
-    complete ones are untouched."""
+    complete ones are untouched. `needed` and `free` are bytes (0 when not known)."""
+
+    def __init__(self, message: str, needed: int = 0, free: int = 0):
+        super().__init__(message)
+        self.needed, self.free = needed, free
 
 
 class TrainingDiverged(UserError):

@@ -275,7 +275,13 @@ def rewind_to(folder: Path, step: int) -> None:
 def write_status(folder: Path, status: str, **fields) -> None:
     """`status.json`: `running` | `stopped` | `complete` | `failed`, with the step and exit code."""
     record = {"status": status, **fields, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    write_text_atomically(folder / STATUS_FILE, json.dumps(record, indent=1) + "\n")
+    text = json.dumps(record, indent=1) + "\n"
+    try:
+        write_text_atomically(folder / STATUS_FILE, text)
+    except OSError:
+        # A full disk has no room for a second copy; overwriting in place frees the old file's
+        # blocks first, so how the run ended is still recorded (a torn file reads as no status).
+        (folder / STATUS_FILE).write_text(text, encoding="utf-8")
 
 
 def read_status(folder: Path) -> dict | None:

@@ -31,10 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from trainer.atomic import commit_partial, discard_partial, partial_path, start_partial
 from trainer.config import Config, save_config
+from trainer.disk import save_failure
 from trainer.distributed import all_processes_ok
 from trainer.errors import SaveFailed, UserError
 from trainer.faults import crash_point
@@ -152,7 +154,7 @@ def _rng_file(rank: int) -> str:
 
 
 def save_state(accelerator, output_dir: Path, step: int, *, model, optimizer, config: Config, info: dict,
-               final: bool = False, sharded: bool = False) -> Path:
+               final: bool = False, sharded: bool = False, expected_bytes: int | None = None) -> Path:
     """Write `state-<step>` atomically and remove older states. `model` is the unwrapped model.
 
     Every process writes its RNG file; the main process writes the rest, marks it complete and
@@ -172,6 +174,7 @@ def save_state(accelerator, output_dir: Path, step: int, *, model, optimizer, co
     if not all_processes_ok(acc, ok):
         raise _save_failed(output_dir, step, problem if not ok else None)
     partial = partial_path(final_path)
+    problem = None
     try:
         if not final:
             torch.save(capture_rng(), partial / _rng_file(acc.process_index))
@@ -191,8 +194,11 @@ def save_state(accelerator, output_dir: Path, step: int, *, model, optimizer, co
 
             dcp.save(sharded_training_state(model, optimizer), checkpoint_id=str(partial / SHARDED_DIR))
         crash_point("state_save", step, acc.process_index)
-    except OSError as err:
-        ok, problem = False, err
+    except (OSError, SafetensorError, RuntimeError) as err:
+        problem = save_failure(f"the resumable state of step {step}", output_dir, err, expected_bytes=expected_bytes)
+        if problem is None:
+            raise
+        ok = False
     if not all_processes_ok(acc, ok):
         if acc.is_main_process:
             discard_partial(final_path)
@@ -213,7 +219,9 @@ def save_state(accelerator, output_dir: Path, step: int, *, model, optimizer, co
     return final_path
 
 
-def _save_failed(output_dir: Path, step: int, err: OSError | None) -> SaveFailed:
+def _save_failed(output_dir: Path, step: int, err: SaveFailed | OSError | None) -> SaveFailed:
+    if isinstance(err, SaveFailed):
+        return err
     previous = [p.name for p in complete_states(output_dir)]
     kept = f"the previous state ({previous[-1]}) is intact" if previous else "no earlier state exists"
     reason = f"{err.strerror or err} ({err.filename})" if err is not None else "another process could not write its part"

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -107,7 +108,7 @@ class FineTuneRecipe:
         self.output_dir = Path(config.output_dir)
         self.lock: RunLock | None = None
         self.owns_folder = False  # set once this job has made the folder its run's
-        self.start_step = 0
+        self.start_step = self.step = 0
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -206,7 +207,10 @@ class FineTuneRecipe:
         self.strategy = make_strategy(acc, cfg)
         model = self.strategy.build_model()
         trainable, total = count_parameters(model)
-        decide_on_main(acc, lambda: self.check_disk(model))
+        self.run_sizes = run_bytes(model, method=cfg.method, optimizer=cfg.training.optimizer,
+                                   tokenizer_size=tokenizer_bytes(self.tokenizer),
+                                   checkpoint_dtype=getattr(torch, cfg.model.dtype))
+        decide_on_main(acc, self.check_disk)
         if self.strategy.sharded:
             held = self.strategy.held_parameters(model)
             print(f"[rank {acc.process_index}] FSDP: this process holds {held:,} of {total:,} parameters", flush=True)
@@ -297,19 +301,16 @@ class FineTuneRecipe:
             if step_of(checkpoint, CHECKPOINT_PREFIX) is not None:
                 shutil.copytree(checkpoint, self.output_dir / checkpoint.name)
 
-    def check_disk(self, model: torch.nn.Module) -> None:
-        cfg = self.config
-        sizes = run_bytes(model, method=cfg.method, optimizer=cfg.training.optimizer,
-                          tokenizer_size=tokenizer_bytes(self.tokenizer), checkpoint_dtype=getattr(torch, cfg.model.dtype))
+    def check_disk(self) -> None:
         done = self.plan.state.step if self.plan.action == "resume" else 0
-        check_free_space(self.output_dir, sizes, checkpoints_left=sum(s > done for s in self.checkpoint_steps),
+        check_free_space(self.output_dir, self.run_sizes, checkpoints_left=sum(s > done for s in self.checkpoint_steps),
                          states_present=1 if self.plan.action == "resume" else 0)
 
     def restore(self, plan: RunPlan) -> None:
         state, info = plan.state, plan.state.info
         load_state(self.accelerator, state, model=self.unwrapped_model, optimizer=self.optimizer,
                    sharded=self.strategy.sharded)
-        self.start_step = state.step
+        self.start_step = self.step = state.step
         self.loss_since_checkpoint = info["loss_since_checkpoint"]
         self.tokens_since_checkpoint = info["tokens_since_checkpoint"]
         self.bad_steps_in_a_row, self.skipped_steps = info["bad_steps_in_a_row"], info["skipped_steps"]
@@ -337,6 +338,7 @@ class FineTuneRecipe:
         self.last_state_time = time.time()
         try:
             for step in range(self.start_step + 1, self.total_steps + 1):
+                self.step = step
                 loss = self.train_step(step)
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}", refresh=False)  # redraw on tqdm's own schedule
@@ -519,7 +521,7 @@ class FineTuneRecipe:
                 weights = cast_floating(weights, getattr(torch, cfg.model.dtype))
             path = save_checkpoint(
                 self.output_dir, step, model=self.unwrapped_model, tokenizer=self.tokenizer,
-                config=cfg, samples=samples, info=info, state_dict=weights,
+                config=cfg, samples=samples, info=info, state_dict=weights, expected_bytes=self.run_sizes.checkpoint,
             )
             self.checkpoints.append(CheckpointSummary(step, epoch, train_loss, eval_loss, samples))
             write_status(self.output_dir, "running", step=step, total_steps=self.total_steps)
@@ -555,7 +557,8 @@ class FineTuneRecipe:
             "tracker_run_id": self.tracker_run_id,
         }
         save_state(self.accelerator, self.output_dir, step, model=self.unwrapped_model, optimizer=self.optimizer,
-                   config=self.config, info=info, final=final, sharded=self.strategy.sharded)
+                   config=self.config, info=info, final=final, sharded=self.strategy.sharded,
+                   expected_bytes=self.run_sizes.state)
         self.deadline.record("state", time.perf_counter() - started)
         self.last_state_time = time.time()
 
@@ -580,11 +583,20 @@ class FineTuneRecipe:
             return EXIT_DONE
         return EXIT_DONE if self.train() == "complete" else EXIT_STOPPED_RESUMABLE
 
-    def failed(self, err: UserError) -> None:
-        """Record a user error in the run's status (only a folder this job made its own)."""
+    def where(self) -> str:
+        """` at step N of T`, or ` during setup`: where the run was when it failed."""
+        if not hasattr(self, "total_steps") or not hasattr(self, "model"):
+            return " during setup"
+        return f" at step {self.step} of {self.total_steps}"
+
+    def failed(self, err: Exception, exit_code: int | None = None) -> None:
+        """Record how the run ended in its status (only a folder this job made its own)."""
         if self.is_main and self.owns_folder:
+            code = exit_code if exit_code is not None else getattr(err, "exit_code", EXIT_USER_ERROR)
+            message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
             try:
-                write_status(self.output_dir, "failed", exit_code=err.exit_code, message=str(err))
+                write_status(self.output_dir, "failed", exit_code=code, message=message,
+                             **({"step": self.step} if hasattr(self, "model") else {}))
             except OSError:
                 pass
 
@@ -621,14 +633,36 @@ def main(argv: list[str] | None = None) -> int:
                 recipe.failed(err)
             return err.exit_code
         except OSError as err:  # the environment: a folder that is not writable, a full disk
-            print(f"error: {err.strerror or err}: {err.filename}. Fix: check that this path is writable and its disk "
-                  "has free space", file=sys.stderr)
+            err = UserError(f"{err.strerror or err}: {err.filename}. Fix: check that this path is writable and its "
+                            "disk has free space")
+            print(f"error: {err}", file=sys.stderr)
+            if recipe is not None:
+                recipe.failed(err)
+            return EXIT_USER_ERROR
+        except torch.OutOfMemoryError as err:
+            err = UserError(f"out of {'GPU ' if torch.cuda.is_available() else ''}memory{recipe.where() if recipe else ''}. "
+                            "Fix: lower training.micro_batch_size (raise gradient_accumulation_steps to keep the batch), "
+                            "set model.gradient_checkpointing=true, or lower data.max_seq_len; "
+                            "`python scripts/plan.py CONFIG` estimates the memory a config needs")
+            print(f"{'' if rank == '0' else f'[rank {rank}] '}error: {err}", file=sys.stderr)
+            if recipe is not None:
+                recipe.failed(err)
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
             if rank == "0":
                 print("\ninterrupted by a second Ctrl-C: stopped at once, without saving. Rerun the same command to "
                       "continue from the newest resumable state", file=sys.stderr)
             return EXIT_INTERRUPTED
+        except Exception as err:  # not the user's: a library's error, or a bug of ours
+            where = recipe.where() if recipe is not None else " while starting"
+            print(f"{'' if rank == '0' else f'[rank {rank}] '}error: the run failed{where} with "
+                  f"{type(err).__name__}: {err}. This is a bug in the trainer or a library, not in your config or "
+                  "data: the traceback follows; report it with the output of `python -m trainer.doctor CONFIG`",
+                  file=sys.stderr, flush=True)
+            traceback.print_exc()
+            if recipe is not None:
+                recipe.failed(err, exit_code=EXIT_USER_ERROR)
+            return EXIT_USER_ERROR
         finally:
             if recipe is not None:
                 recipe.close()
