@@ -115,3 +115,34 @@ def test_a_disk_that_fills_mid_run_fails_the_save_cleanly(tmp_path, tiny_model_d
     finally:
         if mounted:
             subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_time_limit_too_short_for_one_step_is_refused_before_step_1(tmp_path, tiny_model_dirs, capsys):
+    config = write_config(tmp_path, tiny_model_dirs["gpt2"], "lora", training={"time_limit": "5s"})
+    assert main([str(config)]) == 1
+    (err,) = messages(capsys.readouterr().err)
+    assert err.startswith("error: training.time_limit=5s leaves this job ")
+    assert "every job would train a single step" in err and "at least 50 s" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or "loss" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_the_embedded_default_continues_a_stopped_run_and_says_when_it_is_complete(tmp_path, monkeypatch, capsys):
+    """configs/tiny-gpt2.yaml: "stopped ... run the same command to continue" must be true of it."""
+    train_step = FineTuneRecipe.train_step
+
+    def stop_after_step_3(self, step):
+        loss = train_step(self, step)
+        if step == 3 and self.start_step == 0:
+            self.stop.requested = "SIGTERM"
+        return loss
+
+    monkeypatch.setattr(FineTuneRecipe, "train_step", stop_after_step_3)
+    command = ["configs/tiny-gpt2.yaml", f"output_dir={tmp_path / 'run'}", "training.epochs=0.1", "checkpoints.count=1"]
+    assert main(command) == 75
+    out, err = capsys.readouterr()
+    assert "run the same command to continue" in out
+    assert "attention_mask" not in err  # transformers' advice for padded rows, not meant for packed ones
+    assert main(command) == 0
+    assert "resumed from step 3 of " in capsys.readouterr().out
+    assert main(command) == 0
+    assert "is already complete" in capsys.readouterr().out

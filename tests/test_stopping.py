@@ -70,3 +70,25 @@ def test_signals_set_a_flag_a_second_ctrl_c_raises_and_handlers_come_back():
         assert stop.requested == "SIGINT"
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
+
+
+def test_a_time_limit_with_no_room_for_a_second_step_is_refused_with_the_numbers():
+    from trainer.errors import TimeLimitTooShort
+    from trainer.stopping import Deadline
+
+    deadline = Deadline(end=1000.0)
+    assert deadline.too_short(980.0, "90s", after_first_step=False) is None  # 20 s left, 10 s needed
+    err = deadline.too_short(995.0, "90s", after_first_step=False)  # 5 s left after setup
+    assert isinstance(err, TimeLimitTooShort) and (err.seconds_left, err.seconds_needed) == (5.0, 10.0)
+    assert str(err) == (
+        "training.time_limit=90s leaves this job 5 s after setup, but one step, a state save and the margin need "
+        "10 s (1.2 x (no step measured yet) + 10 s): every job would train a single step. Fix: give the job more "
+        "time (training.time_limit), at least 50 s")
+    deadline.record("step", 20.0)
+    deadline.record("state", 5.0)
+    err = deadline.too_short(970.0, None, after_first_step=True)  # the first step used the time
+    assert err.seconds_needed == pytest.approx(40.0) and str(err).startswith(
+        "the SLURM job's time limit leaves this job 30 s after its first step, but one step, a state save and the "
+        "margin need 40 s (1.2 x (step 20.0 s, state 5.0 s) + 10 s): every job would train a single step. "
+        "The resumable state is saved. Fix: give the job more time (sbatch --time)")
+    assert Deadline(end=None).too_short(0.0, None, after_first_step=True) is None

@@ -80,6 +80,16 @@ class SaveFailed(UserError):
         self.needed, self.free = needed, free
 
 
+class TimeLimitTooShort(UserError):
+    """The job's time limit leaves room for one step at most: every job would train a single
+    step, save and stop. `seconds_left` after setup (or after the first step), `seconds_needed`
+    for one step, a state save and the margin."""
+
+    def __init__(self, message: str, seconds_left: float = 0.0, seconds_needed: float = 0.0):
+        super().__init__(message)
+        self.seconds_left, self.seconds_needed = seconds_left, seconds_needed
+
+
 class TrainingDiverged(UserError):
     """`training.max_bad_steps` optimizer steps in a row had a non-finite loss or gradient norm."""
 

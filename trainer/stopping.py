@@ -19,6 +19,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
+from trainer.errors import TimeLimitTooShort
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
@@ -128,6 +130,27 @@ class Deadline:
         """Seconds needed for one more step, its checkpoint if one is due, and a state save."""
         needed = self.longest["step"] + self.longest["state"] + (self.longest["checkpoint"] if checkpoint_due else 0.0)
         return MARGIN_FACTOR * needed + MARGIN_SECONDS
+
+    def too_short(self, now: float, time_limit: str | None, *, after_first_step: bool) -> TimeLimitTooShort | None:
+        """The error for a time limit that leaves no room for a second step of this job (checked
+        after setup, with the timings a resumed state carries, and after the job's first step):
+        every job would train one step, save and stop, and a requeue loop would never end."""
+        if self.end is None:
+            return None
+        left, needed = self.end - now, self.margin(checkpoint_due=False)
+        if left >= needed and not after_first_step:
+            return None
+        source = f"training.time_limit={time_limit}" if time_limit else "the SLURM job's time limit"
+        measured = ", ".join(f"{kind} {seconds:.1f} s" for kind, seconds in self.longest.items() if seconds)
+        when = "after its first step" if after_first_step else "after setup"
+        return TimeLimitTooShort(
+            f"{source} leaves this job {max(left, 0):.0f} s {when}, but one step, a state save and the margin "
+            f"need {needed:.0f} s ({MARGIN_FACTOR:g} x ({measured or 'no step measured yet'}) + {MARGIN_SECONDS:g} s): "
+            f"every job would train a single step.{' The resumable state is saved.' if after_first_step else ''} "
+            f"Fix: give the job more time "
+            f"({'training.time_limit' if time_limit else 'sbatch --time'}), at least {needed * 5:.0f} s",
+            seconds_left=left, seconds_needed=needed,
+        )
 
     def must_stop(self, now: float, next_step_has_checkpoint: bool) -> bool:
         """True when the next step (and its checkpoint) might not leave time to save the state."""

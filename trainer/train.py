@@ -252,11 +252,20 @@ class FineTuneRecipe:
         if self.plan.action == "resume":
             self.restore(self.plan)
 
+        # A time limit that leaves no room for a step and a state save is refused before step 1.
+        decide_on_main(acc, lambda: self.refuse_a_time_limit_too_short(after_first_step=False))
+
         # 11. The self-test, on the real model, device and dtype (trainer/selftest.py): a backend or
         #     batch layout that does not compute what training promises stops the run here.
         if cfg.training.self_test:
             self.self_test()
         return self.plan
+
+    def refuse_a_time_limit_too_short(self, after_first_step: bool) -> None:
+        """Main process (its clock decides the time limit): raise TimeLimitTooShort, with the numbers."""
+        err = self.deadline.too_short(time.time(), self.config.training.time_limit, after_first_step=after_first_step)
+        if err is not None:
+            raise err
 
     def self_test(self) -> None:
         cfg, acc = self.config, self.accelerator
@@ -352,7 +361,11 @@ class FineTuneRecipe:
                 stop, save, reason = self.at_step_boundary(step)
                 if save or stop:
                     self.save_state(step, reason)
+                if stop and reason == "time limit" and step == self.start_step + 1:
+                    # One step per job: a requeue loop that never ends. The state is saved above.
+                    decide_on_main(self.accelerator, lambda: self.refuse_a_time_limit_too_short(after_first_step=True))
                 if stop:
+                    progress.close()  # before the message: a bar redrawn after it would bury it
                     self.finish("stopped", step, f"stopped at step {step} of {self.total_steps} ({reason})")
                     return "stopped"
         finally:
