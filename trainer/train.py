@@ -42,10 +42,11 @@ from trainer.data.packing import collate_packed, pack_examples, packing_stats
 from trainer.data.pipeline import prepare_data, write_skipped_lines
 from trainer.data.validate import preflight_data, write_data_reports
 from trainer.disk import check_free_space, run_bytes, tokenizer_bytes
-from trainer.distributed import decide_on_main, sum_over_processes
+from trainer.distributed import check_shared_folder, decide_on_main, honour_launcher, shutdown, sum_over_processes
 from trainer.errors import (
     EXIT_DONE, EXIT_INTERRUPTED, EXIT_STOPPED_RESUMABLE, EXIT_USER_ERROR, TrainingDiverged, UsageError, UserError,
 )
+from trainer.families import FAMILIES, family_of
 from trainer.faults import crash_point
 from trainer.generate import complete, encode_test_prompt
 from trainer.loss import supervised_loss_sum
@@ -90,6 +91,9 @@ class FineTuneRecipe:
         self.config = config
         self.stop = stop
         self.started = time.time() if started is None else started
+        # What `accelerate launch` asked for (its config file's FSDP or DeepSpeed, mixed precision) is
+        # honoured in the config or refused, before the dtypes are resolved (trainer/distributed.py).
+        honour_launcher(config)
         # The dtypes decide the Accelerator's autocast, so they are resolved first (trainer/resolve.py).
         resolve_precision(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         # accelerate keeps one AcceleratorState per process; another recipe in the same process (the
@@ -130,6 +134,9 @@ class FineTuneRecipe:
             self.lock = RunLock(self.output_dir).acquire()
 
         decide_on_main(acc, take_lock)
+        # Every process must see the folder the main process locked (a node with its own output_dir
+        # would die at the first save): the main process writes a token that all must read back.
+        check_shared_folder(acc, self.output_dir)
 
         # 2. Preflight, on the main process: the checks of `scripts/prepare_data.py validate`
         #    before anything heavy loads. Errors stop the run (unless data.on_error=skip); warnings
@@ -281,6 +288,10 @@ class FineTuneRecipe:
 
     def warn_about_memory(self, model_config, gpu_memory_bytes: int | None = None) -> str | None:
         """Log (and return) the planner's warning when the run's estimate exceeds the GPU."""
+        if family_of(model_config) is None:  # the planner models the families it has entries for
+            self.log(f"note: no memory estimate for model_type {model_config.model_type!r} (the planner knows "
+                     f"{', '.join(FAMILIES)}); training goes on without one")
+            return None
         memory = gpu_memory_bytes or torch.cuda.get_device_properties(self.accelerator.device).total_memory
         warning = estimate_memory(self.config, gpus=self.accelerator.num_processes, gpu_memory_bytes=memory,
                                   model_config=model_config).warning()
@@ -679,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if recipe is not None:
                 recipe.close()
+            shutdown()  # all processes leave the process group together (trainer/distributed.py)
 
 
 if __name__ == "__main__":
