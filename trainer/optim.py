@@ -34,7 +34,7 @@ def require_bitsandbytes(what: str, device: torch.device):
     try:
         bitsandbytes = import_bitsandbytes()  # without its kernel warning (trainer/quantization.py)
     except ImportError:
-        raise UserError(f"{what} needs bitsandbytes: pip install -e '.[gpu]'") from None
+        raise UserError(f"{what} needs bitsandbytes: pip install -c constraints.txt -e '.[gpu]'") from None
     version = tuple(int(part) for part in bitsandbytes.__version__.split(".")[:2] if part.isdigit())
     if device.type == "cpu" and version < CPU_BITSANDBYTES:
         raise UserError(f"{what} on the CPU needs bitsandbytes >= 0.50 (this is {bitsandbytes.__version__}): "

@@ -33,7 +33,7 @@ def check_installed(config: Config) -> None:
     missing = [PACKAGES[name] for name in trackers(config) if importlib.util.find_spec(PACKAGES[name]) is None]
     if missing:
         raise UserError(f"tracking.report_to={config.tracking.report_to} needs {' and '.join(missing)}: "
-                        f"pip install -e '.[tracking]' (or pip install {' '.join(missing)}), or set tracking.report_to=none")
+                        f"pip install -c constraints.txt -e '.[tracking]' (or pip install {' '.join(missing)}), or set tracking.report_to=none")
 
 
 def accelerator_options(config: Config) -> dict:
