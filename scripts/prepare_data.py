@@ -28,13 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trainer.atomic import write_bytes_atomically  # noqa: E402
 from trainer.data.convert import ConvertOptions, convert_table, unescape  # noqa: E402
 from trainer.data.split import split_file, split_output_paths  # noqa: E402
-from trainer.data.validate import (  # noqa: E402
-    FIXABLE,
-    ValidationReport,
-    fixed_lines,
-    load_local_tokenizer,
-    validate_file,
-)
+from trainer.data.fixes import FIXABLE, fixed_lines  # noqa: E402
+from trainer.data.validate import load_local_tokenizer, validate_file  # noqa: E402
+from trainer.data.validation_report import ValidationReport  # noqa: E402
 from trainer.errors import UsageError, UserError  # noqa: E402
 
 FORMATS = ("auto", "prompt_completion", "chat", "text")

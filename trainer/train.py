@@ -40,7 +40,7 @@ from trainer.data.batching import DataSchedule, collate, shard
 from trainer.data.chat import resolve_chat_template
 from trainer.data.packing import collate_packed, pack_examples, packing_stats
 from trainer.data.pipeline import prepare_data, write_skipped_lines
-from trainer.data.validate import preflight_data, write_data_reports
+from trainer.data.preflight import preflight_data, write_data_reports
 from trainer.disk import check_free_space, run_bytes, tokenizer_bytes
 from trainer.distributed import check_shared_folder, decide_on_main, honour_launcher, shutdown, sum_over_processes
 from trainer.errors import (

@@ -164,3 +164,26 @@ def test_the_benchmark_data_is_deterministic_and_valid(tmp_path):
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     examples = read_examples(tmp_path / "a.jsonl")
     assert len(examples) == rows and all(e.prompt.endswith("\n\n###\n\n") and e.completion.startswith(" ") for e in examples)
+
+
+def test_a_start_reads_each_file_once_the_preflight_read(tmp_path, tokenizer, monkeypatch):
+    """The preflight parses and hashes every file; the data stage then neither parses nor hashes it
+    again, on a cold cache (it tokenizes the preflight's rows) or a warm one (a resume)."""
+    from trainer.data import reads, readers
+    from trainer.data.preflight import preflight_data
+
+    path = write_jsonl(tmp_path / "train.jsonl", fruit_rows(40))
+    config = make_config(tmp_path, train_file=str(path), validation_split=0.25)
+    real_read = readers.read_jsonl
+    calls = []
+    monkeypatch.setattr(readers, "read_jsonl", lambda *a, **k: calls.append("parse") or real_read(*a, **k))
+    real_open = open
+    monkeypatch.setattr(reads, "open", lambda *a, **k: calls.append("hash") or real_open(*a, **k), raising=False)
+    for cache in ("cold", "warm"):
+        preflight_data(config, log=lambda message: None)
+        prepared, messages = prepare(config, tokenizer)
+        assert calls == ["parse"], cache
+        assert (len(prepared.train), len(prepared.valid)) == (30, 10)
+        assert ("from the cache" in messages[0]) == (cache == "warm")
+        assert reads.take_rows(path) is None  # the kept rows were used or dropped, not left in memory
+        calls.clear()

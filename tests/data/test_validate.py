@@ -8,16 +8,11 @@ import pytest
 
 from trainer.data.examples import read_examples
 from trainer.data.tokenize import tokenize_examples
-from trainer.data.validate import (
-    FIXABLE,
-    find_separator,
-    fix_row,
-    fixed_lines,
-    length_histogram,
-    percentile,
-    preflight_data,
-    validate_file,
-)
+from trainer.data.fixes import FIXABLE, fix_row, fixed_lines
+from trainer.data.preflight import preflight_data
+from trainer.data.quality import find_separator
+from trainer.data.token_stats import length_histogram, percentile
+from trainer.data.validate import validate_file
 from trainer.errors import UserError
 from tests.helpers import write_jsonl
 
@@ -393,7 +388,7 @@ def test_preflight_runs_without_torch_or_transformers(tmp_path):
     script = (
         "import sys\n"
         "from trainer.config import load_config\n"
-        "from trainer.data.validate import preflight_data\n"
+        "from trainer.data.preflight import preflight_data\n"
         "from trainer.errors import UserError\n"
         f"config = load_config({str(tmp_path / 'config.yaml')!r})\n"
         "try:\n"

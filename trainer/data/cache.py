@@ -33,11 +33,14 @@ from typing import Iterator
 
 import numpy as np
 
+from trainer.data.problems import Problem
+from trainer.data.reads import file_digest  # noqa: F401 - public here too (the resume check imports it)
 from trainer.data.tokenize import TokenizedRows
 
-CACHE_FORMAT = 1  # bump when the layout of an entry changes
+CACHE_FORMAT = 2  # bump when the layout of an entry changes (2: skipped lines as [line, kind, message, fix])
 META_FILE = "meta.json"
-_CODE_FILES = ("cache.py", "chat.py", "examples.py", "formats.py", "jsonl.py", "pipeline.py", "readers.py", "tokenize.py")
+_CODE_FILES = ("cache.py", "chat.py", "examples.py", "formats.py", "jsonl.py", "pipeline.py", "problems.py", "readers.py",
+               "reads.py", "tokenize.py")
 
 
 def default_cache_dir() -> Path:
@@ -45,22 +48,6 @@ def default_cache_dir() -> Path:
     import datasets
 
     return Path(datasets.config.HF_DATASETS_CACHE) / "trainer-tokenized"
-
-
-def file_digest(path: str | Path, chunk_size: int = 1 << 24) -> str:
-    """SHA-256 of the file's bytes (hashed once per process while its size and mtime stay the same:
-    a resume compares the digests before the cache looks them up)."""
-    stat = os.stat(path)
-    return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, chunk_size)
-
-
-@lru_cache(maxsize=256)
-def _digest(path: str, size: int, mtime_ns: int, chunk_size: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -127,10 +114,20 @@ class CacheMeta:
     rows: int
     tokens: int
     shards: list[str]
-    skipped: list[tuple[int, str]] = field(default_factory=list)
+    skipped: list[tuple[int, str, str, str]] = field(default_factory=list)
+    """Rows left out (`data.on_error: skip`), as (line, kind, message, fix) of their `Problem`."""
     alias_lines: list[int] = field(default_factory=list)
     merged_context_lines: list[int] = field(default_factory=list)
     open_turn_lines: list[int] = field(default_factory=list)
+
+
+def skipped_record(problem: Problem) -> tuple[int, str, str, str]:
+    return problem.line, problem.kind, problem.message, problem.fix
+
+
+def skipped_problem(record, source: str) -> Problem:
+    line, kind, message, fix = record
+    return Problem(kind, source, line, message, fix)
 
 
 def shard_name(index: int) -> str:

@@ -48,7 +48,12 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 class ChatTemplateError(ValueError):
-    """The template cannot render this conversation in a way training can use (one row's problem)."""
+    """The template cannot render this conversation in a way training can use (one row's problem):
+    `message` says what, `fix` how to fix it ("" when the template's own error is all we know)."""
+
+    def __init__(self, message: str = "", fix: str = ""):
+        super().__init__(f"{message}. Fix: {fix}" if fix else message)
+        self.message, self.fix = message, fix
 
 
 @dataclass(frozen=True)
@@ -159,8 +164,9 @@ class ChatRenderer:
                 raise ChatTemplateError(
                     f"the chat template renders the conversation before assistant turn {turn} (with the generation "
                     "prompt) differently from the same conversation continued, so the context learned in training "
-                    "would not be the prompt the model gets at inference. Fix: set data.chat_template to a template "
-                    "whose generation prompt is exactly how it starts an assistant turn"
+                    "would not be the prompt the model gets at inference",
+                    "set data.chat_template to a template whose generation prompt is exactly how it starts an "
+                    "assistant turn",
                 )
             end = self._turn_end(before, through)
             pieces += [Segment(full[position : len(before)], False), Segment(full[len(before) : end], True)]

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.data.validate import end_with_eos
+from trainer.data.fixes import end_with_eos
 from trainer.errors import UsageError, UserError
 
 DELIMITERS_BY_SUFFIX = {".csv": ",", ".tsv": "\t", ".tab": "\t"}

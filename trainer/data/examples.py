@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 from trainer.data.formats import ROLE_ALIASES, row_format, row_problem
-from trainer.data.jsonl import raise_problems
-from trainer.data.readers import read_rows, row_unit
+from trainer.data.problems import Problem, raise_problems, row_unit
+from trainer.data.readers import read_rows
 
 Message = tuple[str, str]  # (role, content), with aliases already mapped (agent -> assistant)
 MAX_LISTED_LINES = 5
@@ -44,9 +44,20 @@ class Example:
 class SkippedLine:
     """An invalid line left out of training with `data.on_error: skip` (the run folder lists them)."""
 
-    source: str
-    line: int
-    message: str
+    problem: Problem
+
+    @property
+    def source(self) -> str:
+        return self.problem.file
+
+    @property
+    def line(self) -> int:
+        return self.problem.line
+
+    @property
+    def message(self) -> str:
+        """What is wrong and the fix, as one sentence."""
+        return self.problem.sentence()
 
     def to_json(self) -> dict:
         return {"file": self.source, "line": self.line, "message": self.message}
@@ -83,7 +94,8 @@ def detect_format(path: Path, rows: list[tuple[int, Any]], requested: str) -> st
     return next((found for _, obj in rows if (found := row_format(obj))), "prompt_completion")
 
 
-def _example(obj: dict, data_format: str, source: str, line: int) -> Example:
+def example_of(obj: dict, data_format: str, source: str, line: int) -> Example:
+    """The example a valid row (one that passed `row_problem`) of a file in `data_format` holds."""
     if data_format == "chat":
         messages = tuple((ROLE_ALIASES.get(m["role"], m["role"]), m["content"]) for m in obj["messages"])
         return Example("", "", source, line, messages)
@@ -120,18 +132,17 @@ def read_file(path: str | Path, data_format: str = "auto", *, on_error: str = "e
     alias_lines: list[int] = []
     data_format = detect_format(path, rows, data_format) if rows else data_format
     for number, obj in rows:
-        problem = row_problem(obj, data_format)
+        problem = row_problem(obj, data_format, file=str(path), line=number)
         if problem:
-            problems.append((number, problem))
+            problems.append(problem)
             continue
-        examples.append(_example(obj, data_format, str(path), number))
+        examples.append(example_of(obj, data_format, str(path), number))
         if data_format == "chat" and _uses_alias(obj):
             alias_lines.append(number)
-    problems.sort()
-    unit = row_unit(path)
+    problems.sort(key=lambda p: p.line)
     if problems and (on_error == "error" or not examples):
-        raise_problems(path, [f"{unit} {number}: {message}" for number, message in problems])
-    skipped = [SkippedLine(str(path), number, message) for number, message in problems]
+        raise_problems(path, problems)
+    skipped = [SkippedLine(problem) for problem in problems]
     return FileData(str(path), data_format, examples, skipped, alias_lines)
 
 

@@ -1,7 +1,8 @@
 """JSONL files: read into (line number, object) rows, reporting every broken line at once; write.
 
-Problems are collected rather than raised one by one, so a user fixes a file in one pass.
-The message names the file and each line, and says how to fix it.
+Problems are collected rather than raised one by one, so a user fixes a file in one pass. Each is
+a `Problem` (kind, file, line, message, fix) made here, where it is found; `raise_problems` lists
+them as one error naming the file and each line, with the fix.
 """
 
 from __future__ import annotations
@@ -10,21 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from trainer.data.problems import Problem, empty_file, raise_problems  # noqa: F401 - raise_problems: public here too
 from trainer.errors import UserError
-
-MAX_LISTED_PROBLEMS = 20
-
-
-def raise_problems(path: Path, problems: list[str]) -> None:
-    """Raise one `UserError` listing `problems` (each already starting with 'line N: ...')."""
-    if not problems:
-        return
-    shown = problems[:MAX_LISTED_PROBLEMS]
-    more = len(problems) - len(shown)
-    listed = "\n".join(f"  {p}" for p in shown)
-    tail = f"\n  ... and {more} more" if more else ""
-    noun = "problem" if len(problems) == 1 else "problems"
-    raise UserError(f"{path}: {len(problems)} {noun}:\n{listed}{tail}")
 
 
 def require_files(paths) -> None:
@@ -106,45 +94,51 @@ def refuse_json_array(path: Path) -> None:
         )
 
 
-def read_jsonl(path: str | Path) -> tuple[list[tuple[int, Any]], list[str]]:
+def read_jsonl(path: str | Path, digest=None) -> tuple[list[tuple[int, Any]], list[Problem]]:
     """Parse every non-blank line of `path` as JSON; line numbers are 1-based.
 
-    Returns the parsed rows and a problem ('line N: ...') for each line that is not UTF-8 or not
-    JSON, so the caller can report them together with its own checks. Raises `UserError` if the
-    file is missing, holds no line at all, or is a whole file of another kind (UTF-16/UTF-32, one
-    JSON array) that would otherwise get an error for every line.
+    Returns the parsed rows and a `Problem` for each line that is not UTF-8 or not JSON, so the
+    caller can report them together with its own checks. Raises `UserError` if the file is missing,
+    holds no line at all (`EmptyDataFile`), or is a whole file of another kind (UTF-16/UTF-32, one
+    JSON array) that would otherwise get an error for every line. `digest` (a `hashlib` object),
+    when given, is fed every byte of the file as it is read, so the file need not be read again to
+    hash it.
     """
     path = Path(path)
     require_files([path])
     refuse_other_unicode(path)
     refuse_json_array(path)
     rows: list[tuple[int, Any]] = []
-    problems: list[str] = []
+    problems: list[Problem] = []
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
+            if digest is not None:
+                digest.update(raw)
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a UTF-8 byte-order mark is harmless; drop it
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                problems.append(
-                    f"line {line_no}: byte 0x{raw[err.start]:02x} at column {err.start + 1} is not UTF-8 "
-                    f"(the file looks like {_guess_encoding(raw)}). Fix: re-save the file as UTF-8, e.g. "
-                    f"`iconv -f CP1252 -t UTF-8 {path.name} > fixed.jsonl` or 'Save as... UTF-8' in your editor"
-                )
+                problems.append(Problem(
+                    "not_utf8", str(path), line_no,
+                    f"byte 0x{raw[err.start]:02x} at column {err.start + 1} is not UTF-8 "
+                    f"(the file looks like {_guess_encoding(raw)})",
+                    f"re-save the file as UTF-8, e.g. `iconv -f CP1252 -t UTF-8 {path.name} > fixed.jsonl` "
+                    "or 'Save as... UTF-8' in your editor",
+                ))
                 continue
             if not text.strip():
                 continue
             try:
                 rows.append((line_no, json.loads(text)))
             except json.JSONDecodeError as err:
-                problems.append(
-                    f"line {line_no}: invalid JSON ({err.msg} at column {err.colno}). Fix: each line must be "
-                    "one complete JSON object; check quotes, commas and escaped newlines (\\n)"
-                )
+                problems.append(Problem(
+                    "invalid_json", str(path), line_no, f"invalid JSON ({err.msg} at column {err.colno})",
+                    "each line must be one complete JSON object; check quotes, commas and escaped newlines (\\n)",
+                ))
     if not rows and not problems:
-        raise UserError(f"{path} is empty: it needs one JSON object per line, e.g. "
-                        '{"prompt": "banana ->", "completion": " yellow<|endoftext|>"}')
+        raise empty_file(path, "is empty", "it needs one JSON object per line, e.g. "
+                                           '{"prompt": "banana ->", "completion": " yellow<|endoftext|>"}')
     return rows, problems
 
 

@@ -4,7 +4,8 @@
 
 reads and checks every file (JSONL, parquet, arrow), tokenizes it in one or several processes and
 caches the result (`cache.py`), so a rerun or a resume only hashes the files and memory-maps the
-tokens. Then it splits off the validation data and applies the length policy, both cheap and done
+tokens. A file the preflight already read is not read again: its digest and rows come from that
+read (`reads.py`). Then it splits off the validation data and applies the length policy, both cheap and done
 on every run. `prepared.skipped` lists the lines `data.on_error: skip` left out, for the run folder
 (`write_skipped_lines`).
 
@@ -24,14 +25,15 @@ from typing import Callable, Sequence
 import numpy as np
 
 from trainer.config import Config
+from trainer.data import reads
 from trainer.data.cache import (
-    CacheMeta, TokenizeSettings, building, cache_key, default_cache_dir, file_digest, load_entry, shard_name,
-    tokenizer_digest, write_meta, write_shard,
+    CacheMeta, TokenizeSettings, building, cache_key, default_cache_dir, load_entry, shard_name, skipped_problem,
+    skipped_record, tokenizer_digest, write_meta, write_shard,
 )
 from trainer.data.chat import resolve_chat_template
 from trainer.data.examples import Example, SkippedLine, alias_warning, read_file, split_validation
-from trainer.data.jsonl import raise_problems, require_files, write_jsonl
-from trainer.data.readers import row_unit
+from trainer.data.jsonl import require_files, write_jsonl
+from trainer.data.problems import raise_problems
 from trainer.data.tokenize import (
     ENCODE_BATCH, EncodeNotes, TokenizedData, TokenizedRows, apply_length_policy, encode_examples,
 )
@@ -132,10 +134,10 @@ def _build_entry(path: str, tokenizer, settings: TokenizeSettings, cache_dir: Pa
     try:
         with building(cache_dir, key) as folder:
             shards, rows, tokens, notes = _encode_to_shards(file.examples, tokenizer, settings, folder, path, processes)
-            problems = sorted(notes.problems)
+            problems = sorted(notes.problems, key=lambda p: p.line)
             if problems and (settings.on_error == "error" or rows == 0):
-                raise_problems(Path(path), [f"{row_unit(path)} {line}: {message}" for line, message in problems])
-            skipped = sorted([(s.line, s.message) for s in file.skipped] + problems)
+                raise_problems(Path(path), problems)
+            skipped = [skipped_record(p) for p in sorted([s.problem for s in file.skipped] + problems, key=lambda p: p.line)]
             write_meta(folder, CacheMeta(file.format, rows, tokens, shards, skipped, file.alias_lines,
                                          sorted(notes.merged_context_lines), sorted(notes.open_turn_lines)))
     except OSError as err:  # not writable, not a folder, disk full
@@ -149,9 +151,10 @@ def tokenize_file(path: str, tokenizer, settings: TokenizeSettings, *, cache_dir
     """One file's tokens: from the cache when the file, tokenizer, settings and code are unchanged;
     otherwise read, check, tokenize (in `num_proc` processes, default by size) and store them."""
     started = time.perf_counter()
-    key = cache_key(file_digest(path), tokenizer_fingerprint, settings)
+    key = cache_key(reads.file_digest(path), tokenizer_fingerprint, settings)
     found = load_entry(cache_dir, key, path)
     if found is not None:
+        reads.drop_rows(path)  # rows the preflight kept for tokenizing: not needed
         return _file_tokens(path, *found, from_cache=True, started=started)
     # An entry that exists but does not load is damaged (a crash, a full disk): rebuild it.
     shutil.rmtree(cache_dir / key, ignore_errors=True)
@@ -167,7 +170,7 @@ def _file_tokens(path: str, meta: CacheMeta, parts: list[TokenizedRows], *, from
                  processes: int = 1) -> FileTokens:
     notes = EncodeNotes([], meta.merged_context_lines, meta.open_turn_lines)
     warnings = ([alias_warning(path, meta.alias_lines)] if meta.alias_lines else []) + notes.warnings(path)
-    skipped = [SkippedLine(path, line, message) for line, message in meta.skipped]
+    skipped = [SkippedLine(skipped_problem(record, path)) for record in meta.skipped]
     return FileTokens(path, meta.format, parts, skipped, warnings, from_cache, time.perf_counter() - started, processes)
 
 

@@ -1,32 +1,24 @@
 """Read one data file into numbered rows, whatever its container: JSONL, parquet or arrow.
 
 Every reader returns the same thing, `(rows, problems)`: rows are `(number, object)` with 1-based
-numbers (the line of a JSONL file, the row of a table), and problems are `(number, message)` for
-rows that could not even be parsed. The row checks of `formats.py` then run on every row alike,
-so a parquet file gets exactly the messages a JSONL file gets.
+numbers (the line of a JSONL file, the row of a table), and problems are the `Problem`s of rows
+that could not even be parsed. The row checks of `formats.py` then run on every row alike, so a
+parquet file gets exactly the messages a JSONL file gets.
+
+`read_rows` reads through `reads.py`: a file this process already read (unchanged since) is not
+read again, and its SHA-256 comes from the same pass.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from trainer.data import reads
 from trainer.data.jsonl import read_jsonl, require_files
+from trainer.data.problems import TABLE_SUFFIXES, Problem, empty_file, row_unit  # noqa: F401 - public here too
 from trainer.errors import UserError
-
-Problem = tuple[int, str]  # (line or row number, message)
-TABLE_SUFFIXES = (".parquet", ".arrow")
-
-
-def row_unit(path: str | Path) -> str:
-    """What a row number counts in this file, for messages: a table's rows, or a JSONL file's lines."""
-    return "row" if Path(path).suffix.lower() in TABLE_SUFFIXES else "line"
-
-
-def _split_problem(text: str) -> Problem:
-    """`read_jsonl` writes problems as 'line N: message'; keep the number apart for sorting and skipping."""
-    head, _, message = text.partition(": ")
-    return int(head.removeprefix("line ")), message
 
 
 def _without_nulls(value: Any) -> Any:
@@ -74,17 +66,31 @@ def read_table_rows(path: str | Path) -> list[tuple[int, Any]]:
     require_files([path])
     table = _read_table(path)
     if table.num_rows == 0:
-        raise UserError(f"{path} has no rows: it needs one example a row, with columns prompt and completion, "
-                        "or messages, or text")
+        raise empty_file(path, "has no rows", "it needs one example a row, with columns prompt and completion, "
+                                              "or messages, or text")
     return [(number, _without_nulls(row)) for number, row in enumerate(table.to_pylist(), start=1)]
 
 
-def read_rows(path: str | Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
+def read_rows(path: str | Path, *, keep: bool = False) -> tuple[list[tuple[int, Any]], list[Problem]]:
     """Numbered rows of a data file, and the rows that could not be parsed (JSONL only: a table's
     rows are always well-formed). Parquet and arrow files are recognised by their suffix; any other
-    name is read as JSONL."""
+    name is read as JSONL.
+
+    The file is read once per process while it stays unchanged (`reads.py`): this call takes the
+    rows an earlier `keep=True` call left, and with `keep=True` leaves its own for the next call
+    (the trainer's preflight keeps them for tokenization). The caller may change neither."""
     path = Path(path)
-    if path.suffix.lower() in TABLE_SUFFIXES:
-        return read_table_rows(path), []
-    rows, problems = read_jsonl(path)
-    return rows, [_split_problem(p) for p in problems]
+    kept = reads.take_rows(path)
+    if kept is not None:
+        rows, problems = kept
+        # The same file, perhaps spelled otherwise ("./a.jsonl"): problems name it as this caller does.
+        problems = [p if p.file == str(path) else replace(p, file=str(path)) for p in problems]
+    elif path.suffix.lower() in TABLE_SUFFIXES:
+        # pyarrow reads the table itself (memory-mapped); its digest is a separate read.
+        rows, problems = read_table_rows(path), []
+    else:
+        require_files([path])  # before its size and mtime are asked for
+        rows, problems = reads.read_and_hash(path, lambda digest: read_jsonl(path, digest))
+    if keep:
+        reads.keep_rows(path, (rows, problems))
+    return rows, list(problems)  # a copy: callers add their own problems to it

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.data.examples import read_examples
+from trainer.data.quality import class_label, task_type
 from trainer.data.readers import TABLE_SUFFIXES
-from trainer.data.validate import class_label, task_type
 from trainer.errors import UsageError, UserError
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from trainer.data.chat import ChatRenderer, ChatTemplateError, Message, Segment
 from trainer.data.examples import Example, SkippedLine, listed_lines
-from trainer.data.readers import row_unit
+from trainer.data.problems import Problem, row_unit
 from trainer.errors import UserError
 
 IGNORE_INDEX = -100
@@ -271,9 +271,10 @@ class TokenizedRows:
 
 @dataclass
 class EncodeNotes:
-    """What encoding found besides tokens: rows the template could not handle, and rows to warn about."""
+    """What encoding found besides tokens: rows the template could not handle (`Problem`s of kind
+    `chat_template`), and rows to warn about."""
 
-    problems: list[tuple[int, str]] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
     merged_context_lines: list[int] = field(default_factory=list)
     open_turn_lines: list[int] = field(default_factory=list)
 
@@ -282,24 +283,31 @@ class EncodeNotes:
         self.merged_context_lines += other.merged_context_lines
         self.open_turn_lines += other.open_turn_lines
 
-    def warnings(self, source: str) -> list[str]:
+    def warning_problems(self, source: str) -> list[Problem]:
+        """The warnings as `Problem`s of kind `chat_tokenization` (about the whole file)."""
         unit = row_unit(source)
         found = []
         if self.merged_context_lines:
-            found.append(
-                f"{source}: in {listed_lines(sorted(self.merged_context_lines), unit)}, the chat context before an "
+            found.append(Problem(
+                "chat_tokenization", source, None,
+                f"in {listed_lines(sorted(self.merged_context_lines), unit)}, the chat context before an "
                 "assistant turn gives other tokens when tokenized in one piece than turn by turn (the template joins "
                 "two turns without a special token between them, and the tokenizer merges across the join). "
                 "Training uses the turn-by-turn tokens and so do the checkpoints' test prompts; encode prompts turn "
-                "by turn when you use the model too, or end each turn with a special token in data.chat_template"
-            )
+                "by turn when you use the model too, or end each turn with a special token in data.chat_template",
+            ))
         if self.open_turn_lines:
-            found.append(
-                f"{source}: in {listed_lines(sorted(self.open_turn_lines), unit)}, an assistant turn does not end "
-                "with an end-of-turn token, so the model will not learn to stop. Fix: use a chat template that "
-                "ends each assistant turn with {{ eos_token }} (data.chat_template)"
-            )
+            found.append(Problem(
+                "chat_tokenization", source, None,
+                f"in {listed_lines(sorted(self.open_turn_lines), unit)}, an assistant turn does not end "
+                "with an end-of-turn token, so the model will not learn to stop",
+                "use a chat template that ends each assistant turn with {{ eos_token }} (data.chat_template)",
+            ))
         return found
+
+    def warnings(self, source: str) -> list[str]:
+        """The warnings as the trainer logs them: 'FILE: what. Fix: how'."""
+        return [f"{source}: {problem.sentence()}" for problem in self.warning_problems(source)]
 
 
 class _RowsBuilder:
@@ -337,13 +345,13 @@ def _encode_prompt_completion(batch: list[Example], encode: BatchEncoder, tokeni
 
 
 def _encode_chats(batch: list[Example], encode: BatchEncoder, tokenizer, renderer: ChatRenderer, train_on: str,
-                  out: _RowsBuilder, notes: EncodeNotes) -> None:
+                  out: _RowsBuilder, notes: EncodeNotes, source: str) -> None:
     rendered: list[tuple[Example, list[Segment]]] = []
     for example in batch:
         try:
             segments = renderer.segments(chat_messages(example.messages, tokenizer.eos_token))
         except ChatTemplateError as err:
-            notes.problems.append((example.line, str(err)))
+            notes.problems.append(Problem("chat_template", source, example.line, err.message, err.fix))
             continue
         rendered.append((example, segments))
     texts = [segment.text for _, segments in rendered for segment in segments]
@@ -356,8 +364,9 @@ def _encode_chats(batch: list[Example], encode: BatchEncoder, tokenizer, rendere
         segment_ids = [next(encoded) for _ in segments]
         ids, spans, contexts = _chat_ids(segments, segment_ids, start_id, trained_turns=trained)
         if not any(end - start for start, end in zip(spans[::2], spans[1::2])):
-            notes.problems.append((example.line, "the chat template renders no assistant text for this conversation, "
-                                                 "so there is nothing to learn. Fix: check data.chat_template"))
+            notes.problems.append(Problem("chat_template", source, example.line,
+                                          "the chat template renders no assistant text for this conversation, "
+                                          "so there is nothing to learn", "check data.chat_template"))
             continue
         if any(segment.assistant and not renderer.ends_turn(segment.text) for segment in segments):
             notes.open_turn_lines.append(example.line)
@@ -379,16 +388,16 @@ def encode_examples(examples: Sequence[Example], tokenizer, *, chat_template: st
     encode = BatchEncoder(tokenizer)
     renderer = ChatRenderer(tokenizer, chat_template) if any(e.messages is not None for e in examples) else None
     out, notes = _RowsBuilder(), EncodeNotes()
+    name = source if source is not None else (examples[0].source if examples else "")
     for start in range(0, len(examples), ENCODE_BATCH):
         batch = list(examples[start : start + ENCODE_BATCH])
         # A file holds one format, but a caller may pass a mix: keep the order, batch each run.
         for is_chat, group in itertools.groupby(batch, key=lambda e: e.messages is not None):
             group = list(group)
             if is_chat:
-                _encode_chats(group, encode, tokenizer, renderer, train_on, out, notes)
+                _encode_chats(group, encode, tokenizer, renderer, train_on, out, notes, name)
             else:
                 _encode_prompt_completion(group, encode, tokenizer, out)
-    name = source if source is not None else (examples[0].source if examples else "")
     return out.rows(name), notes
 
 
@@ -501,9 +510,9 @@ def tokenize_examples(
         rows, notes = encode_examples(list(group), tokenizer, chat_template=chat_template, train_on=train_on, source=source)
         parts.append(rows)
         warnings += notes.warnings(source)
-        for line, message in sorted(notes.problems):
-            problems.append(f"{source} {row_unit(source)} {line}: {message}")
-            report_skipped.append(SkippedLine(source, line, message))
+        for problem in sorted(notes.problems, key=lambda p: p.line):
+            problems.append(problem.located())
+            report_skipped.append(SkippedLine(problem))
     if problems and on_error == "error":
         listed = "\n".join(f"  {p}" for p in problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
