@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from trainer.families import FAMILIES
+
 #: Words in the file or function names of a break's user stack that place it in attention code.
 ATTENTION_FRAMES = ("attention", "attn")
 
@@ -54,8 +56,6 @@ class CompileCounts:
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     """The tests' tiny shape (tests/conftest.py): 2 layers of width 32, 2 heads, 320 tokens."""
     from transformers import AutoModelForCausalLM
-
-    from trainer.families import FAMILIES
 
     ids = dict(vocab_size=320, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     config = FAMILIES[family].tiny_config(ids, n_layer=2, n_embd=32, n_head=2, n_positions=64)
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--attention", default="varlen", choices=["eager", "sdpa", "varlen"])
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--backend", default="eager", help="torch.compile backend (eager, aot_eager, inductor)")
-    parser.add_argument("--families", nargs="+", default=["gpt2", "gptj", "gpt_neox"])
+    parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--without-boundaries", action="store_true",
                         help="drop the batches' sequence boundaries (as a caller other than the trainer would)")
     parser.add_argument("--reasons", action="store_true", help="print the distinct break and recompile reasons")

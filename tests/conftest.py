@@ -24,7 +24,9 @@ torch.set_num_threads(1)  # the suite runs 2 workers on 2 cores
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
-    """Tiny GPT-2, GPT-J and GPT-NeoX models (random init) with a BPE tokenizer, saved as folders."""
+    """A tiny model (random init) of every family in trainer/families.py, with a BPE tokenizer,
+    saved as folders, by `model_type`."""
+    from trainer.families import FAMILIES
     from trainer.tiny_models import save_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-models")
@@ -34,7 +36,7 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     ]
     return {
         family: save_tiny_model(root / family, family, texts, vocab_size=320, n_layer=2, n_embd=32, n_head=2, n_positions=64)
-        for family in ("gpt2", "gptj", "gpt_neox")
+        for family in FAMILIES
     }
 
 

@@ -9,6 +9,8 @@ from trainer.data.tokenize import IGNORE_INDEX, TokenizedExample
 from trainer.loss import body_and_head, supervised_loss_sum
 
 FAMILIES = list(families.FAMILIES)
+#: Some of each family's projections (adapting only some must work too); a family not listed
+#: here gets all of its entry's targets.
 LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "gptj": ["q_proj", "v_proj", "fc_in"], "gpt_neox": ["query_key_value", "dense"]}
 
 
@@ -34,8 +36,10 @@ def load(tiny_model_dirs, family, method="full"):
         from peft import LoraConfig, get_peft_model
 
         # init_lora_weights=False: random B too, so every adapter weight gets a non-zero gradient.
-        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS[family],
-                          fan_in_fan_out=family == "gpt2", init_lora_weights=False, task_type="CAUSAL_LM")
+        entry = families.FAMILIES[family]
+        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                          target_modules=LORA_TARGETS.get(family, list(entry.lora_targets)),
+                          fan_in_fan_out=entry.conv1d_projections, init_lora_weights=False, task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
     return model
 

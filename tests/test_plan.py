@@ -251,6 +251,16 @@ def test_errors_are_one_line_with_the_fix(tmp_path, capsys, tiny_model_dirs, arg
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
+def test_a_model_without_an_activation_model_is_refused_with_the_families_it_knows(tmp_path, capsys, tiny_model_dirs):
+    import transformers
+
+    transformers.BloomConfig(vocab_size=320, hidden_size=32, n_layer=2, n_head=2).save_pretrained(tmp_path / "bloom")
+    config = _write_config(tmp_path, tiny_model_dirs["gpt2"])
+    assert plan_cli.main([config, f"model.name_or_path={tmp_path / 'bloom'}"]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: model.name_or_path='{tmp_path / 'bloom'}' is a 'bloom' model; "
+                                               "the planner knows gpt2, gptj, gpt_neox")
+
+
 def test_the_script_reports_usage_errors_without_a_traceback():
     result = run_command([sys.executable, "scripts/plan.py", "nowhere.yaml", "--gpus", "2"])
     assert result.returncode == 2 and "Traceback" not in result.stderr

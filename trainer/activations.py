@@ -19,6 +19,10 @@ gradient, and records what autograd keeps for the backward pass under PyTorch's 
   autocast region (the model's forward) ends, with gradient checkpointing too, unless the cache is
   off (the trainer turns it off for full fine-tuning with gradient checkpointing).
 
+Each family's forward pass (its sizes, embeddings, block, and any tensor its blocks share) is an
+`ActivationModel` here, which the family's entry in trainer/families.py names (`Family.activations`);
+the estimate asks `family_of(config)` for it and tests no model_type itself.
+
 The peak is what the forward pass leaves for the backward pass plus the largest working set of
 the backward pass: a chunk of float32 logits with their gradients, or (gradient checkpointing) one
 block recomputed, plus the gradients flowing through a block. `measure_activations` measures the
@@ -29,9 +33,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from trainer.families import family_of, memory_families
 from trainer.loss import DEFAULT_CHUNK_ROWS
 
 #: Bytes the backward pass of one logits chunk holds per logit: the float32 log-probabilities kept
@@ -337,20 +343,49 @@ class _Trace:
 
 
 # ---------------------------------------------------------------------------------------------
-# The families' blocks, as transformers 5.25 runs them
+# The families' blocks, as transformers 5.25 runs them. Each family's entry in trainer/families.py
+# names its `ActivationModel` here (`Family.activations`); nothing below tests a model_type.
 
 
-def _sizes(config) -> tuple[int, int, int, int]:
-    """(width, MLP width, heads, rotary dims) of a GPT-2, GPT-J or GPT-NeoX config."""
-    if config.model_type == "gpt_neox":
-        width, heads = config.hidden_size, config.num_attention_heads
-        factor = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
-        return width, config.intermediate_size, heads, int(width // heads * factor)
+@dataclass(frozen=True)
+class BlockSizes:
+    layers: int
+    width: int
+    mlp_width: int
+    heads: int
+    rotary_dims: int
+    """Dimensions of each head that rotary embeddings rotate (0: none, GPT-2's learned positions)."""
+
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """One family's forward pass, op by op: what a `Family` entry's `activations` names."""
+
+    sizes: Callable[[object], BlockSizes]
+    embed: Callable[[_Trace, BlockSizes], _Tensor]
+    """The embeddings' output (token embeddings, plus learned positions where the family has them)."""
+    block: Callable[[_Trace, _Tensor, object, "_Tensor | None"], _Tensor]
+    """One transformer block: (trace, hidden states, config, shared) -> hidden states."""
+    shared: Callable[[_Trace, object, _Tensor], "_Tensor | None"] = lambda tr, config, x: None
+    """A tensor every block uses, computed once per forward pass (GPT-NeoX's rotary tables), or None."""
+
+
+def _gpt2_sizes(config) -> BlockSizes:
+    width = config.n_embd
+    return BlockSizes(config.n_layer, width, getattr(config, "n_inner", None) or 4 * width, config.n_head, 0)
+
+
+def _gptj_sizes(config) -> BlockSizes:
     width, heads = config.n_embd, config.n_head
     inner = getattr(config, "n_inner", None) or 4 * width
-    if config.model_type == "gpt2":
-        return width, inner, heads, 0
-    return width, inner, heads, getattr(config, "rotary_dim", None) or width // heads  # GPT-J: None rotates all
+    rotary = getattr(config, "rotary_dim", None) or width // heads  # None rotates every dimension
+    return BlockSizes(config.n_layer, width, inner, heads, rotary)
+
+
+def _neox_sizes(config) -> BlockSizes:
+    width, heads = config.hidden_size, config.num_attention_heads
+    factor = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    return BlockSizes(config.num_hidden_layers, width, config.intermediate_size, heads, int(width // heads * factor))
 
 
 def _mlp_activation(tr: _Trace, x: _Tensor, name: str) -> _Tensor:
@@ -361,11 +396,12 @@ def _mlp_activation(tr: _Trace, x: _Tensor, name: str) -> _Tensor:
     return out
 
 
-def _gptj_block(tr: _Trace, x: _Tensor, config) -> _Tensor:
+def _gptj_block(tr: _Trace, x: _Tensor, config, shared: _Tensor | None = None) -> _Tensor:
     """GPTJBlock: attention and MLP in parallel on one layer norm; sin and cos are looked up once
     per forward pass, but `apply_rotary_pos_emb` repeats them for q and for k in every layer
     (four tensors of tokens x rotary saved for the backward pass)."""
-    d, f, heads, rotary = _sizes(config)
+    sizes = _gptj_sizes(config)
+    d, f, heads, rotary = sizes.width, sizes.mlp_width, sizes.heads, sizes.rotary_dims
     h = tr.layer_norm(x)
     q, k, v = (tr.linear(h, d, d, name) for name in ("q_proj", "k_proj", "v_proj"))
     if rotary and (q.requires_grad or k.requires_grad):
@@ -378,10 +414,16 @@ def _gptj_block(tr: _Trace, x: _Tensor, config) -> _Tensor:
     return tr.add(tr.add(a, m), x)
 
 
+def _neox_rotary_tables(tr: _Trace, config, x: _Tensor) -> _Tensor:
+    """cos and sin, computed once per forward pass in x's dtype."""
+    return tr.new(2 * tr.setup.tokens * _neox_sizes(config).rotary_dims, x.dtype, False)
+
+
 def _neox_block(tr: _Trace, x: _Tensor, config, rotary_tables: _Tensor) -> _Tensor:
     """GPTNeoXLayer: fused query_key_value (v stays a view of it), rotary from tables computed once
     per forward pass, q and k concatenated in (batch, heads, time) layout, parallel residual."""
-    d, f, heads, rotary = _sizes(config)
+    sizes = _neox_sizes(config)
+    d, f, heads, rotary = sizes.width, sizes.mlp_width, sizes.heads, sizes.rotary_dims
     qkv = tr.linear(tr.layer_norm(x), d, 3 * d, "query_key_value")
     v = _Tensor(qkv.numel // 3, qkv.dtype, qkv.requires_grad, storage=qkv.storage, bthd=True)
     if rotary and qkv.requires_grad:
@@ -395,9 +437,10 @@ def _neox_block(tr: _Trace, x: _Tensor, config, rotary_tables: _Tensor) -> _Tens
     return tr.add(tr.add(m, a), x) if config.use_parallel_residual else tr.add(m, after)
 
 
-def _gpt2_block(tr: _Trace, x: _Tensor, config) -> _Tensor:
+def _gpt2_block(tr: _Trace, x: _Tensor, config, shared: _Tensor | None = None) -> _Tensor:
     """GPT2Block: sequential residual; c_attn's output split into q, k, v views."""
-    d, f, heads, _ = _sizes(config)
+    sizes = _gpt2_sizes(config)
+    d, f, heads = sizes.width, sizes.mlp_width, sizes.heads
     qkv = tr.linear(tr.layer_norm(x), d, 3 * d, "c_attn")
     q, k, v = (_Tensor(qkv.numel // 3, qkv.dtype, qkv.requires_grad, storage=qkv.storage) for _ in range(3))
     after = tr.add(tr.linear(tr.attention(q, k, v, heads), d, d, "c_proj"), x)
@@ -406,20 +449,25 @@ def _gpt2_block(tr: _Trace, x: _Tensor, config) -> _Tensor:
     return tr.add(m, after)
 
 
-def _embed(tr: _Trace, config) -> _Tensor:
-    d = _sizes(config)[0]
-    x = tr.embedding(d)
-    if config.model_type == "gpt2":  # token plus position embeddings
-        x = tr.add(x, tr.embedding(d))
-    return x
+def _token_embeddings(tr: _Trace, sizes: BlockSizes) -> _Tensor:
+    return tr.embedding(sizes.width)
 
 
-def _loss_inputs(tr: _Trace, x: _Tensor, config) -> int:
+def _token_and_position_embeddings(tr: _Trace, sizes: BlockSizes) -> _Tensor:
+    """GPT-2: token plus learned position embeddings."""
+    return tr.add(tr.embedding(sizes.width), tr.embedding(sizes.width))
+
+
+GPT2 = ActivationModel(sizes=_gpt2_sizes, embed=_token_and_position_embeddings, block=_gpt2_block)
+GPTJ = ActivationModel(sizes=_gptj_sizes, embed=_token_embeddings, block=_gptj_block)
+GPT_NEOX = ActivationModel(sizes=_neox_sizes, embed=_token_embeddings, block=_neox_block, shared=_neox_rotary_tables)
+
+
+def _loss_inputs(tr: _Trace, x: _Tensor, config, d: int) -> int:
     """Final norm, then the supervised rows' hidden states (trainer/loss.py) with their indices.
     Returns the bytes of one chunk's backward pass."""
     setup = tr.setup
     hidden = tr.layer_norm(x)
-    d = _sizes(config)[0]
     rows = setup.supervised_rows
     tr.save(tr.new(rows * d, hidden.dtype, True), tr.new(rows, torch.int64, False),
             tr.new(setup.micro_batch_size * (setup.seq_len - 1), torch.bool, False))
@@ -432,48 +480,47 @@ def _loss_inputs(tr: _Trace, x: _Tensor, config) -> int:
     return working
 
 
+def activation_model_of(config) -> ActivationModel:
+    """The activation model of `config`'s family (`Family.activations` in trainer/families.py)."""
+    family = family_of(config)
+    model = family.activation_model if family is not None else None
+    if model is None:
+        raise ValueError(f"no activation model for model_type {getattr(config, 'model_type', None)!r}; "
+                         f"families with one: {', '.join(memory_families())}")
+    return model
+
+
 def estimate_activations(setup: ActivationSetup) -> ActivationBytes:
     """Replay one forward pass of `setup.model_config` and return its activation memory."""
     config = setup.model_config
-    if config.model_type not in ("gpt2", "gptj", "gpt_neox"):
-        raise ValueError(f"no activation model for model_type {config.model_type!r}")
+    model = activation_model_of(config)
+    sizes = model.sizes(config)
     tr = _Trace(setup)
-    x = _embed(tr, config)
+    x = model.embed(tr, sizes)
     outside = tr.saved_bytes()
-    rotary_tables = None
-    if config.model_type == "gpt_neox":  # cos and sin, computed once per forward pass in x's dtype
-        rotary_tables = tr.new(2 * setup.tokens * _sizes(config)[3], x.dtype, False)
+    shared = model.shared(tr, config, x)
     # Checkpointing keeps every block's inputs: the hidden states, and once the tensors all blocks
     # share (sdpa's boolean mask, GPT-NeoX's rotary tables).
     inputs = setup.micro_batch_size * setup.seq_len**2 if setup.attention == "sdpa" else 0
-    inputs += rotary_tables.storage.nbytes if rotary_tables is not None else 0
+    inputs += shared.storage.nbytes if shared is not None else 0
     blocks = []
-    for _ in range(_layers(config)):
+    for _ in range(sizes.layers):
         before = tr.saved_bytes()
         inputs += x.numel * x.dtype.itemsize
-        if config.model_type == "gptj":
-            x = _gptj_block(tr, x, config)
-        elif config.model_type == "gpt_neox":
-            x = _neox_block(tr, x, config, rotary_tables)
-        else:
-            x = _gpt2_block(tr, x, config)
+        x = model.block(tr, x, config, shared)
         blocks.append(tr.saved_bytes() - before)
     before = tr.saved_bytes()
-    loss_chunk = _loss_inputs(tr, x, config)
+    loss_chunk = _loss_inputs(tr, x, config, sizes.width)
     outside += tr.saved_bytes() - before
     block_backward = BLOCK_BACKWARD_TENSORS * tr.widest_grad + tr.widest_dequantized
     if setup.full:
-        d, f = _sizes(config)[:2]
+        d, f = sizes.width, sizes.mlp_width
         block_backward += 4 * d * max(f, 3 * d)
     return ActivationBytes(
         blocks=tuple(blocks), block_inputs=inputs, outside=outside, weight_copies=tr.weight_copies,
         autocast_cache=setup.autocast_cache,
         loss_chunk=loss_chunk, block_backward=block_backward, gradient_checkpointing=setup.gradient_checkpointing,
     )
-
-
-def _layers(config) -> int:
-    return config.num_hidden_layers if config.model_type == "gpt_neox" else config.n_layer
 
 
 # ---------------------------------------------------------------------------------------------

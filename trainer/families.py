@@ -7,15 +7,19 @@ Every module that needs family knowledge asks `family_of(model or config)` inste
 * attention needs no entry: every family reaches every backend through transformers' public
   AttentionInterface (GPT-J since transformers 5.25), so nothing of a model's internals is patched;
 * the FLOP shape (`trainer/flops.py`), the tiny test configuration (`trainer/tiny_models.py`) and
-  the published configurations of the real models (the planner, the benchmark).
+  the published configurations of the real models (the planner, the benchmark);
+* the planner's activation model (`trainer/activations.py`), named here and imported on first use.
 
 Adding a family (Pythia is GPT-NeoX and needs nothing; a Llama-style model would) is one `Family`
-entry in `FAMILIES` plus its tests: the parametrized family tests in tests/test_families.py,
-tests/test_attention.py and tests/test_train_e2e.py pick it up from `FAMILIES`.
+entry in `FAMILIES` plus its tests: the tests' tiny models (tests/conftest.py), the parametrized
+family tests in tests/test_families.py, tests/test_attention.py, tests/test_loss.py and
+tests/test_train_e2e.py, and scripts/compile_check.py pick it up from `FAMILIES`. A model without an
+entry trains with generic defaults (tests/test_unknown_families.py).
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,8 +37,22 @@ class Family:
     conv1d_projections: bool
     """Projections stored as Conv1D with transposed weights (LoRA needs fan_in_fan_out)."""
     shape: Callable[..., ModelShape]
+    """config -> the FLOP shape (`trainer/flops.py`)."""
     tiny_config: Callable[..., object]
     """(token ids, n_layer, n_embd, n_head, n_positions, **overrides) -> config, dropout off."""
+    activations: str | None = None
+    """The planner's activation model of the family, as "module:name" of an `ActivationModel`
+    (trainer/activations.py: the family's block replayed op by op). A name, not the object:
+    trainer.activations imports torch and the loss, and this module stays cheap to import. None:
+    the planner does not estimate this family's memory (it still trains)."""
+
+    @property
+    def activation_model(self):
+        """The `ActivationModel` that `activations` names (imported on first use), or None."""
+        if self.activations is None:
+            return None
+        module, _, name = self.activations.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 def _gpt2_like_shape(config) -> ModelShape:
@@ -80,11 +98,15 @@ def _tiny_neox(token_ids: dict, *, n_layer: int, n_embd: int, n_head: int, n_pos
 FAMILIES: dict[str, Family] = {
     family.model_type: family
     for family in (
-        Family("gpt2", ("c_attn", "c_proj", "c_fc"), "GPT2Block", True, _gpt2_like_shape, _tiny_gpt2),
-        Family("gptj", ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"), "GPTJBlock", False,
-               _gpt2_like_shape, _tiny_gptj),
-        Family("gpt_neox", ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"), "GPTNeoXLayer", False,
-               _neox_shape, _tiny_neox),
+        Family(model_type="gpt2", lora_targets=("c_attn", "c_proj", "c_fc"), block_class="GPT2Block",
+               conv1d_projections=True, shape=_gpt2_like_shape, tiny_config=_tiny_gpt2,
+               activations="trainer.activations:GPT2"),
+        Family(model_type="gptj", lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"),
+               block_class="GPTJBlock", conv1d_projections=False, shape=_gpt2_like_shape, tiny_config=_tiny_gptj,
+               activations="trainer.activations:GPTJ"),
+        Family(model_type="gpt_neox", lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+               block_class="GPTNeoXLayer", conv1d_projections=False, shape=_neox_shape, tiny_config=_tiny_neox,
+               activations="trainer.activations:GPT_NEOX"),
     )
 }
 
@@ -105,6 +127,18 @@ def require_family(model_or_config) -> Family:
         raise ValueError(f"no family entry for model_type {getattr(config, 'model_type', None)!r}; "
                          f"known: {', '.join(FAMILIES)}")
     return family
+
+
+def estimates_memory(model_or_config) -> bool:
+    """Whether the planner (trainer/plan.py) can estimate this model's memory: its family has an
+    entry and the entry names an activation model."""
+    family = family_of(model_or_config)
+    return family is not None and family.activations is not None
+
+
+def memory_families() -> list[str]:
+    """The `model_type`s the planner estimates memory for."""
+    return [family.model_type for family in FAMILIES.values() if family.activations is not None]
 
 
 def model_shape(config) -> ModelShape:

@@ -9,8 +9,15 @@ micro-batch are 0.8 GB in bfloat16, and accelerate's mixed-precision wrapper con
 of the model to float32 (1.7 GB more), before any of them is even looked at. Instead:
 
 1. The model runs as usual, through its own `__call__` (and so through DDP's forward, accelerate's
-   autocast, PEFT), with `logits_to_keep=1`: the head sees one position per row. A forward hook
-   on the decoder body keeps the final hidden states (after the last layer norm).
+   autocast, PEFT). A forward pre-hook on the output head (`get_output_embeddings()`) keeps the
+   hidden states the head is given (after the last layer norm, and any projection a family puts
+   there, such as OPT's `project_out`) and hands the head only the last position of each row, so
+   it computes one row of logits per sequence. The hook sits on the head, not on the decoder
+   body, because that is the one place every causal LM passes its final hidden states through:
+   OPT's `OPTForCausalLM` calls `self.model.decoder` directly, so a hook on its `base_model`
+   (`OPTModel`) never fires. The model is called with `logits_to_keep=0` (every position) so that
+   the head's input holds every position: with `logits_to_keep=1` the model would slice the
+   hidden states to the last position before the head, and the hook would see only that.
 2. Only the supervised positions' hidden states are kept (hidden at t predicts the label at t+1).
 3. Cross-entropy runs over chunks of `chunk_rows` of them; each chunk's logits are recomputed in
    the backward pass (activation checkpointing), so peak memory is one chunk's logits.
@@ -72,15 +79,20 @@ def model_inputs(model: torch.nn.Module, batch: dict) -> dict:
     return {key: int(batch[key]) if isinstance(batch[key], int) else batch[key] for key in keys if key in batch}
 
 
-def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The decoder body (whose output is the final, normalized hidden states) and the output head
-    (a Linear, with a bias for GPT-J; LoRA-wrapped if LoRA targets it) of a causal LM."""
+def output_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The output head of a causal LM (a Linear, with a bias for GPT-J; LoRA-wrapped if LoRA
+    targets it), through DDP / torch.compile / PEFT wrappers."""
     inner = transformers_model(model)
     head = inner.get_output_embeddings()
-    body = inner.base_model
-    if head is None or body is inner:
-        raise TypeError(f"{type(inner).__name__} has no separate decoder body and output head")
-    return body, head
+    if head is None:
+        raise TypeError(f"{type(inner).__name__} has no output head (get_output_embeddings() is None)")
+    return head
+
+
+def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The decoder body (`base_model`) and the output head of a causal LM. The loss needs only the
+    head (`output_head`); the body is what a caller that wants the decoder gets."""
+    return transformers_model(model).base_model, output_head(model)
 
 
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -118,24 +130,35 @@ def supervised_loss_sum(
     wrapped by DDP / torch.compile.
     """
     inputs = model_inputs(model, batch)
-    body, head = body_and_head(model)
+    head = output_head(model)
     captured: dict[str, object] = {}
 
-    def keep_hidden_states(module, args, output):
-        captured["hidden"] = output[0]
-        device_type = output[0].device.type
+    def keep_hidden_states(module, args, kwargs):
+        if "hidden" in captured:  # a model that calls its head again: those calls run unchanged
+            return None
+        name, hidden = (None, args[0]) if args else next(iter(kwargs.items()))
+        device_type = hidden.device.type
+        captured["hidden"] = hidden
         captured["autocast"] = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
+        # The head computes the last position of each row only (what logits_to_keep=1 would give).
+        last = hidden[..., -1:, :]
+        return ((last, *args[1:]), kwargs) if args else (args, {**kwargs, name: last})
 
-    handle = body.register_forward_hook(keep_hidden_states)
+    handle = head.register_forward_pre_hook(keep_hidden_states, with_kwargs=True)
     try:
         # use_cache=False: with a cache, transformers would not isolate packed examples.
-        model(**inputs, use_cache=False, logits_to_keep=1)
-    except TypeError as err:  # a (remote-code) model without logits_to_keep: its full logits, then
+        # logits_to_keep=0 keeps every position in the head's input (see the module docstring).
+        model(**inputs, use_cache=False, logits_to_keep=0)
+    except TypeError as err:  # a (remote-code) model without logits_to_keep: the hook shrinks its head's input
         if "logits_to_keep" not in str(err):
             raise
+        captured.clear()
         model(**inputs, use_cache=False)
     finally:
         handle.remove()
+    if "hidden" not in captured:
+        raise TypeError(f"{type(transformers_model(model)).__name__} never called its output head "
+                        f"({type(head).__name__}) as a module, so its hidden states cannot be taken from there")
     hidden = captured["hidden"]
 
     targets = batch["labels"][:, 1:].to(hidden.device)

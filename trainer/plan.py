@@ -54,7 +54,7 @@ from trainer.activations import CUDA, ActivationBytes, ActivationSetup, estimate
 from trainer.config import Config
 from trainer.disk import human
 from trainer.errors import UserError
-from trainer.families import FAMILIES, PUBLISHED_CONFIGS, family_of, transformer_blocks
+from trainer.families import PUBLISHED_CONFIGS, estimates_memory, family_of, memory_families, transformer_blocks
 from trainer.resolve import autocast_caches_weights
 
 #: Share of the GPU's memory kept free for what the estimate does not count.
@@ -200,9 +200,9 @@ def load_shape(config: Config):
                 f"Fix: download its config where there is network (hf download {name} config.json) or give a local folder"
             ) from None
         found, source = PUBLISHED_CONFIGS[name](), "the published configuration (trainer/families.py)"
-    if family_of(found) is None:
+    if not estimates_memory(found):
         raise UserError(f"model.name_or_path='{name}' is a {found.model_type!r} model; the planner knows "
-                        f"{', '.join(FAMILIES)}")
+                        f"{', '.join(memory_families())}")
     return found, source
 
 

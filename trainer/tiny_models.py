@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised GPT-2 / GPT-J / GPT-NeoX models built locally.
+"""Tiny, randomly initialised causal LMs built locally: each family of trainer/families.py, or any config.
 
 Tests and the embedded default job must run offline on a CPU, so nothing here
 downloads anything: the tokenizer is trained on the caller's texts and the model
@@ -79,13 +79,7 @@ def _config_for(family: str, tokenizer: PreTrainedTokenizerFast, *, n_layer: int
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     if n_embd % n_head:
         raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-    token_ids = dict(
-        vocab_size=len(tokenizer),  # len() counts added tokens; vocab_size alone may not
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return FAMILY_ENTRIES[family].tiny_config(token_ids, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+    return FAMILY_ENTRIES[family].tiny_config(token_ids(tokenizer), n_layer=n_layer, n_embd=n_embd, n_head=n_head,
                                                n_positions=n_positions, **overrides)
 
 
@@ -94,13 +88,29 @@ def build_tiny_model(family: str, tokenizer: PreTrainedTokenizerFast, *, seed: i
                      **overrides) -> PreTrainedModel:
     """Build a randomly initialised float32 causal LM of `family` for `tokenizer`.
 
-    `family` is "gpt2", "gptj" or "gpt_neox". The sizes use GPT-2's names for every
-    family; `overrides` go to the family's config class under its own names
+    `family` is a key of `trainer.families.FAMILIES` ("gpt2", "gptj", "gpt_neox"). The sizes use
+    GPT-2's names for every family; `overrides` go to the family's config class under its own names
     (e.g. ``activation_function="gelu"`` for gpt2, ``intermediate_size=96`` for gpt_neox).
     The same seed gives the same weights.
     """
     config = _config_for(family, tokenizer, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
                          n_positions=n_positions, **overrides)
+    return build_model_from_config(config, tokenizer, seed=seed)
+
+
+def token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """The config keys that tie a model to `tokenizer`: vocabulary size and special token ids."""
+    return dict(
+        vocab_size=len(tokenizer),  # len() counts added tokens; vocab_size alone may not
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_model_from_config(config, tokenizer: PreTrainedTokenizerFast, *, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised float32 causal LM of any transformers `config` (sized to `tokenizer`
+    with `token_ids`), e.g. of a family the trainer has no entry for. The same seed gives the same weights."""
     config.dtype = torch.float32  # saved into config.json, so from_pretrained loads fp32 too
     # fork_rng: seeding must not change the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
