@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import resume_config, write_config
+from tests.stop_helpers import signal_after_step
 from trainer.config import load_config
 from trainer.disk import SMALL_FILES_BYTES, RunBytes, check_free_space, run_bytes, tensor_bytes, tokenizer_bytes
 from trainer.errors import EXIT_STOPPED_RESUMABLE, NotEnoughDisk
@@ -25,8 +26,10 @@ def folder_bytes(folder) -> int:
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_the_estimate_matches_what_a_run_writes(tmp_path, tiny_model_dirs, method):
     config = write_config(tmp_path, tiny_model_dirs["gptj"], method, checkpoints={"count": 1})
-    # Stopped by its time limit after step 1: a checkpoint-less state holding the optimizer.
-    assert main([str(config), "training.time_limit=1s"]) == EXIT_STOPPED_RESUMABLE
+    # Stopped after step 1 (SIGUSR1): a checkpoint-less state holding the optimizer.
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        signal_after_step(monkeypatch, 1)
+        assert main([str(config)]) == EXIT_STOPPED_RESUMABLE
     recipe = FineTuneRecipe(load_config(config))
     try:
         recipe.setup()
@@ -47,7 +50,9 @@ def test_the_estimate_matches_what_a_run_writes(tmp_path, tiny_model_dirs, metho
 
 def test_the_state_estimate_covers_the_state_folder(tmp_path, tiny_model_dirs):
     config = resume_config(tmp_path, tiny_model_dirs["gpt2"])
-    assert main([str(config), "training.time_limit=1s"]) == EXIT_STOPPED_RESUMABLE
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        signal_after_step(monkeypatch, 1)
+        assert main([str(config)]) == EXIT_STOPPED_RESUMABLE
     [state] = (tmp_path / "run").glob("state-*")
     recipe = FineTuneRecipe(load_config(config, ["resume=never", "overwrite_output_dir=true", f"output_dir={tmp_path / 'again'}"]))
     try:

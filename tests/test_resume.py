@@ -20,18 +20,21 @@ from trainer.errors import (
     EXIT_INTERRUPTED, EXIT_STOPPED_RESUMABLE, ConfigChanged, ProcessCountChanged, RunFolderBusy,
 )
 from trainer.run_folder import RunLock
+from tests.stop_helpers import out_of_time_after_steps
 from trainer.train import FineTuneRecipe, main
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dirs):
-    """The config, its uninterrupted run, and the same run stopped by its time limit after step 1."""
+    """The config, its uninterrupted run, and the same run stopped by its time limit after step 2."""
     folder = tmp_path_factory.mktemp("runs")
     config = resume_config(folder, tiny_model_dirs["gpt2"])
     assert main([str(config), f"output_dir={folder / 'reference'}"]) == 0
-    # A 1 s limit is inside the margin at the first step boundary: the run stops there. (Every job
-    # trains at least one step, so a requeued job always makes progress.)
-    assert main([str(config), f"output_dir={folder / 'stopped'}", "training.time_limit=1s"]) == EXIT_STOPPED_RESUMABLE
+    # The deadline says stop at the second step boundary (a job that could train only one step is
+    # refused: tests/test_failures.py).
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        out_of_time_after_steps(monkeypatch, 2)
+        assert main([str(config), f"output_dir={folder / 'stopped'}", "training.time_limit=1h"]) == EXIT_STOPPED_RESUMABLE
     return config, folder / "reference", folder / "stopped"
 
 
@@ -42,16 +45,17 @@ def copy_of(run, tmp_path):
 
 def test_the_time_limit_stops_at_a_step_boundary_and_the_same_command_continues(runs, tmp_path, capsys):
     config, reference, stopped = runs
-    assert sorted(p.name for p in stopped.glob("state-*")) == ["state-1"]
-    assert [m["step"] for m in read_jsonl(stopped / "metrics.jsonl")] == [1]
+    assert sorted(p.name for p in stopped.glob("state-*")) == ["state-2"]
+    assert [m["step"] for m in read_jsonl(stopped / "metrics.jsonl")] == [1, 2]
     status = json.loads((stopped / "status.json").read_text())
-    assert (status["status"], status["step"], status["exit_code"]) == ("stopped", 1, EXIT_STOPPED_RESUMABLE)
+    assert (status["status"], status["step"], status["exit_code"]) == ("stopped", 2, EXIT_STOPPED_RESUMABLE)
+    assert status["message"] == "stopped at step 2 of 24 (time limit)"
     assert not (stopped / "run.lock").exists()
 
     run = copy_of(stopped, tmp_path)
     # time_limit and the state interval cannot change the result: a resume may change them.
     assert main([str(config), f"output_dir={run}", "checkpoints.state_every_steps=7"]) == 0
-    assert "resumed from step 1 of 24 (state saved at" in capsys.readouterr().out
+    assert "resumed from step 2 of 24 (state saved at" in capsys.readouterr().out
     assert_same_run(reference, run)
     assert json.loads((run / "status.json").read_text())["status"] == "complete"
 
@@ -126,17 +130,17 @@ def test_ctrl_c_once_stops_cleanly_twice_stops_at_once(runs, tmp_path, capsys):
 def test_resume_from_a_state_path_into_another_folder(runs, tmp_path, capsys):
     config, reference, stopped = runs
     run = tmp_path / "elsewhere"
-    command = [str(config), f"output_dir={run}", f"resume={stopped / 'state-1'}"]
-    watcher = _signal_when(run / "metrics.jsonl", 4, signal.SIGTERM)  # the copied step 1, then 3 more
+    command = [str(config), f"output_dir={run}", f"resume={stopped / 'state-2'}"]
+    watcher = _signal_when(run / "metrics.jsonl", 5, signal.SIGTERM)  # the copied steps 1-2, then 3 more
     assert main(command) == EXIT_STOPPED_RESUMABLE
     watcher.join()
-    assert "resumed from step 1 of 24" in capsys.readouterr().out
+    assert "resumed from step 2 of 24" in capsys.readouterr().out
     # The same command again continues the new folder's own state, not the older one of PATH.
     assert main(command) == 0
     out = capsys.readouterr().out
-    assert "resumed from step 1 " not in out and "resumed from step" in out
+    assert "resumed from step 2 " not in out and "resumed from step" in out
     assert_same_run(reference, run)
-    assert (stopped / "state-1").is_dir()  # the source is read, never changed
+    assert (stopped / "state-2").is_dir()  # the source is read, never changed
 
 
 def test_a_changed_config_is_refused_naming_the_keys(runs, tmp_path, capsys):
@@ -162,7 +166,7 @@ def test_a_changed_config_is_refused_naming_the_keys(runs, tmp_path, capsys):
         handle.write(json.dumps({"prompt": "plum ->", "completion": " purple<|endoftext|>"}) + "\n")
     assert main([str(config), f"output_dir={run}", f"data.train_file={edited}"]) == 1
     assert "data.train_file" in capsys.readouterr().err
-    assert sorted(p.name for p in run.glob("state-*")) == ["state-1"]  # refused: nothing changed
+    assert sorted(p.name for p in run.glob("state-*")) == ["state-2"]  # refused: nothing changed
 
 
 def test_a_finished_run_says_so_and_a_changed_one_names_the_keys(runs, tmp_path, capsys):
@@ -176,7 +180,7 @@ def test_a_finished_run_says_so_and_a_changed_one_names_the_keys(runs, tmp_path,
 def test_another_number_of_processes_is_refused(runs, tmp_path):
     config, _, stopped = runs
     run = copy_of(stopped, tmp_path)
-    info_file = run / "state-1" / "state.json"
+    info_file = run / "state-2" / "state.json"
     info = json.loads(info_file.read_text())
     info_file.write_text(json.dumps(info | {"world_size": 2}))
     recipe = FineTuneRecipe(load_config(config, [f"output_dir={run}"]))
@@ -191,7 +195,7 @@ def test_resume_never_refuses_a_run_and_overwrite_starts_over(runs, tmp_path, ca
     config, reference, stopped = runs
     run = copy_of(stopped, tmp_path)
     assert main([str(config), f"output_dir={run}", "resume=never"]) == 1
-    assert "already holds a run (state-1)" in capsys.readouterr().err
+    assert "already holds a run (state-2)" in capsys.readouterr().err
     assert main([str(config), f"output_dir={run}", "overwrite_output_dir=true"]) == 0
     assert "resumed" not in capsys.readouterr().out
     assert_same_run(reference, run)

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from tests.helpers import checkpoint_folders, read_jsonl, write_config
+from tests.stop_helpers import signal_after_step
 from trainer.errors import EXIT_STOPPED_RESUMABLE
 from trainer.report import markdown_cell
 from trainer.train import main
@@ -39,7 +40,9 @@ def test_wandb_offline_run_is_continued_by_the_resumed_job(tmp_path, tiny_model_
     monkeypatch.setenv("WANDB_SILENT", "true")
     config = write_config(tmp_path, tiny_model_dirs["gpt2"], "lora", training={"epochs": 1}, checkpoints={"count": 2})
     command = [str(config), "tracking.report_to=wandb"]
-    assert main([*command, "training.time_limit=1s"]) == EXIT_STOPPED_RESUMABLE  # stops after step 1
+    with pytest.MonkeyPatch.context() as stop:
+        signal_after_step(stop, 1)
+        assert main(command) == EXIT_STOPPED_RESUMABLE  # stops after step 1
     run = tmp_path / "run"
     [state] = run.glob("state-*")
     run_id = json.loads((state / "state.json").read_text())["tracker_run_id"]
