@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -149,14 +150,15 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_forked(argv: list[str], *, processes: int = 1, env: dict | None = None, timeout: float = 240) -> list[int]:
+def run_forked(argv: list[str] | Callable[[int], list[str]], *, processes: int = 1, env: dict | None = None, timeout: float = 240) -> list[int]:
     """`trainer.train.main(argv)` in `processes` processes forked from this one, as one process
     group (RANK, WORLD_SIZE, MASTER_ADDR/PORT set as torchrun sets them; gloo on the CPU).
 
     The code that runs is the command's own, in real separate processes that a real kill -9 or
     signal can hit, without the ten seconds of imports a new interpreter costs. As torchrun's agent
     does, when one process dies the others are killed. Returns each process's exit code (negative:
-    killed by that signal). Their output reaches pytest's `capfd`, not `capsys`."""
+    killed by that signal). Their output reaches pytest's `capfd`, not `capsys`. `argv` may also be a
+    function of the rank that returns its arguments (a setting that differs per process)."""
     import signal
     import sys
     import time
@@ -179,7 +181,7 @@ def run_forked(argv: list[str], *, processes: int = 1, env: dict | None = None, 
                                       LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
                 from trainer.train import main
 
-                code = main(argv)
+                code = main(argv(rank) if callable(argv) else argv)
             except BaseException:
                 traceback.print_exc()
             finally:

@@ -9,7 +9,10 @@ model, over the processes: each holds 1/N of the weights, gradients and optimize
 a block's weights only while it computes. Weights are kept in float32 (master weights) and gathered
 in the compute dtype (`model.dtype`), gradients reduced in float32. Loading never needs a full copy
 of the model in every process: the main process loads it on the CPU, the others build it on the meta
-device (no memory), and the weights are broadcast from the main process shard by shard.
+device (no memory), and the weights are broadcast from the main process shard by shard. In one
+process (`distributed.strategy: fsdp` under plain `python`) it shards over a process group of one
+that it makes itself, so the run is the one it would be on several processes (CPU offload, the
+sharded resumable state), with a single shard.
 
 Both offer the same operations to the recipe, so the training loop does not branch on the strategy:
 build the model, prepare model and optimizer, skip the gradient sync on accumulation steps, clip
@@ -24,9 +27,10 @@ from contextlib import contextmanager
 import torch
 
 from trainer.config import Config
+from trainer.distributed import LauncherConflict, ensure_process_group, launcher_wrap_classes
 from trainer.errors import UserError
 from trainer.families import family_of, transformer_blocks
-from trainer.model import apply_method, load_model
+from trainer.model import apply_method, load_model, load_model_config
 from trainer.unwrap import transformers_model
 
 
@@ -107,6 +111,9 @@ class Sharded:
 
         acc, config = self.accelerator, self.config
         main = acc.is_main_process
+        if acc.num_processes == 1:
+            ensure_process_group(acc.device)  # no launcher made one; shut down in trainer.distributed.shutdown
+        self.check_wrap_classes()
         model, _ = load_model(config, torch.device("cpu"), on_meta=not main)
         model = apply_method(config, model)
         if family_of(model) is None:
@@ -137,6 +144,23 @@ class Sharded:
                 buffer.copy_(buffers[name])
             torch.distributed.broadcast(buffer, src=0)
         return model
+
+    def check_wrap_classes(self) -> None:
+        """An accelerate config's `fsdp_transformer_layer_cls_to_wrap` must name the blocks that are
+        sharded here (one per transformer block), or it would be ignored without a word. Checked
+        from config.json, before the weights load (a family without an entry is refused later)."""
+        named = launcher_wrap_classes()
+        family = family_of(load_model_config(self.config)) if named else None
+        blocks = {family.block_class} if family else set()
+        if family and not blocks <= set(named):
+            raise LauncherConflict(
+                f"the accelerate launcher asks FSDP to wrap {', '.join(named)} (FSDP_TRANSFORMER_CLS_TO_WRAP, "
+                f"`fsdp_transformer_layer_cls_to_wrap` in the accelerate config file), but this model's transformer "
+                f"blocks, which are sharded one by one, are {', '.join(sorted(blocks))}. Fix: set "
+                f"`fsdp_transformer_layer_cls_to_wrap: {','.join(sorted(blocks))}` in the accelerate config file "
+                "(or remove it)",
+                setting="FSDP_TRANSFORMER_CLS_TO_WRAP", value=",".join(named),
+            )
 
     def prepare(self, model, optimizer):
         return model, optimizer
