@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Generate the bundled example dataset: location extraction (a small NER task).
+"""Generate the bundled example datasets: location extraction (a small NER task) and sentiment
+classification.
 
     python scripts/make_example_data.py [--out examples/data] [--seed 0]
 
@@ -17,8 +18,16 @@ trained from scratch learns this in about a minute on a CPU, and because the
 held-out sentences are new combinations of templates and names, its answers on
 them show whether it generalises rather than memorises.
 
-The output is a pure function of the seed: rerunning reproduces the files byte for byte.
-The held-out `TEST_PROMPTS` are never generated into either file.
+It also writes ``sentiment-train.jsonl`` and ``sentiment-valid.jsonl`` (`make_sentiment`), the
+seeds' classification example: short product and film reviews labelled " positive" or
+" negative" by the adjective or verb they hold (a negation that flips it, "not boring", proved too
+hard for the tiny example model to learn in a minute, so no sentence has one):
+
+    {"prompt": "Review: What a dull film!\nSentiment:", "completion": " negative<|endoftext|>"}
+
+The output is a pure function of the seed: rerunning reproduces the files byte for byte (each
+dataset draws from its own generator, so adding one never changes another). The held-out
+`TEST_PROMPTS` and `SENTIMENT_TEST_PROMPTS` are never generated into any file.
 """
 
 from __future__ import annotations
@@ -132,6 +141,56 @@ def generate(n: int, rng: random.Random, taken: set[str]) -> list[dict]:
     return examples
 
 
+# ---------------------------------------------------------------------------------------------
+# Sentiment (classification)
+
+SENTIMENT_SEPARATOR = "\nSentiment:"
+POSITIVE, NEGATIVE = "positive", "negative"
+THINGS = ["film", "book", "phone", "hotel", "meal", "camera", "game", "album", "laptop", "service",
+          "plot", "battery", "screen", "room", "coffee", "show"]
+GOOD = ["great", "excellent", "wonderful", "good", "lovely", "fantastic", "amazing", "pleasant"]
+BAD = ["terrible", "awful", "boring", "bad", "poor", "disappointing", "horrible", "dull"]
+LIKE = ["loved", "enjoyed", "liked", "recommend"]
+DISLIKE = ["hated", "disliked", "regret buying", "returned"]
+# {T} a thing, {G} an adjective, {V} a verb: the sentence's sentiment is its word's (GOOD or LIKE: positive).
+SENTIMENT_TEMPLATES = [
+    "The {T} was {G}.", "What a {G} {T}!", "I {V} the {T}.", "Honestly, the {T} is {G}.",
+    "My friends said the {T} was {G}, and they were right.", "Such a {G} {T}.",
+]
+_SENTIMENT_TESTS = [
+    ("The camera was boring.", NEGATIVE),
+    ("I hated the hotel.", NEGATIVE),
+    ("What a wonderful album!", POSITIVE),
+    ("Honestly, the coffee is good.", POSITIVE),
+]
+
+
+def sentiment_prompt(review: str) -> str:
+    return f"Review: {review}{SENTIMENT_SEPARATOR}"
+
+
+SENTIMENT_TEST_PROMPTS = [{"prompt": sentiment_prompt(r), "expected": " " + label} for r, label in _SENTIMENT_TESTS]
+
+
+def _random_review(rng: random.Random) -> tuple[str, str]:
+    template = rng.choice(SENTIMENT_TEMPLATES)
+    good = rng.random() < 0.5
+    review = template.format(T=rng.choice(THINGS), G=rng.choice(GOOD if good else BAD), V=rng.choice(LIKE if good else DISLIKE))
+    return review, POSITIVE if good else NEGATIVE
+
+
+def make_sentiment(n: int, rng: random.Random, taken: set[str]) -> list[dict]:
+    """`n` labelled reviews, distinct and not in `taken` (which is updated)."""
+    examples = []
+    while len(examples) < n:
+        review, label = _random_review(rng)
+        if review in taken:
+            continue
+        taken.add(review)
+        examples.append({"prompt": sentiment_prompt(review), "completion": f" {label}{END}"})
+    return examples
+
+
 def write_jsonl(path: Path, examples: list[dict]) -> None:
     with path.open("w", encoding="utf-8", newline="\n") as f:
         for example in examples:
@@ -145,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--train", type=int, default=1000, help="training examples (default 1000)")
     parser.add_argument("--valid", type=int, default=100, help="validation examples (default 100)")
+    parser.add_argument("--sentiment-train", type=int, default=600, help="sentiment training examples (default 600)")
+    parser.add_argument("--sentiment-valid", type=int, default=100, help="sentiment validation examples (default 100)")
     args = parser.parse_args(argv)
 
     rng = random.Random(args.seed)
@@ -156,6 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl(args.out / "locations-train.jsonl", train)
     write_jsonl(args.out / "locations-valid.jsonl", valid)
     print(f"wrote {len(train)} train and {len(valid)} valid examples to {args.out}")
+    # Its own generator: the locations files stay byte for byte what they were.
+    sentiment_rng = random.Random(f"sentiment-{args.seed}")
+    taken = {r for r, _ in _SENTIMENT_TESTS}
+    write_jsonl(args.out / "sentiment-train.jsonl", make_sentiment(args.sentiment_train, sentiment_rng, taken))
+    write_jsonl(args.out / "sentiment-valid.jsonl", make_sentiment(args.sentiment_valid, sentiment_rng, taken))
+    print(f"wrote {args.sentiment_train} train and {args.sentiment_valid} valid sentiment examples to {args.out}")
     print("held-out test prompts (expected greedy completion):")
     for t in TEST_PROMPTS:
         print(f"  {t['prompt']!r} -> {t['expected']!r}")

@@ -82,11 +82,14 @@ def test_page_holds_every_answer_parameter_warning_the_best_checkpoint_and_the_p
     for shown in ("temperature: 0.7", "top_p: 0.9", "top_k: 40", "max_new_tokens: 33", "max_new_tokens: 5",
                   "<code>&quot;\\n&quot;</code>", "<code>&quot;END&quot;</code>", "seed: 0"):
         assert shown in page, shown
-    # The lowest eval loss is checkpoint-4 (not the last one): its row is marked in both tables.
+    # No task metrics: the recommendation is the lowest eval loss, checkpoint-4 (not the last one);
+    # its row is marked in both tables.
     marked = best_rows(page)
-    assert len(marked) == 2 and all(re.search(r"checkpoint-4(?!\d)", row) and "lowest eval loss" in row for row in marked)
-    assert page.count('class="badge">lowest eval loss') == 3  # the summary and the two rows
-    assert re.search(r"checkpoint-4</strong>: eval loss 1\.5000", page)
+    assert len(marked) == 2 and all(re.search(r"checkpoint-4(?!\d)", row) and "recommended" in row for row in marked)
+    assert page.count('class="badge">recommended') == 3  # the summary and the two rows
+    assert re.search(r"checkpoint-4</strong>: eval loss 1\.5000, epoch 0\.67", page)
+    assert "Why: lowest eval loss (1.5000) of 3 checkpoints, as no task metric was computed." in page
+    assert "metrics.png" not in page and "got wrong" not in page  # no task metrics, no metrics plot
     for warning in warnings:
         assert html.escape(warning["message"]) in page
     assert "Fix: add a space" in page and "No warnings." in page
@@ -151,3 +154,39 @@ def test_losses_are_read_from_whole_lines_only(tmp_path):
 
     assert history.train == {1: 4.0, 3: 2.5} and history.skipped == [2] and history.evals == {3: 2.75}
     assert read_losses(tmp_path / "missing.jsonl").train == {}
+
+
+def test_task_metrics_get_a_plot_a_column_the_recommendation_and_wrong_answers_of_each_kind(tmp_path):
+    from trainer.evaluation import EvalResult, EvalRow
+    from trainer.task_metrics import score
+
+    write_metrics(tmp_path, [step(n, 3.0 / n) for n in range(1, 5)])
+    references = ["yes", "yes", "no", "no"]
+
+    def scored(predictions):
+        result = EvalResult(score(["accuracy"], predictions, references).values, 4, [
+            EvalRow(f"Q{i} <b>?</b>\nA:", r, p, p == r, "eos", "valid.jsonl", i + 1)
+            for i, (p, r) in enumerate(zip(predictions, references))], 1.0, "accuracy",
+            score(["accuracy"], predictions, references).details, classification=True)
+        return result.summary_fields()
+
+    checkpoints = [CheckpointSummary(2, 0.5, 1.5, 0.9, [sample(" x")], **scored(["no", "yes", "no", "<i>maybe</i>"])),
+                   CheckpointSummary(4, 1.0, 0.7, 0.6, [sample(" y")], **scored(["yes", "yes", "no", "yes"]))]
+    page = write_html_report(tmp_path, "run", ["prompt"], checkpoints).read_text(encoding="utf-8")
+
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 2 and base64.b64decode(images[1]) == (tmp_path / "metrics.png").read_bytes()
+    assert base64.b64decode(images[1]).startswith(PNG_SIGNATURE)
+    assert "<th>accuracy</th>" in page and '<td class="num">0.5000</td>' in page and '<td class="num">0.7500</td>' in page
+    marked = best_rows(page)
+    assert len(marked) == 2 and all(re.search(r"checkpoint-4(?!\d)", row) for row in marked)
+    assert "Why: highest accuracy (0.7500 on 4 validation examples) of 2 checkpoints." in page
+    # Wrong answers, by kind, escaped; the recommended checkpoint's confusion matrix.
+    assert "<h3>Confusion matrix of checkpoint-4 (recommended)</h3>" in page
+    # Classes by support, then by name: no, yes; then the (other) column.
+    assert "<tr><th>no</th><td class=\"num\">1</td><td class=\"num\">1</td><td class=\"num\">0</td>" in page
+    assert "<tr><th>yes</th><td class=\"num\">0</td><td class=\"num\">2</td><td class=\"num\">0</td>" in page
+    assert html.escape("expected 'yes', got 'no'") + " (1 of 4)" in page
+    assert html.escape("expected 'no', got '<i>maybe</i>'") in page and "<i>maybe" not in page
+    assert "Q0 &lt;b&gt;?&lt;/b&gt;\nA:" in page
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl", "metrics.png", "report.html"]

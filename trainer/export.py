@@ -1,6 +1,7 @@
 """Export a checkpoint as a plain Hugging Face model folder (what vLLM and `pipeline` load).
 
     python -m trainer.export CHECKPOINT OUT_DIR [--dtype bfloat16|float16|float32] [--base PATH_OR_ID]
+    python -m trainer.export RUN_DIR OUT_DIR --best     # the run's recommended checkpoint
 
 A LoRA or QLoRA checkpoint is merged into its base model, loaded unquantized in `--dtype` (never
 into 4-bit weights, even for a QLoRA run); the base is adapter_config.json's
@@ -22,6 +23,7 @@ from pathlib import Path
 from trainer.atomic import commit_partial, discard_partial, start_partial
 from trainer.errors import UsageError, UserError
 from trainer.loading import DTYPE_NAMES, base_model_name, inspect_checkpoint, load_model, load_tokenizer
+from trainer.recommend import add_best_argument, checkpoint_from_args
 
 PROVENANCE_FILES = ("config.yaml", "samples.jsonl", "checkpoint.json")
 EXPORT_INFO = "export.json"
@@ -31,13 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint-<step> folder (LoRA, QLoRA or full)")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint-<step> folder (LoRA, QLoRA or full); with --best a run folder")
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="the model folder to write (must not exist, or be empty)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES,
                         help="weights dtype of the export (default: the dtype the run trained in, else float32)")
     parser.add_argument("--base", metavar="PATH_OR_ID", help="base model of a LoRA checkpoint (default: adapter_config.json's)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest weights file; bigger models get shards and an index (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    add_best_argument(parser)
     return parser
 
 
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         check_shard_size(args.max_shard_size)
-        export(args.checkpoint, args.out_dir, dtype=args.dtype, base=args.base,
+        checkpoint = checkpoint_from_args(args.checkpoint, args.best)
+        export(checkpoint, args.out_dir, dtype=args.dtype, base=args.base,
                max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     except SystemExit as exit:  # argparse: --help (0) or a malformed command line (2)
         return int(exit.code or 0)

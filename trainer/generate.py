@@ -4,6 +4,7 @@ for the server, and the `python -m trainer.generate` command.
     python -m trainer.generate CHECKPOINT_OR_EXPORT --prompt "banana ->" [--max-new-tokens 16 ...]
     python -m trainer.generate CHECKPOINT_OR_EXPORT --prompts prompts.jsonl > completions.jsonl
     python -m trainer.generate CHECKPOINT_OR_EXPORT --messages '[{"role": "user", "content": "Hi?"}]'
+    python -m trainer.generate RUN_DIR --best --prompt "banana ->"     # the run's recommended checkpoint
 
 One prompt prints its completion as plain text; a prompts file (or --num-samples > 1, or --jsonl)
 prints one JSON object per prompt and sample, with the fields of a checkpoint's samples.jsonl.
@@ -36,6 +37,7 @@ from trainer.config import TestPrompt
 from trainer.data.tokenize import encode_chat_prompt, encode_prompt, render_chat_prompt
 from trainer.errors import UsageError, UserError
 from trainer.loading import position_limit
+from trainer.recommend import add_best_argument
 
 
 @dataclass
@@ -318,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_EXPORT", help="a checkpoint-<step> folder (LoRA or full) or an exported model")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_EXPORT",
+                        help="a checkpoint-<step> folder (LoRA or full) or an exported model; with --best a run folder")
+    add_best_argument(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", metavar="TEXT", help=r"one prompt, exactly as in training (include the separator; \n is a newline)")
     source.add_argument("--prompts", metavar="FILE.jsonl", type=Path,
@@ -399,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from trainer.loading import inspect_checkpoint, load_model, load_tokenizer, resolve_device, resolve_dtype
+    from trainer.recommend import checkpoint_from_args
 
     hf_logging.disable_progress_bar()
     try:
@@ -406,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("num_samples", "batch_size"):
             if getattr(args, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-        info = inspect_checkpoint(args.checkpoint)
+        info = inspect_checkpoint(checkpoint_from_args(args.checkpoint, args.best))
         prompts = read_prompts(args, info.training_seed or 0)
         device = resolve_device(args.device)
         tokenizer = load_tokenizer(info)

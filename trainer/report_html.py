@@ -2,8 +2,11 @@
 
 One page a person opens in a browser (or prints) to pick a checkpoint: the train loss of every
 step and the eval loss of every checkpoint in one plot (embedded as a PNG data URI, also written as
-loss.png), the checkpoint with the lowest eval loss marked, every checkpoint's answer to every test
-prompt side by side with the prompt's sampling parameters, and the data report's warnings.
+loss.png), beside it each task metric per checkpoint (metrics.png, when the run computes them), the
+recommended checkpoint (trainer/recommend.py: best task metric, else lowest eval loss) marked with
+why, every checkpoint's answer to every test prompt side by side with the prompt's sampling
+parameters, a few validation answers each checkpoint got wrong (of each kind of mistake, with the
+confusion matrix of a classification task), and the data report's warnings.
 
 The recipe rewrites it at each checkpoint, beside report.md. It reads metrics.jsonl and
 data_report.json itself, so a half-written last line, a missing file or a null loss only leave
@@ -24,13 +27,22 @@ from pathlib import Path
 from typing import Any
 
 from trainer.atomic import write_bytes_atomically
-from trainer.run_folder import DATA_REPORT_FILE, HTML_FILE, METRICS_FILE, PLOT_FILE, STATUS_FILE
+from trainer.layout import METRICS_PLOT_FILE
+from trainer.recommend import Recommendation, recommend
+from trainer.run_folder import (
+    DATA_REPORT_FILE,
+    HTML_FILE,
+    METRICS_FILE,
+    PLOT_FILE,
+    STATUS_FILE,
+)
 
 PROMPTS_PER_TABLE = 5  # more prompts than this are split over several tables (readable, printable)
 FINDINGS_PER_KIND = 10  # data-report messages listed per warning kind (the JSON file has all)
 LINES_PER_KIND = 30  # line numbers listed per warning kind
 PARAMETER_NAMES = ("temperature", "top_p", "top_k", "max_new_tokens", "stop")
-BEST_CLASS = ' class="best"'  # the row of the checkpoint with the lowest eval loss
+BEST_CLASS = ' class="best"'  # the row of the recommended checkpoint
+BADGE = '<span class="badge">recommended</span>'
 FINISH_NOTES = {"length": "cut at max_new_tokens", "stop": "ended at a stop sequence"}
 
 
@@ -121,24 +133,45 @@ class Row:
     train_loss: float | None
     eval_loss: float | None
     samples: list
+    metrics: dict = field(default_factory=dict)  # name -> finite value
+    eval_examples: int | None = None
+    wrong: list = field(default_factory=list)
+    metric_details: dict = field(default_factory=dict)
 
 
 def _rows(checkpoints: list) -> list[Row]:
     rows = []
     for checkpoint in checkpoints or []:
         samples = _get(checkpoint, "samples")
+        metrics = _get(checkpoint, "metrics")
+        metrics = {str(k): _finite(v) for k, v in metrics.items()} if isinstance(metrics, dict) else {}
+        wrong = _get(checkpoint, "wrong")
+        details = _get(checkpoint, "metric_details")
         rows.append(Row(
             _step(_get(checkpoint, "step")), _finite(_get(checkpoint, "epoch")),
             _finite(_get(checkpoint, "train_loss")), _finite(_get(checkpoint, "eval_loss")),
             list(samples) if isinstance(samples, (list, tuple)) else [],
+            {k: v for k, v in metrics.items() if v is not None}, _step(_get(checkpoint, "eval_examples")),
+            [w for w in wrong if isinstance(w, dict)] if isinstance(wrong, (list, tuple)) else [],
+            details if isinstance(details, dict) else {},
         ))
     return rows
 
 
-def best_checkpoint(rows: list[Row]) -> int | None:
-    """Index of the checkpoint with the lowest eval loss (the earliest of equals); None without one."""
-    scored = [(row.eval_loss, index) for index, row in enumerate(rows) if row.eval_loss is not None]
-    return min(scored)[1] if scored else None
+def _metric_names(rows: list[Row]) -> list[str]:
+    names: list[str] = []
+    for row in rows:
+        names += [name for name in row.metrics if name not in names]
+    return names
+
+
+def best_checkpoint(rows: list[Row], recommendation: Recommendation | None = None) -> int | None:
+    """Index of the recommended checkpoint (`recommendation`, else `recommend(rows)`: the best task
+    metric, else the lowest eval loss, the earliest of equals); None without one."""
+    recommendation = recommendation or recommend(rows)
+    if recommendation is None:
+        return None
+    return next((index for index, row in enumerate(rows) if _checkpoint_name(row) == recommendation.checkpoint), None)
 
 
 def _prompt_text(prompt: Any) -> str:
@@ -223,12 +256,12 @@ def render_loss_plot(history: LossHistory, rows: list[Row], best: int | None) ->
     if eval_steps:
         axes.plot(eval_steps, [evals[s] for s in eval_steps], color="#e45756", linewidth=1.8, marker="o",
                   markersize=6, label="eval loss (each checkpoint)", zorder=3)
-    if best is not None:
+    if best is not None and rows[best].eval_loss is not None:
         row = rows[best]
         x = row.step if row.step is not None else (eval_steps[0] if eval_steps else 0)
         axes.plot([x], [row.eval_loss], linestyle="none", marker="*", markersize=20, color="#f2b701",
                   markeredgecolor="#5a4500", markeredgewidth=1.2, zorder=4,
-                  label=f"lowest eval loss: {_checkpoint_name(row)} ({row.eval_loss:.4f})")
+                  label=f"recommended: {_checkpoint_name(row)} (eval loss {row.eval_loss:.4f})")
     if not (train_steps or eval_steps or history.skipped):
         axes.text(0.5, 0.5, "no losses recorded yet", transform=axes.transAxes, ha="center", va="center",
                   fontsize=14, color="#777777")
@@ -254,6 +287,46 @@ def render_loss_plot(history: LossHistory, rows: list[Row], best: int | None) ->
     figure.tight_layout()
     buffer = io.BytesIO()
     # No matplotlib version in the file: the same losses give the same bytes.
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+METRIC_COLOURS = ("#54a24b", "#b279a2", "#f58518", "#4c78a8", "#9d755d")
+
+
+def render_metrics_plot(rows: list[Row], best: int | None) -> bytes:
+    """The PNG: each task metric per checkpoint (0 to 1, higher is better), the recommended
+    checkpoint starred on the primary (first) metric."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(6.4, 4.6), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    names = _metric_names(rows)
+    for number, name in enumerate(names):
+        points = sorted((row.step, row.metrics[name]) for row in rows if row.step is not None and name in row.metrics)
+        if points:
+            axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=5, linewidth=1.8,
+                      color=METRIC_COLOURS[number % len(METRIC_COLOURS)],
+                      label=f"{name}{' (ranks the checkpoints)' if number == 0 else ''}")
+    if best is not None and names and names[0] in rows[best].metrics and rows[best].step is not None:
+        row = rows[best]
+        axes.plot([row.step], [row.metrics[names[0]]], linestyle="none", marker="*", markersize=20, color="#f2b701",
+                  markeredgecolor="#5a4500", markeredgewidth=1.2, zorder=4,
+                  label=f"recommended: {_checkpoint_name(row)} ({row.metrics[names[0]]:.4f})")
+    axes.set_ylim(-0.03, 1.03)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("on the validation data")
+    axes.set_title("Task metrics per checkpoint")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(True, color="#e6e6e6", linewidth=0.8)
+    axes.set_axisbelow(True)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(loc="lower right", fontsize=9, framealpha=0.92)
+    figure.tight_layout()
+    buffer = io.BytesIO()
     figure.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
 
@@ -286,6 +359,12 @@ h3 { font-size: 16px; margin: 18px 0 6px; overflow-wrap: anywhere; }
 .summary { background: #fff8dc; border: 1px solid #e8cf6b; border-radius: 6px; padding: 10px 14px; margin: 12px 0; }
 .summary.none { background: #f4f4f4; border-color: #ccc; }
 .plot { display: block; width: 100%; max-width: 1100px; height: auto; border: 1px solid #e3e3e3; }
+.plots { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
+.plots .plot { flex: 1 1 560px; width: auto; min-width: 0; }
+.plots .plot.metrics { flex: 1 1 360px; max-width: 700px; }
+.why { font-size: 13px; color: #333; margin-top: 3px; }
+.wrong-kind { font-weight: 600; margin: 8px 0 2px; }
+table.wrong td { max-width: 420px; }
 table { border-collapse: collapse; margin: 8px 0 18px; }
 th, td { border: 1px solid #d0d0d0; padding: 6px 8px; vertical-align: top; text-align: left; }
 th { background: #f2f4f7; font-weight: 600; }
@@ -374,12 +453,14 @@ def _status_line(output_dir: Path) -> str:
     return ", ".join(parts)
 
 
-def _summary_html(rows: list[Row], best: int | None) -> str:
-    if best is not None:
+def _summary_html(rows: list[Row], best: int | None, recommendation: Recommendation | None) -> str:
+    if best is not None and recommendation is not None:
         row = rows[best]
         epoch = f", epoch {row.epoch:.2f}" if row.epoch is not None else ""
-        return (f'<div class="summary"><span class="badge">lowest eval loss</span> '
-                f"<strong>{_e(_checkpoint_name(row))}</strong>: eval loss {row.eval_loss:.4f}{epoch}</div>")
+        shown = [f"{name} {value:.4f}" for name, value in row.metrics.items()]
+        shown += [f"eval loss {row.eval_loss:.4f}"] if row.eval_loss is not None else []
+        return (f'<div class="summary">{BADGE} <strong>{_e(_checkpoint_name(row))}</strong>: {_e(", ".join(shown))}{epoch}'
+                f'<div class="why">Why: {_e(recommendation.why)}.</div></div>')
     if not rows:
         why = "No checkpoint yet."
     else:
@@ -390,18 +471,70 @@ def _summary_html(rows: list[Row], best: int | None) -> str:
 def _checkpoints_table(rows: list[Row], best: int | None) -> str:
     if not rows:
         return '<p class="empty">No checkpoint yet: the first one appears here when it is saved.</p>'
+    names = _metric_names(rows)
     out = ['<table class="losses"><thead><tr><th class="ckpt">checkpoint</th><th>step</th><th>epoch</th>'
-           "<th>train loss</th><th>eval loss</th></tr></thead><tbody>"]
+           "<th>train loss</th><th>eval loss</th>" + "".join(f"<th>{_e(n)}</th>" for n in names) + "</tr></thead><tbody>"]
     for index, row in enumerate(rows):
         best_row = index == best
-        badge = ' <span class="badge">lowest eval loss</span>' if best_row else ""
+        badge = f" {BADGE}" if best_row else ""
         out.append(
             f'<tr{BEST_CLASS if best_row else ""}><td class="ckpt">{_e(_checkpoint_name(row))}{badge}</td>'
             f'<td class="num">{"&ndash;" if row.step is None else row.step}</td>'
             f'<td class="num">{_number(row.epoch, 2)}</td><td class="num">{_number(row.train_loss)}</td>'
-            f'<td class="num">{_number(row.eval_loss)}</td></tr>'
+            f'<td class="num">{_number(row.eval_loss)}</td>'
+            + "".join(f'<td class="num">{_number(row.metrics.get(n))}</td>' for n in names) + "</tr>"
         )
     out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _confusion_html(details: dict) -> str:
+    """A classification's confusion matrix: rows are the expected classes, columns the answers."""
+    labels, matrix = details.get("labels"), details.get("confusion")
+    if not isinstance(labels, list) or not isinstance(matrix, list) or len(matrix) != len(labels):
+        return ""
+    columns = labels + [str(details.get("other_label", "(other)"))]
+    per_class = details.get("per_class") if isinstance(details.get("per_class"), dict) else {}
+    out = ['<table class="confusion"><thead><tr><th>expected \\ answered</th>'
+           + "".join(f"<th>{_e(c)}</th>" for c in columns) + "<th>precision</th><th>recall</th><th>F1</th></tr></thead><tbody>"]
+    for label, counts in zip(labels, matrix):
+        stats = per_class.get(label) if isinstance(per_class.get(label), dict) else {}
+        cells = "".join(f'<td class="num">{_e(n)}</td>' for n in counts) if isinstance(counts, list) else ""
+        out.append(f"<tr><th>{_e(label)}</th>{cells}" + "".join(
+            f'<td class="num">{_number(_finite(stats.get(k)))}</td>' for k in ("precision", "recall", "f1")) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _wrong_answers_section(rows: list[Row], best: int | None) -> str:
+    """Per checkpoint, a few validation answers it got wrong, grouped by kind of mistake."""
+    scored = [row for row in rows if row.metrics]
+    if not scored:
+        return '<p class="empty">No task metrics (eval.metrics=none, or no validation data).</p>'
+    out = []
+    if best is not None and isinstance(rows[best].metric_details.get("classification"), dict):
+        out.append(f"<h3>Confusion matrix of {_e(_checkpoint_name(rows[best]))} (recommended)</h3>")
+        out.append(_confusion_html(rows[best].metric_details["classification"]))
+    for row in scored:
+        over = f" of {row.eval_examples}" if row.eval_examples else ""
+        out.append(f"<h3>{_e(_checkpoint_name(row))}</h3>")
+        if not row.wrong:
+            out.append(f'<p class="empty">Every answer{_e(over)} right.</p>')
+            continue
+        kinds: dict[str, list[dict]] = {}
+        for example in row.wrong:
+            kinds.setdefault(str(example.get("kind", "wrong answer")), []).append(example)
+        for kind, group in kinds.items():
+            count = _step(group[0].get("count"))
+            counted = f" ({count}{_e(over)})" if count is not None else ""
+            out.append(f'<div class="wrong-kind">{_e(kind)}{counted}</div>')
+            out.append('<table class="wrong"><thead><tr><th>prompt (end)</th><th>expected</th><th>answered</th></tr></thead><tbody>')
+            for example in group:
+                prompt, expected, answered = (str(example.get(k, "")) for k in ("prompt", "reference", "prediction"))
+                answered_html = f'<div class="text">{_e(answered)}</div>' if answered else '<span class="empty">(empty)</span>'
+                out.append(f'<tr><td><div class="text">{_e(_tail(prompt))}</div></td><td><div class="text">{_e(expected)}</div></td>'
+                           f"<td>{answered_html}</td></tr>")
+            out.append("</tbody></table>")
     return "\n".join(out)
 
 
@@ -437,7 +570,7 @@ def _answers_tables(rows: list[Row], prompts: list[str], parameters: list[dict],
         out.append("</tr></thead><tbody>")
         for index, row in enumerate(rows):
             best_row = index == best
-            badge = '<br><span class="badge">lowest eval loss</span>' if best_row else ""
+            badge = f"<br>{BADGE}" if best_row else ""
             out.append(
                 f'<tr{BEST_CLASS if best_row else ""}><th class="ckpt">{_e(_checkpoint_name(row))}{badge}'
                 f'<div class="muted">eval loss {_number(row.eval_loss)}<br>train loss {_number(row.train_loss)}</div></th>'
@@ -532,12 +665,15 @@ def _data_section(output_dir: Path) -> str:
 
 def render_html_report(output_dir: Path, title: str, test_prompts: list, checkpoints: list,
                        plot_png: bytes | None = None, history: LossHistory | None = None,
-                       plot_error: str | None = None) -> str:
-    """The page as text (`write_html_report` writes it)."""
+                       plot_error: str | None = None, recommendation: Recommendation | None = None,
+                       metrics_png: bytes | None = None) -> str:
+    """The page as text (`write_html_report` writes it). `recommendation` defaults to
+    `recommend(checkpoints)`; the metrics plot is drawn when a checkpoint has task metrics."""
     output_dir = Path(output_dir)
     history = read_losses(output_dir / METRICS_FILE) if history is None else history
     rows = _rows(checkpoints)
-    best = best_checkpoint(rows)
+    recommendation = recommendation or recommend(rows)
+    best = best_checkpoint(rows, recommendation)
     count = max([len(test_prompts or [])] + [len(row.samples) for row in rows])
     prompts, parameters = [], []
     for index in range(count):
@@ -564,6 +700,12 @@ def render_html_report(output_dir: Path, title: str, test_prompts: list, checkpo
         plot = f'<img class="plot" alt="train loss per step and eval loss per checkpoint" src="data:image/png;base64,{image}">'
     else:
         plot = f'<p class="empty">The plot could not be drawn ({_e(plot_error or "no image")}).</p>'
+    if metrics_png is None and _metric_names(rows):
+        metrics_png = render_metrics_plot(rows, best)
+    if metrics_png:
+        image = base64.b64encode(metrics_png).decode("ascii")
+        plot = (f'<div class="plots">{plot}<img class="plot metrics" alt="task metrics per checkpoint" '
+                f'src="data:image/png;base64,{image}"></div>')
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -571,12 +713,14 @@ def render_html_report(output_dir: Path, title: str, test_prompts: list, checkpo
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         f'<p class="meta">{" &middot; ".join(facts)}</p>',
-        _summary_html(rows, best),
-        "<h2>Loss</h2>",
+        _summary_html(rows, best, recommendation),
+        "<h2>Loss and task metrics</h2>" if _metric_names(rows) else "<h2>Loss</h2>",
         plot,
         _checkpoints_table(rows, best),
         "<h2>Answers to the test prompts</h2>",
         _answers_tables(rows, prompts, parameters, best),
+        *(["<h2>Validation answers each checkpoint got wrong</h2>", _wrong_answers_section(rows, best)]
+          if _metric_names(rows) else []),
         "<h2>Test prompts</h2>",
         _prompts_section(prompts, parameters),
         "<h2>Data report</h2>",
@@ -586,24 +730,32 @@ def render_html_report(output_dir: Path, title: str, test_prompts: list, checkpo
     return "\n".join(parts) + "\n"
 
 
-def write_html_report(output_dir: Path, title: str, test_prompts: list, checkpoints: list) -> Path:
-    """Write `loss.png` and `report.html` into `output_dir` (each atomically, with the umask's
-    permissions) from its metrics.jsonl and data_report.json and the checkpoints so far; returns the
-    path of report.html. `test_prompts` are the config's TestPrompt entries (or plain strings);
-    `checkpoints` are the report's CheckpointSummary entries."""
+def write_html_report(output_dir: Path, title: str, test_prompts: list, checkpoints: list,
+                      recommendation: Recommendation | None = None) -> Path:
+    """Write `loss.png`, `metrics.png` (when a checkpoint has task metrics) and `report.html` into
+    `output_dir` (each atomically, with the umask's permissions) from its metrics.jsonl and
+    data_report.json and the checkpoints so far; returns the path of report.html. `test_prompts`
+    are the config's TestPrompt entries (or plain strings); `checkpoints` are the report's
+    CheckpointSummary entries; `recommendation` defaults to `recommend(checkpoints)`."""
     output_dir = Path(output_dir)
     history = read_losses(output_dir / METRICS_FILE)
     rows = _rows(checkpoints)
+    recommendation = recommendation or recommend(rows)
+    best = best_checkpoint(rows, recommendation)
     try:
-        plot_png = render_loss_plot(history, rows, best_checkpoint(rows))
+        plot_png = render_loss_plot(history, rows, best)
+        metrics_png = render_metrics_plot(rows, best) if _metric_names(rows) else b""
     except Exception as error:  # a picture is not worth a training run: the page goes out without it
-        plot_png, plot_error = b"", f"{type(error).__name__}: {error}"
+        plot_png, metrics_png, plot_error = b"", b"", f"{type(error).__name__}: {error}"
     else:
         plot_error = None
     page = render_html_report(output_dir, title, list(test_prompts or []), list(checkpoints or []),
-                              plot_png=plot_png, history=history, plot_error=plot_error)
+                              plot_png=plot_png, history=history, plot_error=plot_error,
+                              recommendation=recommendation, metrics_png=metrics_png)
     if plot_png:
         write_bytes_atomically(output_dir / PLOT_FILE, plot_png)
+    if metrics_png:
+        write_bytes_atomically(output_dir / METRICS_PLOT_FILE, metrics_png)
     path = output_dir / HTML_FILE
     # "replace": a lone surrogate (possible in JSON text) must not stop the report.
     write_bytes_atomically(path, page.encode("utf-8", errors="replace"))

@@ -3,6 +3,7 @@
     python -m trainer.serve CHECKPOINT_OR_EXPORT [--host 127.0.0.1] [--port 8000] [--model-name NAME]
                             [--api-key-file FILE] [--max-batch-size 8] [--max-rows-per-request 64]
                             [--embedding-pooling mean|last]
+    python -m trainer.serve RUN_DIR --best ...     # the run's recommended checkpoint
 
 Routes: POST /completions (the seed's API: text, length, temperature, top_p, top_k, stop_sequences
 or stop_tokens, n), POST /v1/completions and POST /v1/chat/completions (for the `openai` client;
@@ -17,7 +18,7 @@ owns the model. Fairness: a request holds at most --max-rows-per-request rows (c
 x n; embeddings: inputs; more is refused with 422), and each batch is shared out round-robin over
 the waiting requests, one row each in turn, so a small request waits at most for the batch being
 generated, never for a big request's remaining rows (see trainer/serving/worker.py). Needs the
-`serve` extra: pip install -e ".[serve]".
+`serve` extra: pip install -c constraints.txt -e ".[serve]".
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from trainer.errors import UsageError, UserError
+from trainer.recommend import add_best_argument, checkpoint_from_args
 
 API_KEY_VARIABLE = "TRAINER_API_KEY"
 
@@ -42,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_EXPORT", help="a checkpoint-<step> folder (LoRA or full) or an exported model")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_EXPORT",
+                        help="a checkpoint-<step> folder (LoRA or full) or an exported model; with --best a run folder")
+    add_best_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--model-name", help="the name clients use (default: RUN/checkpoint-STEP, or the folder's name)")
@@ -167,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
         missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
         if missing:
-            raise UserError(f"serving needs {' and '.join(missing)}, not installed here. Fix: pip install -e \".[serve]\"")
+            raise UserError(f"serving needs {' and '.join(missing)}, not installed here. Fix: pip install -c constraints.txt -e \".[serve]\"")
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        args.checkpoint = checkpoint_from_args(args.checkpoint, args.best)
         key = read_api_key(args.api_key_file)
         check_exposure(args.host, key)
         sock = open_socket(args.host, args.port)
