@@ -59,4 +59,4 @@ def test_a_missing_tracker_package_is_a_user_error(tmp_path, tiny_model_dirs, mo
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     config = write_config(tmp_path, tiny_model_dirs["gpt2"], "lora")
     assert main([str(config), "tracking.report_to=all"]) == 1
-    assert "tracking.report_to=all needs wandb: pip install -e '.[tracking]'" in capsys.readouterr().err
+    assert "tracking.report_to=all needs wandb: pip install -c constraints.txt -e '.[tracking]'" in capsys.readouterr().err

@@ -18,10 +18,8 @@ from trainer.config import Config, save_config
 from trainer.data.jsonl import write_jsonl
 from trainer.disk import save_failure
 from trainer.faults import crash_point
-
-CHECKPOINT_PREFIX = "checkpoint-"
-SAMPLES_FILE = "samples.jsonl"
-INFO_FILE = "checkpoint.json"
+from trainer.layout import CHECKPOINT_INFO_FILE as INFO_FILE
+from trainer.layout import CHECKPOINT_PREFIX, SAMPLES_FILE
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -52,6 +50,22 @@ def cast_floating(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> di
     return out
 
 
+def share_tied_weights(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` with every name of a tied parameter (GPT-2's `lm_head.weight` and
+    `transformer.wte.weight`) holding one tensor, as the unsharded model's `state_dict()` gives them,
+    so that `save_pretrained` stores the tied weight once. A state dict gathered from FSDP shards (or
+    cast per name) holds a separate copy under each name, which would be stored twice."""
+    names_of: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+    shared = dict(state_dict)
+    for names in names_of.values():
+        present = [name for name in names if name in shared]
+        for alias in present[1:]:
+            shared[alias] = shared[present[0]]
+    return shared
+
+
 def _record_dtype(folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
     """config.json names the dtype the weights were saved in (save_pretrained writes the model's,
     float32 for master weights saved in bfloat16), so from_pretrained(dtype="auto") loads that."""
@@ -80,6 +94,8 @@ def save_checkpoint(
     try:
         with atomic_folder(final) as partial:
             # LoRA: PEFT writes adapter_config.json + adapter_model.safetensors. Full: a whole HF model.
+            if state_dict is not None:
+                state_dict = share_tied_weights(model, state_dict)
             model.save_pretrained(partial, safe_serialization=True, state_dict=state_dict)
             if state_dict is not None:
                 _record_dtype(partial, state_dict)

@@ -229,10 +229,35 @@ class TrackingConfig(_Section):
     """Experiment trackers (through accelerate): TensorBoard (`<output_dir>/logs/`), Weights & Biases
     (`<output_dir>/wandb/`; `WANDB_MODE=offline` keeps it local), or both. They get the resolved
     config, per-step loss, learning rate, gradient norm and tokens/s, and at each checkpoint the eval
-    loss and the samples. Needs `pip install -e '.[tracking]'`."""
+    loss and the samples. Needs `pip install -c constraints.txt -e '.[tracking]'`."""
 
     project: str = "trainer"
     """The W&B project and the TensorBoard run name."""
+
+
+class EvalConfig(_Section):
+    metrics: Union[Literal["auto", "none"], Annotated[list[Literal["exact_match", "f1", "item_f1", "accuracy"]], Field(min_length=1)]] = "auto"
+    """Task metrics every checkpoint is scored by on the validation data, answering each example's
+    prompt greedily as its test prompts are answered. `auto` picks by what the data preflight found:
+    classification -> `accuracy` (with per-class precision, recall, F1 and a confusion matrix);
+    list-like completions ("Tokyo, Berlin") -> `exact_match`, `item_f1`; other short generation ->
+    `f1` (SQuAD's token F1), `exact_match`; open-ended text -> none. Or a list of those names. The
+    first is the one the recommended checkpoint is chosen by (`recommendation.json`); `none` (or no
+    validation data) recommends by the lowest eval loss. Answers are compared after stripping,
+    casefolding and collapsing whitespace."""
+
+    max_examples: int | None = Field(200, ge=1)
+    """Validation examples scored at each checkpoint: the first this many in an order shuffled by
+    `training.seed` (the same examples at every checkpoint, and after a resume); null scores all.
+    Scoring costs a greedy generation per example at each checkpoint."""
+
+    stop: list[str] | None = None
+    """Stop sequences that end an answer (it also ends at EOS). Default: the validation completions'
+    common ending when they share one (e.g. a newline), else EOS alone."""
+
+    max_new_tokens: int | None = Field(None, gt=0)
+    """Longest answer in tokens. Default: the longest validation completion plus a quarter (at least
+    4 tokens), so a right answer always fits and a rambling one is cut soon."""
 
 
 class ChatMessage(_Section):
@@ -314,6 +339,9 @@ class Config(_Section):
 
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """Experiment trackers."""
+
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Task metrics at each checkpoint and the recommended checkpoint."""
 
     test_prompts: list[TestPrompt] = Field(default_factory=list)
     """Prompts every checkpoint answers, each with its own sampling parameters. A plain string is a

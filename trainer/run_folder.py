@@ -26,23 +26,26 @@ from pathlib import Path
 import yaml
 
 from trainer.atomic import write_text_atomically
-from trainer.checkpoint import CHECKPOINT_PREFIX
-from trainer.data.pipeline import SKIPPED_LINES_FILE
 from trainer.errors import RunFolderBusy, UserError
-from trainer.state import STATE_PREFIX, SavedState, newest_state, step_of
-from trainer.tracking import LOG_DIR, WANDB_DIR
+from trainer.layout import (  # noqa: F401  (names other modules take from here too)
+    CHECKPOINT_PREFIX,
+    CONFIG_FILE,
+    DATA_REPORT_FILE,
+    HTML_FILE,
+    LOCK_FILE,
+    LOG_DIR,
+    METRICS_FILE,
+    PLOT_FILE,
+    REPORT_FILE,
+    RUN_FILES,
+    SKIPPED_LINES_FILE,
+    STATE_PREFIX,
+    STATUS_FILE,
+    WANDB_DIR,
+)
+from trainer.state import SavedState, newest_state, step_of
 
-LOCK_FILE = "run.lock"
-STATUS_FILE = "status.json"
-METRICS_FILE = "metrics.jsonl"
-REPORT_FILE = "report.md"
-CONFIG_FILE = "config.yaml"
-DATA_REPORT_FILE = "data_report.json"
-HTML_FILE = "report.html"
-PLOT_FILE = "loss.png"
 #: Files (and tracker folders) a run writes beside its checkpoint and state folders.
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, REPORT_FILE, DATA_REPORT_FILE, SKIPPED_LINES_FILE, STATUS_FILE,
-             HTML_FILE, PLOT_FILE, LOG_DIR, WANDB_DIR)
 
 
 def _folder_error(folder: Path, err: OSError) -> UserError:

@@ -40,14 +40,13 @@ from trainer.disk import save_failure
 from trainer.distributed import all_processes_ok
 from trainer.errors import SaveFailed, UserError
 from trainer.faults import crash_point
+from trainer.layout import COMPLETE_MARKER, STATE_PREFIX
+from trainer.layout import STATE_INFO_FILE as INFO_FILE
+from trainer.layout import STATE_OPTIMIZER_FILE as OPTIMIZER_FILE
+from trainer.layout import STATE_SHARDED_DIR as SHARDED_DIR
+from trainer.layout import STATE_WEIGHTS_FILE as WEIGHTS_FILE
 
-STATE_PREFIX = "state-"
 STATE_FORMAT = 1
-INFO_FILE = "state.json"
-WEIGHTS_FILE = "trainable.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-SHARDED_DIR = "sharded"  # FSDP: torch.distributed.checkpoint's files of every process
-COMPLETE_MARKER = "COMPLETE"
 
 
 def state_dir(output_dir: Path, step: int) -> Path:

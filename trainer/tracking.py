@@ -16,10 +16,9 @@ from pathlib import Path
 
 from trainer.config import Config
 from trainer.errors import UserError
+from trainer.layout import LOG_DIR, WANDB_DIR
 from trainer.report import markdown_cell
 
-LOG_DIR = "logs"
-WANDB_DIR = "wandb"
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 

@@ -46,7 +46,7 @@ from trainer.distributed import check_shared_folder, decide_on_main, honour_laun
 from trainer.errors import (
     EXIT_DONE, EXIT_INTERRUPTED, EXIT_STOPPED_RESUMABLE, EXIT_USER_ERROR, TrainingDiverged, UsageError, UserError,
 )
-from trainer.families import FAMILIES, family_of
+from trainer.families import estimates_memory, memory_families
 from trainer.faults import crash_point
 from trainer.generate import complete, encode_test_prompt
 from trainer.loss import supervised_loss_sum
@@ -288,9 +288,9 @@ class FineTuneRecipe:
 
     def warn_about_memory(self, model_config, gpu_memory_bytes: int | None = None) -> str | None:
         """Log (and return) the planner's warning when the run's estimate exceeds the GPU."""
-        if family_of(model_config) is None:  # the planner models the families it has entries for
+        if not estimates_memory(model_config):  # the planner models the families it has entries for
             self.log(f"note: no memory estimate for model_type {model_config.model_type!r} (the planner knows "
-                     f"{', '.join(FAMILIES)}); training goes on without one")
+                     f"{', '.join(memory_families())}); training goes on without one")
             return None
         memory = gpu_memory_bytes or torch.cuda.get_device_properties(self.accelerator.device).total_memory
         warning = estimate_memory(self.config, gpus=self.accelerator.num_processes, gpu_memory_bytes=memory,
@@ -625,8 +625,10 @@ class FineTuneRecipe:
                 pass
 
     def close(self) -> None:
-        if self.accelerator.trackers:
-            self.accelerator.end_training()  # flushes and closes the trackers
+        # Flush and close the trackers. Not accelerator.end_training(): it also destroys the process
+        # group without a barrier, which trainer.distributed.shutdown does for all processes together.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
         if self.lock is not None:
             self.lock.release()
 

@@ -27,20 +27,41 @@ import numpy as np
 from trainer.config import Config
 from trainer.data import reads
 from trainer.data.cache import (
-    CacheMeta, TokenizeSettings, building, cache_key, default_cache_dir, load_entry, shard_name, skipped_problem,
-    skipped_record, tokenizer_digest, write_meta, write_shard,
+    CacheMeta,
+    TokenizeSettings,
+    building,
+    cache_key,
+    default_cache_dir,
+    load_entry,
+    shard_name,
+    skipped_problem,
+    skipped_record,
+    tokenizer_digest,
+    write_meta,
+    write_shard,
 )
 from trainer.data.chat import resolve_chat_template
-from trainer.data.examples import Example, SkippedLine, alias_warning, read_file, split_validation
+from trainer.data.examples import (
+    Example,
+    SkippedLine,
+    alias_warning,
+    read_file,
+    split_validation,
+)
 from trainer.data.jsonl import require_files, write_jsonl
 from trainer.data.problems import raise_problems
 from trainer.data.tokenize import (
-    ENCODE_BATCH, EncodeNotes, TokenizedData, TokenizedRows, apply_length_policy, encode_examples,
+    ENCODE_BATCH,
+    EncodeNotes,
+    TokenizedData,
+    TokenizedRows,
+    apply_length_policy,
+    encode_examples,
 )
 from trainer.errors import UserError
+from trainer.layout import SKIPPED_LINES_FILE
 
 BYTES_PER_PROCESS = 8 * 2**20  # a process per 8 MB (up to one per core); smaller files: one process, rayon threads
-SKIPPED_LINES_FILE = "skipped_lines.jsonl"
 
 
 def _files(value: str | list[str] | None) -> list[str]:
