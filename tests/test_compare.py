@@ -28,11 +28,12 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def train_compare_run(folder: Path, model_dir: Path, method: str = "lora") -> Path:
     """A real tiny run: one epoch of the fruit task (6 steps) with validation data, three
-    checkpoints (steps 2, 4, 6) and tests/helpers.py's three test prompts; returns its folder."""
+    checkpoints (steps 2, 4, 6) and tests/helpers.py's three test prompts; returns its folder.
+    Without task metrics (`eval.metrics=none`): the tests that show them write their own."""
     from trainer.train import main
 
     folder.mkdir(parents=True, exist_ok=True)
-    assert main([str(write_config(folder, model_dir, method, training={"epochs": 1}))]) == 0
+    assert main([str(write_config(folder, model_dir, method, training={"epochs": 1})), "eval.metrics=none"]) == 0
     return folder / "run"
 
 

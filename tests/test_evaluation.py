@@ -179,3 +179,43 @@ def test_two_processes_share_the_work_and_both_get_the_whole_result(tmp_path, fr
 def test_detected_task_reads_the_preflight_reports():
     assert detected_task([{"stats": {"task": "classification", "classes": {"a": 3, "b": 4}}}]) == ("classification", 2)
     assert detected_task([]) == ("conditional", 0)
+
+
+def test_a_run_scores_every_checkpoint_and_recommends_one(tmp_path, tiny_model_dirs):
+    """The recipe end to end: task metrics at each checkpoint in checkpoint.json, metrics.jsonl,
+    eval_predictions.jsonl, report.md and recommendation.json, the same on a resumed run."""
+    import json
+
+    from tests.helpers import read_jsonl, write_config
+    from tests.stop_helpers import signal_after_step
+    from trainer.recommend import recommend
+    from trainer.report import CheckpointSummary
+    from trainer.train import main
+
+    config = write_config(tmp_path, tiny_model_dirs["gpt2"], "full", training={"epochs": 1})
+    assert main([str(config)]) == 0
+    run = tmp_path / "run"
+    evals = [m for m in read_jsonl(run / "metrics.jsonl") if "eval_loss" in m]
+    infos = {int(p.name.split("-")[1]): json.loads((p / "checkpoint.json").read_text()) for p in run.glob("checkpoint-*")}
+    assert [m["step"] for m in evals] == sorted(infos) == [2, 4, 6]
+    for row in evals:
+        metrics = infos[row["step"]]["metrics"]
+        # The fruit colours are classes: the preflight says so, and `auto` picks accuracy.
+        assert infos[row["step"]]["eval_examples"] == 12 and list(metrics) == ["accuracy"]
+        assert row["eval_accuracy"] == metrics["accuracy"]
+        predictions = read_jsonl(run / f"checkpoint-{row['step']}" / "eval_predictions.jsonl")
+        assert len(predictions) == 12
+        assert sum(p["prediction"].strip().casefold() == p["reference"].strip().casefold() for p in predictions) / 12 \
+            == pytest.approx(metrics["accuracy"])
+    recommended = json.loads((run / "recommendation.json").read_text())
+    summaries = [CheckpointSummary(s, 0.0, None, infos[s]["eval_loss"], [], metrics=infos[s]["metrics"]) for s in sorted(infos)]
+    expected = recommend(summaries, "accuracy")
+    assert (recommended["checkpoint"], recommended["metric"]) == (expected.checkpoint, "accuracy")
+    assert f"Recommended: **{expected.checkpoint}**" in (run / "report.md").read_text()
+
+    # A resumed run recommends exactly what the uninterrupted one does.
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        signal_after_step(monkeypatch, 3)
+        assert main([str(config), f"output_dir={tmp_path / 'resumed'}"]) == 75
+    assert main([str(config), f"output_dir={tmp_path / 'resumed'}"]) == 0
+    assert json.loads((tmp_path / "resumed" / "recommendation.json").read_text()) == recommended

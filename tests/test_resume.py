@@ -63,7 +63,7 @@ def test_the_time_limit_stops_at_a_step_boundary_and_the_same_command_continues(
 def test_without_restoring_the_random_generators_the_resumed_run_would_differ(runs, tmp_path, monkeypatch):
     """Guards the equality tests: in this config (LoRA dropout) the RNG restore is what makes them pass."""
     config, reference, stopped = runs
-    monkeypatch.setattr("trainer.train.restore_rng_of", lambda accelerator, state: None)
+    monkeypatch.setattr("trainer.recipe.restore_rng_of", lambda accelerator, state: None)
     run = copy_of(stopped, tmp_path)
     assert main([str(config), f"output_dir={run}"]) == 0
     final, expected = trained_weights(checkpoint_folders(run)[-1]), trained_weights(checkpoint_folders(reference)[-1])

@@ -37,11 +37,20 @@ def gradients(r: FineTuneRecipe) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in r.model.named_parameters() if p.grad is not None}
 
 
+def accumulate_step(r: FineTuneRecipe, step: int):
+    """Forward and backward over every micro-batch of `step` (no update), as the recipe's step does."""
+    from trainer.step import accumulate_gradients
+
+    batches, items, tokens = r.micro_batches(step)
+    loss = accumulate_gradients(r.model, batches, step_tokens=tokens, accelerator=r.accelerator, strategy=r.strategy)
+    return loss, items, tokens
+
+
 def test_accumulated_micro_batches_equal_one_batch_of_the_same_examples(tmp_path, tiny_model_dirs):
     one = recipe(tmp_path, tiny_model_dirs["gpt2"], "one", micro_batch_size=6, gradient_accumulation_steps=1)
     split = recipe(tmp_path, tiny_model_dirs["gpt2"], "split", micro_batch_size=2, gradient_accumulation_steps=3)
-    loss_one, items_one, tokens_one = one.accumulate_gradients(1)
-    loss_split, items_split, tokens_split = split.accumulate_gradients(1)
+    loss_one, items_one, tokens_one = accumulate_step(one, 1)
+    loss_split, items_split, tokens_split = accumulate_step(split, 1)
     lines = lambda r, items: sorted(r.train_data[i].line for i in items)
     assert lines(one, items_one) == lines(split, items_split) == [1, 2, 3, 4, 5, 6]
     assert tokens_one == tokens_split
@@ -55,7 +64,7 @@ def test_accumulated_micro_batches_equal_one_batch_of_the_same_examples(tmp_path
 def test_the_naive_per_micro_batch_mean_would_differ(tmp_path, tiny_model_dirs):
     """Guards the test above: with these examples, averaging micro-batch means is measurably wrong."""
     split = recipe(tmp_path, tiny_model_dirs["gpt2"], "naive", micro_batch_size=2, gradient_accumulation_steps=3)
-    plan = split.schedule.plan(1)
+    plan = split.data_schedule.plan(1)
     per_token = [sum(split.train_data[i].supervised_tokens for i in mb) for mb in plan.micro_batches]
     assert len(set(per_token)) > 1
     total = sum(per_token)
@@ -96,7 +105,7 @@ def test_a_step_with_a_non_finite_loss_changes_nothing_and_is_counted(tmp_path, 
     assert [m["step"] for m in steps if m.get("skipped")] == [3, 4]
     assert steps[2]["loss"] is None and steps[3]["loss"] is None and steps[4]["loss"] > 0
     # Adam counted 16 updates of the 18 steps: the skipped ones did not reach the optimizer.
-    assert {int(s["step"]) for s in r.optimizer.state.values()} == {r.total_steps - 2}
+    assert {int(s["step"]) for s in r.optimizer.state.values()} == {r.schedule.total_steps - 2}
 
 
 def test_too_many_bad_steps_in_a_row_save_the_state_and_stop_naming_the_step(tmp_path, tiny_model_dirs, monkeypatch, capsys):

@@ -19,7 +19,7 @@ from trainer.data.jsonl import write_jsonl
 from trainer.disk import save_failure
 from trainer.faults import crash_point
 from trainer.layout import CHECKPOINT_INFO_FILE as INFO_FILE
-from trainer.layout import CHECKPOINT_PREFIX, SAMPLES_FILE
+from trainer.layout import CHECKPOINT_PREFIX, PREDICTIONS_FILE, SAMPLES_FILE
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -80,6 +80,7 @@ def _record_dtype(folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
 def save_checkpoint(
     output_dir: Path, step: int, *, model, tokenizer, config: Config, samples: list[dict], info: dict,
     state_dict: dict[str, torch.Tensor] | None = None, expected_bytes: int | None = None,
+    predictions: list[dict] | None = None,
 ) -> Path:
     """Write weights (safetensors, sharded with an index for large models), tokenizer, resolved
     config, samples and info; then rename. `state_dict` gives the weights when they are not the
@@ -102,6 +103,8 @@ def save_checkpoint(
             tokenizer.save_pretrained(partial)
             save_config(config, partial / "config.yaml")
             write_jsonl(partial / SAMPLES_FILE, samples)
+            if predictions is not None:  # the validation answers the task metrics scored
+                write_jsonl(partial / PREDICTIONS_FILE, predictions)
             (partial / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
             crash_point("checkpoint_save", step)
     except (OSError, SafetensorError, RuntimeError) as err:

@@ -344,3 +344,30 @@ def shutdown(timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
     except RuntimeError:  # timed out, or another process is gone
         return
     torch.distributed.destroy_process_group()
+
+
+def make_accelerator(config):
+    """The run's Accelerator. What `accelerate launch` asked for (its config file's FSDP or
+    DeepSpeed, mixed precision) is honoured in the config or refused first, then the dtypes are
+    resolved (trainer/resolve.py), since they decide the Accelerator's autocast."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import AutocastKwargs
+
+    from trainer import tracking
+    from trainer.resolve import autocast_caches_weights, resolve_precision
+
+    honour_launcher(config)
+    resolve_precision(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    # accelerate keeps one AcceleratorState per process; another recipe in the same process (the
+    # tests, a notebook) may ask for another precision. The process group itself is kept.
+    AcceleratorState._reset_state()
+    cache = autocast_caches_weights(config.method, config.model.gradient_checkpointing)
+    tracking.check_installed(config)
+    return Accelerator(
+        **tracking.accelerator_options(config),
+        mixed_precision=config.training.mixed_precision,
+        # Without a GPU, say so: only then does accelerate join torchrun/mpirun CPU processes.
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[] if cache else [AutocastKwargs(cache_enabled=False)],
+    )

@@ -93,6 +93,20 @@ class TimeLimitTooShort(UserError):
 class TrainingDiverged(UserError):
     """`training.max_bad_steps` optimizer steps in a row had a non-finite loss or gradient norm."""
 
+    @classmethod
+    def after(cls, step: int, bad_steps: int, *, learning_rate: float, mixed_precision: str,
+              data_lines: list[str]) -> "TrainingDiverged":
+        first = step - bad_steps + 1
+        return cls(
+            f"training stopped at step {step}: the loss or gradient norm was not finite in {bad_steps} steps "
+            f"in a row (steps {first} to {step}; they changed no weight). The resumable state of step {step} is saved. "
+            f"Likely causes: a learning rate too high (training.learning_rate={learning_rate:g}), fp16 overflow "
+            f"(training.mixed_precision={mixed_precision}: use bf16 where the GPU has it), or bad data (the last "
+            f"bad step trained on {', '.join(data_lines)}). Fix the cause and start a new run (overwrite_output_dir=true); "
+            "raise training.max_bad_steps and rerun to continue this one as it is",
+            step=step,
+        )
+
     def __init__(self, message: str, step: int = 0):
         super().__init__(message)
         self.step = step

@@ -29,7 +29,13 @@ from typing import Sequence
 
 import torch
 
-from trainer.task_metrics import MetricChoice, choose_metrics, error_kind, normalize, score
+from trainer.task_metrics import (
+    MetricChoice,
+    choose_metrics,
+    error_kind,
+    normalize,
+    score,
+)
 
 BATCH_SIZE = 16  # rows per generate call: short prompts, so memory is small next to training's
 WRONG_PER_KIND = 2  # wrong answers kept per kind of mistake, per checkpoint (for the report)
@@ -254,3 +260,28 @@ def score_checkpoint(model, tokenizer, examples: Sequence[EvalExample], settings
     return EvalResult(scores.values, len(examples), rows_out, time.perf_counter() - started, settings.primary,
                       scores.details, settings.classification)
 
+
+@torch.no_grad()
+def validation_loss(model, valid_data, pad_id: int, *, micro_batch_size: int, accelerator) -> float | None:
+    """Token-level mean loss over the validation data, split across processes (collective); None
+    without validation data."""
+    import numpy as np
+
+    from trainer.data.batching import collate, item_sizes, shard
+    from trainer.loss import supervised_loss_sum
+
+    if not valid_data:
+        return None
+    acc = accelerator
+    model.eval()
+    valid_tokens, valid_supervised = item_sizes(valid_data)
+    by_length = np.argsort(valid_tokens, kind="stable").tolist()  # less padding per batch
+    width = micro_batch_size * acc.num_processes
+    loss_sum = torch.zeros((), device=acc.device)
+    for start in range(0, len(by_length), width):
+        mine, real = shard(by_length[start : start + width], acc.process_index, acc.num_processes)
+        batch = collate([valid_data[i] for i in mine], pad_id, supervise=real)
+        loss_sum += supervised_loss_sum(model, {k: v.to(acc.device) for k, v in batch.items()})
+    model.train()
+    total_tokens = int(valid_supervised.sum())
+    return acc.reduce(loss_sum, reduction="sum").item() / total_tokens  # GPU sync

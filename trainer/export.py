@@ -21,8 +21,15 @@ import sys
 from pathlib import Path
 
 from trainer.atomic import commit_partial, discard_partial, start_partial
+from trainer.cli import command
 from trainer.errors import UsageError, UserError
-from trainer.loading import DTYPE_NAMES, base_model_name, inspect_checkpoint, load_model, load_tokenizer
+from trainer.loading import (
+    DTYPE_NAMES,
+    base_model_name,
+    inspect_checkpoint,
+    load_model,
+    load_tokenizer,
+)
 from trainer.recommend import add_best_argument, checkpoint_from_args
 
 PROVENANCE_FILES = ("config.yaml", "samples.jsonl", "checkpoint.json")
@@ -100,21 +107,16 @@ def export(checkpoint: str | Path, out_dir: Path, *, dtype: str | None = None, b
     return out_dir
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    try:
-        args = build_parser().parse_args(argv)
-        check_shard_size(args.max_shard_size)
-        checkpoint = checkpoint_from_args(args.checkpoint, args.best)
-        export(checkpoint, args.out_dir, dtype=args.dtype, base=args.base,
-               max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    except SystemExit as exit:  # argparse: --help (0) or a malformed command line (2)
-        return int(exit.code or 0)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    args = build_parser().parse_args(argv)
+    check_shard_size(args.max_shard_size)
+    checkpoint = checkpoint_from_args(args.checkpoint, args.best)
+    export(checkpoint, args.out_dir, dtype=args.dtype, base=args.base,
+           max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     return 0
 
 

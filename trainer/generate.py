@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from trainer.cli import command
 from trainer.config import TestPrompt
 from trainer.data.tokenize import encode_chat_prompt, encode_prompt, render_chat_prompt
 from trainer.errors import UsageError, UserError
@@ -399,31 +400,32 @@ def read_prompts(args: argparse.Namespace, default_seed: int) -> list[tuple[Test
     return prompts
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
-    from trainer.loading import inspect_checkpoint, load_model, load_tokenizer, resolve_device, resolve_dtype
+    from trainer.loading import (
+        inspect_checkpoint,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+    )
     from trainer.recommend import checkpoint_from_args
 
     hf_logging.disable_progress_bar()
-    try:
-        args = build_parser().parse_args(argv)
-        for name in ("num_samples", "batch_size"):
-            if getattr(args, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-        info = inspect_checkpoint(checkpoint_from_args(args.checkpoint, args.best))
-        prompts = read_prompts(args, info.training_seed or 0)
-        device = resolve_device(args.device)
-        tokenizer = load_tokenizer(info)
-        model = load_model(info, resolve_dtype(args.dtype, device), base=args.base).to(device)
-        rows = [prompt_row(tokenizer, test_prompt, seed + sample)
-                for test_prompt, seed in prompts for sample in range(args.num_samples)]
-        completions = generate_all(model, tokenizer, rows, args.batch_size)
-    except SystemExit as exit:  # argparse: --help (0) or a malformed command line (2)
-        return int(exit.code or 0)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    args = build_parser().parse_args(argv)
+    for name in ("num_samples", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    info = inspect_checkpoint(checkpoint_from_args(args.checkpoint, args.best))
+    prompts = read_prompts(args, info.training_seed or 0)
+    device = resolve_device(args.device)
+    tokenizer = load_tokenizer(info)
+    model = load_model(info, resolve_dtype(args.dtype, device), base=args.base).to(device)
+    rows = [prompt_row(tokenizer, test_prompt, seed + sample)
+            for test_prompt, seed in prompts for sample in range(args.num_samples)]
+    completions = generate_all(model, tokenizer, rows, args.batch_size)
     if len(rows) == 1 and not args.jsonl:
         print(completions[0].text)
     else:

@@ -32,7 +32,7 @@ FIX = ("Fix: rerun with the config that run used to continue it; or start a new 
 
 
 @dataclass
-class RunPlan:
+class RunDecision:
     action: Literal["fresh", "resume", "complete"]
     state: SavedState | None = None
     copy_history_from: Path | None = None
@@ -83,16 +83,16 @@ def _compare(folder: Path, saved_config: dict, state: SavedState | None, config,
         )
 
 
-def plan_run(config, world_size: int) -> RunPlan:
+def decide_run(config, world_size: int) -> RunDecision:
     """Decide, from the resolved `config` and what `output_dir` holds, what this job does."""
     output_dir = Path(config.output_dir)
     folder = RunFolder.inspect(output_dir)
     if config.resume not in ("auto", "never") and (folder.state is None or config.overwrite_output_dir):
         # Once the folder has a state of its own, the same command continues that one (as auto)
         # instead of going back to PATH's older state.
-        return _plan_from_path(config, folder, Path(config.resume), world_size)
+        return _decide_from_path(config, folder, Path(config.resume), world_size)
     if not folder.is_run or config.overwrite_output_dir:
-        return RunPlan("fresh")
+        return RunDecision("fresh")
     if config.resume == "never" or not (folder.state or folder.has_status):  # never, or a pre-resume version's run
         held = [f"checkpoint-{s}" for s in folder.checkpoint_steps[:3]] + ([folder.state.path.name] if folder.state else [])
         why = "" if config.resume == "never" else " that this version cannot resume (it has no resumable state)"
@@ -104,11 +104,11 @@ def plan_run(config, world_size: int) -> RunPlan:
                         "Fix: choose a new folder (output_dir=runs/another) or set overwrite_output_dir=true")
     _compare(output_dir, saved, folder.state, config, world_size)
     if folder.state is None:  # killed before its first state was saved: nothing to continue from
-        return RunPlan("fresh")
-    return RunPlan("complete" if folder.state.complete else "resume", folder.state)
+        return RunDecision("fresh")
+    return RunDecision("complete" if folder.state.complete else "resume", folder.state)
 
 
-def _plan_from_path(config, folder: RunFolder, path: Path, world_size: int) -> RunPlan:
+def _decide_from_path(config, folder: RunFolder, path: Path, world_size: int) -> RunDecision:
     """`resume=PATH`: a state folder, or a run folder whose newest state is used."""
     if not path.exists():
         raise UserError(f"key 'resume': {path} does not exist. Fix: give a state-<step> folder, a run folder, auto or never")
@@ -122,5 +122,5 @@ def _plan_from_path(config, folder: RunFolder, path: Path, world_size: int) -> R
                         "Fix: choose a new output_dir, or set overwrite_output_dir=true to replace it")
     _compare(state.path, state.config, state, config, world_size)
     if state.complete:
-        return RunPlan("complete", state)
-    return RunPlan("resume", state, None if same_folder else source_run)
+        return RunDecision("complete", state)
+    return RunDecision("resume", state, None if same_folder else source_run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from trainer.errors import UserError
 
@@ -50,3 +51,28 @@ def checkpoint_steps(total_steps: int, count: int) -> list[int]:
             "or with smaller steps (training.micro_batch_size, training.gradient_accumulation_steps)"
         )
     return [-(-i * total_steps // count) for i in range(1, count + 1)]
+
+
+@dataclass(frozen=True)
+class RunSchedule:
+    """A run's step arithmetic, fixed at setup: how many optimizer steps, the warmup, the steps that
+    save a checkpoint, and the learning rate of each step (a pure function of the step, so a
+    resume needs nothing but the step)."""
+
+    total_steps: int
+    warmup_steps: int
+    checkpoint_steps: list[int]
+    peak_learning_rate: float
+    lr_scheduler: str
+
+    @classmethod
+    def of(cls, training, checkpoints, steps_per_epoch_schedule) -> "RunSchedule":
+        """From the config's `training` and `checkpoints` sections and the data's `DataSchedule`
+        (a bad checkpoints.count fails here, before anything is written)."""
+        total = steps_per_epoch_schedule.total_steps(training.epochs)
+        return cls(total, warmup_steps(total, training.warmup_ratio), checkpoint_steps(total, checkpoints.count),
+                   training.learning_rate, training.lr_scheduler)
+
+    def learning_rate(self, step: int) -> float:
+        return learning_rate_at(step, peak=self.peak_learning_rate, total_steps=self.total_steps,
+                                warmup=self.warmup_steps, schedule=self.lr_scheduler)

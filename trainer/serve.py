@@ -34,6 +34,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from trainer.cli import command
 from trainer.errors import UsageError, UserError
 from trainer.recommend import add_best_argument, checkpoint_from_args
 
@@ -119,7 +120,14 @@ def default_model_name(path: Path) -> str:
 def build_server(args: argparse.Namespace, key: str | None):
     """(app, model name): the model loaded and its worker ready to start with the app."""
     from trainer.generate import generate_all
-    from trainer.loading import inspect_checkpoint, load_model, load_tokenizer, position_limit, resolve_device, resolve_dtype
+    from trainer.loading import (
+        inspect_checkpoint,
+        load_model,
+        load_tokenizer,
+        position_limit,
+        resolve_device,
+        resolve_dtype,
+    )
     from trainer.serving.app import ServedModel, create_app
     from trainer.serving.embed import embed_rows
     from trainer.serving.worker import GenerationWorker
@@ -163,32 +171,27 @@ def serving_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: st
         sock.close()
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        for option in ("max_batch_size", "max_rows_per_request"):
-            if getattr(args, option) < 1:
-                raise UsageError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
-        missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
-        if missing:
-            raise UserError(f"serving needs {' and '.join(missing)}, not installed here. Fix: pip install -c constraints.txt -e \".[serve]\"")
-        from transformers.utils import logging as hf_logging
+    args = build_parser().parse_args(argv)
+    for option in ("max_batch_size", "max_rows_per_request"):
+        if getattr(args, option) < 1:
+            raise UsageError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"serving needs {' and '.join(missing)}, not installed here. Fix: pip install -c constraints.txt -e \".[serve]\"")
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-        args.checkpoint = checkpoint_from_args(args.checkpoint, args.best)
-        key = read_api_key(args.api_key_file)
-        check_exposure(args.host, key)
-        sock = open_socket(args.host, args.port)
-        try:
-            app, name = build_server(args, key)
-        except BaseException:
-            sock.close()
-            raise
-    except SystemExit as exit:  # argparse: --help (0) or a malformed command line (2)
-        return int(exit.code or 0)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    hf_logging.disable_progress_bar()
+    args.checkpoint = checkpoint_from_args(args.checkpoint, args.best)
+    key = read_api_key(args.api_key_file)
+    check_exposure(args.host, key)
+    sock = open_socket(args.host, args.port)
+    try:
+        app, name = build_server(args, key)
+    except BaseException:
+        sock.close()
+        raise
     host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
     access = "API key required" if key else "no API key (loopback only)"
     print(f"serving {name} at http://{host}:{sock.getsockname()[1]} ({access}); POST /completions, /v1/completions, "

@@ -18,9 +18,16 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from trainer.cli import command
 from trainer.config import load_config
-from trainer.errors import EXIT_USER_ERROR, UsageError, UserError
-from trainer.run_folder import LOCK_FILE, RunLock, holder_is_gone, read_status, this_process
+from trainer.errors import EXIT_USER_ERROR, UsageError
+from trainer.run_folder import (
+    LOCK_FILE,
+    RunLock,
+    holder_is_gone,
+    read_status,
+    this_process,
+)
 
 
 def describe(folder: Path) -> tuple[str, int]:
@@ -42,15 +49,12 @@ def describe(folder: Path) -> tuple[str, int]:
     return f"{folder}: {status['status']} at {status.get('updated')}: {message}", int(status.get("exit_code", EXIT_USER_ERROR))
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        if not argv:
-            raise UsageError("usage: python -m trainer.status CONFIG.yaml [section.key=value ...]")
-        config = load_config(argv[0], argv[1:])
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    if not argv:
+        raise UsageError("usage: python -m trainer.status CONFIG.yaml [section.key=value ...]")
+    config = load_config(argv[0], argv[1:])
     line, code = describe(Path(config.output_dir))
     print(line)
     return code

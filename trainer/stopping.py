@@ -155,3 +155,18 @@ class Deadline:
     def must_stop(self, now: float, next_step_has_checkpoint: bool) -> bool:
         """True when the next step (and its checkpoint) might not leave time to save the state."""
         return self.end is not None and now + self.margin(next_step_has_checkpoint) > self.end
+
+
+def boundary_decision(step: int, signalled: bool, interval_due: bool, out_of_time: bool, *,
+                      checkpoint_steps: list[int], state_every_steps: int | None,
+                      own_signal: str | None) -> tuple[bool, bool, str]:
+    """(stop now, save the state now, why) at the boundary after `step`, from the flags every
+    process agreed on: a stop signal on any process, the time limit, the state interval."""
+    every_steps = bool(state_every_steps) and step % state_every_steps == 0
+    if signalled:
+        reason = f"signal {own_signal}" if own_signal else "stop signal on another process"
+    elif out_of_time:
+        reason = "time limit"
+    else:
+        reason = "checkpoint" if step in checkpoint_steps else "interval"
+    return signalled or out_of_time, step in checkpoint_steps or every_steps or interval_due, reason

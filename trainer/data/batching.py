@@ -12,6 +12,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from trainer.data.boundaries import boundary_inputs
@@ -89,3 +90,10 @@ def collate(examples: list[TokenizedExample], pad_id: int, *, supervise: bool = 
             labels[row, :n] = torch.tensor(example.labels)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     return batch | boundary_inputs([[len(e.input_ids)] for e in examples], width)
+
+
+def item_sizes(items) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, supervised tokens) of every training item, computed once; steps only sum them."""
+    if hasattr(items, "lengths"):  # TokenizedData keeps them as arrays already
+        return items.lengths, items.supervised_tokens
+    return np.array([len(i.input_ids) for i in items]), np.array([i.supervised_tokens for i in items])

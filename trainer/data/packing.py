@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Callable
 
 import torch
 
@@ -200,3 +201,17 @@ def collate_packed(rows: list[PackedRow], pad_id: int, *, supervise: bool = True
             labels[index, :n] = torch.tensor(row.labels)
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     return batch | boundary_inputs([row.seq_lens for row in rows], width)
+
+
+def training_rows(examples, data_config, log=print) -> tuple[list, Callable]:
+    """The rows training steps over and the collate function for them: with `data.packing`,
+    several examples per `max_seq_len` row, each attending only to itself (the schedule then runs
+    over rows); otherwise the examples themselves, padded per batch. Evaluation stays on padded
+    batches either way."""
+    from trainer.data.batching import collate
+
+    if not data_config.packing:
+        return examples, collate
+    rows = pack_examples(examples, data_config.max_seq_len)
+    log(f"packing: {packing_stats(rows, data_config.max_seq_len).summary()}")
+    return rows, collate_packed
