@@ -93,13 +93,39 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("tiny-gpt2", "gpt2", "trainer/tiny_models.py GPT-2, 2 layers x 64, vocab 1024", tiny=_TINY),
         Architecture("tiny-gptj", "gptj", "trainer/tiny_models.py GPT-J, 2 layers x 64, vocab 1024", tiny=_TINY),
         Architecture("tiny-neox", "gpt_neox", "trainer/tiny_models.py GPT-NeoX, 2 layers x 64, vocab 1024", tiny=_TINY),
-        Architecture("mid-gptj", "gptj", "GPT-J design, 4 layers x 256, vocab 50400", build_config=mid_gptj_config,
-                     vocab=50400, pad_id=50256, micro_batch_size=2),
-        Architecture("gptj-6b", "gptj", "GPT-J-6B (EleutherAI/gpt-j-6b hyperparameters)", build_config=gptj_6b_config,
-                     vocab=50400, pad_id=50256, needs_cuda=True, seq_len=2048, micro_batch_size=2, accumulation=4),
-        Architecture("neox-20b", "gpt_neox", "GPT-NeoX-20B (EleutherAI/gpt-neox-20b hyperparameters)",
-                     build_config=neox_20b_config, vocab=50432, pad_id=0, needs_cuda=True, seq_len=2048,
-                     micro_batch_size=1, accumulation=8),
+        Architecture(
+            "mid-gptj",
+            "gptj",
+            "GPT-J design, 4 layers x 256, vocab 50400",
+            build_config=mid_gptj_config,
+            vocab=50400,
+            pad_id=50256,
+            micro_batch_size=2,
+        ),
+        Architecture(
+            "gptj-6b",
+            "gptj",
+            "GPT-J-6B (EleutherAI/gpt-j-6b hyperparameters)",
+            build_config=gptj_6b_config,
+            vocab=50400,
+            pad_id=50256,
+            needs_cuda=True,
+            seq_len=2048,
+            micro_batch_size=2,
+            accumulation=4,
+        ),
+        Architecture(
+            "neox-20b",
+            "gpt_neox",
+            "GPT-NeoX-20B (EleutherAI/gpt-neox-20b hyperparameters)",
+            build_config=neox_20b_config,
+            vocab=50432,
+            pad_id=0,
+            needs_cuda=True,
+            seq_len=2048,
+            micro_batch_size=1,
+            accumulation=8,
+        ),
     )
 }
 
@@ -123,8 +149,9 @@ def build_model(arch: Architecture, *, dtype: torch.dtype, device: torch.device,
     if arch.tiny:
         from trainer.tiny_models import build_tiny_model
 
-        model = build_tiny_model(arch.family, _VocabOnly(arch.vocab, arch.pad_id), seed=seed,
-                                 n_positions=max(positions, 64), **arch.tiny)
+        model = build_tiny_model(
+            arch.family, _VocabOnly(arch.vocab, arch.pad_id), seed=seed, n_positions=max(positions, 64), **arch.tiny
+        )
         return model.to(device=device, dtype=dtype)
     from transformers import AutoModelForCausalLM
 
@@ -148,13 +175,17 @@ def quantize_to_4bit(model, quantization_config, device: torch.device) -> None:
         child = getattr(parent, attribute)
         with torch.device("meta"):
             quantized = bnb.nn.Linear4bit(
-                child.in_features, child.out_features, bias=child.bias is not None,
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
                 compute_dtype=quantization_config.bnb_4bit_compute_dtype,
                 compress_statistics=quantization_config.bnb_4bit_use_double_quant,
                 quant_type=quantization_config.bnb_4bit_quant_type,
                 quant_storage=quantization_config.bnb_4bit_quant_storage,
             )
-        quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, **quantized.weight.__dict__).to(device)
+        quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, **quantized.weight.__dict__).to(
+            device
+        )
         if child.bias is not None:
             quantized.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
         setattr(parent, attribute, quantized)
@@ -235,8 +266,9 @@ def plan_steps(rows: list, *, micro_batch_size: int, accumulation: int, steps: i
     return plans
 
 
-def make_steps(*, examples: int, seq_len: int, vocab: int, micro_batch_size: int, accumulation: int, steps: int,
-               seed: int) -> tuple[list[StepData], dict]:
+def make_steps(
+    *, examples: int, seq_len: int, vocab: int, micro_batch_size: int, accumulation: int, steps: int, seed: int
+) -> tuple[list[StepData], dict]:
     """Draw a data set of `examples` synthetic examples (more if they fill too few rows for `steps`
     steps), pack it whole as the trainer does, and plan the steps from its rows. Returns the steps
     and facts about the data set (its size and its padding after packing)."""
@@ -253,11 +285,17 @@ def make_steps(*, examples: int, seq_len: int, vocab: int, micro_batch_size: int
     stats = packing_stats(rows, seq_len)
     lengths = np.array([len(e.input_ids) for e in drawn])
     facts = {
-        "examples_drawn": count, "tokens_drawn": int(lengths.sum()),
-        "length_min_median_mean_max": [int(lengths.min()), float(np.median(lengths)), round(float(lengths.mean()), 1),
-                                       int(lengths.max())],
+        "examples_drawn": count,
+        "tokens_drawn": int(lengths.sum()),
+        "length_min_median_mean_max": [
+            int(lengths.min()),
+            float(np.median(lengths)),
+            round(float(lengths.mean()), 1),
+            int(lengths.max()),
+        ],
         "supervised_share": round(sum(e.supervised_tokens for e in drawn) / int(lengths.sum()), 4),
-        "packed_rows": stats.rows, "packed_padding_fraction": stats.padding_fraction,
+        "packed_rows": stats.rows,
+        "packed_padding_fraction": stats.padding_fraction,
     }
     return plans, facts
 
@@ -349,7 +387,9 @@ def baseline_step(model, step: StepData, pad_id: int, device: torch.device, auto
     for examples in step.padded:
         batch = _to(collate(examples, pad_id), device)
         with autocast():
-            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+            loss = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+            ).loss
         (loss / len(step.padded)).backward()
         loss_sum += loss.detach()
     return loss_sum.item() / len(step.padded)  # GPU sync, once per step
@@ -381,8 +421,9 @@ def prepare_model(settings: Settings, ours: bool):
     from trainer.optim import build_optimizer
 
     cfg, device = settings.config, settings.device
-    model = build_model(settings.arch, dtype=settings.dtype, device=device, seed=settings.seed,
-                        positions=settings.seq_len)
+    model = build_model(
+        settings.arch, dtype=settings.dtype, device=device, seed=settings.seed, positions=settings.seq_len
+    )
     parameters = sum(p.numel() for p in model.parameters())
     model.config.use_cache = False
     if cfg.method == "qlora":
@@ -394,7 +435,8 @@ def prepare_model(settings: Settings, ours: bool):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=settings.gradient_checkpointing,
+            model,
+            use_gradient_checkpointing=settings.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif settings.gradient_checkpointing:  # as trainer.model.load_model: the new name where it exists
@@ -424,16 +466,26 @@ def _recipe_step_runner(settings: Settings, model, optimizer):
     from trainer.strategy import Replicated
 
     AcceleratorState._reset_state()  # each row its own precision
-    accelerator = Accelerator(mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(settings.autocast, "no"),
-                              cpu=settings.device.type == "cpu")
+    accelerator = Accelerator(
+        mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(settings.autocast, "no"),
+        cpu=settings.device.type == "cpu",
+    )
     strategy = Replicated(accelerator, settings.config)
     model, optimizer = strategy.prepare(model, optimizer)
 
     def step(data: StepData) -> float:
         batches = [collate_packed(rows, settings.arch.pad_id) for rows in data.packed]
-        return optimizer_step(model, optimizer, batches, step_tokens=data.supervised_tokens,
-                              learning_rate=settings.config.training.learning_rate, max_grad_norm=MAX_GRAD_NORM,
-                              accelerator=accelerator, strategy=strategy).loss
+        return optimizer_step(
+            model,
+            optimizer,
+            batches,
+            step_tokens=data.supervised_tokens,
+            learning_rate=settings.config.training.learning_rate,
+            max_grad_norm=MAX_GRAD_NORM,
+            accelerator=accelerator,
+            strategy=strategy,
+        ).loss
+
     return model, step
 
 
@@ -450,6 +502,7 @@ def _baseline_step_runner(settings: Settings, model, optimizer):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
+
     return model, step
 
 
@@ -471,11 +524,16 @@ def _train(settings: Settings, steps: list[StepData], ours: bool, memory: PeakMe
     _sync(device)
     seconds = time.perf_counter() - started
     return {
-        "attention": attention, "parameters": parameters,
+        "attention": attention,
+        "parameters": parameters,
         "trainable_parameters": sum(p.numel() for p in trainable),
-        "adapter_parameters": sum(p.numel() for p in trainable if p.ndim == 2) if settings.config.method != "full" else 0,
-        "seconds": seconds, "loss_per_step": losses[settings.warmup :],
-        "peak_memory_bytes": memory.peak_bytes(), "error": None,
+        "adapter_parameters": sum(p.numel() for p in trainable if p.ndim == 2)
+        if settings.config.method != "full"
+        else 0,
+        "seconds": seconds,
+        "loss_per_step": losses[settings.warmup :],
+        "peak_memory_bytes": memory.peak_bytes(),
+        "error": None,
     }
 
 
@@ -484,8 +542,10 @@ def run_row(name: str, settings: Settings, steps: list[StepData]) -> dict:
     other row still runs), not a crash."""
     memory = PeakMemory(settings.device)
     memory.before_model()
-    print(f"{name}: building the model, then {settings.warmup} warm-up + {len(steps) - settings.warmup} timed steps",
-          file=sys.stderr)
+    print(
+        f"{name}: building the model, then {settings.warmup} warm-up + {len(steps) - settings.warmup} timed steps",
+        file=sys.stderr,
+    )
     try:
         row = {"name": name, **_train(settings, steps, name == "ours", memory)}
     except torch.OutOfMemoryError as err:
@@ -507,10 +567,13 @@ def describe_rows(rows: list[dict], timed: list[StepData], *, shape, method: str
         micro_batches = [mb for step in timed for mb in (step.packed if row["name"] == "ours" else step.padded)]
         real, grid = padding(micro_batches)
         row.update(
-            tokens=tokens, supervised_tokens=supervised, micro_batches=len(micro_batches),
+            tokens=tokens,
+            supervised_tokens=supervised,
+            micro_batches=len(micro_batches),
             tokens_per_step=[step.tokens for step in timed],
             supervised_tokens_per_step=[step.supervised_tokens for step in timed],
-            padded_positions=grid, padding_fraction=1 - real / grid,
+            padded_positions=grid,
+            padding_fraction=1 - real / grid,
         )
         if row.get("error"):
             row.update(tokens_per_second=None, supervised_tokens_per_second=None, model_flops=None, mfu=None)
@@ -538,8 +601,11 @@ def _human_bytes(count: int | None) -> str:
 def format_table(result: dict) -> str:
     """The one table, with the context needed to read it."""
     s = result["settings"]
-    peak = (f"{result['peak']['name']} = {result['peak']['tflops']:g} TFLOP/s" if result["peak"]
-            else "n/a (no stated peak for this device; --peak-tflops sets one)")
+    peak = (
+        f"{result['peak']['name']} = {result['peak']['tflops']:g} TFLOP/s"
+        if result["peak"]
+        else "n/a (no stated peak for this device; --peak-tflops sets one)"
+    )
     lines = [
         f"model {s['model']} ({result['model']['about']}): {result['model']['parameters']:,} parameters, "
         f"N = {result['model']['matmul_parameters']:,} matmul parameters; method {s['method']}, optimizer {s['optimizer']}, "
@@ -555,19 +621,47 @@ def format_table(result: dict) -> str:
         f"memory: {result['memory']}",
         "",
     ]
-    header = ("row", "attention", "micro-batches", "padding", "tokens/s", "supervised tok/s", "TFLOP/s", "MFU", "peak memory")
+    header = (
+        "row",
+        "attention",
+        "micro-batches",
+        "padding",
+        "tokens/s",
+        "supervised tok/s",
+        "TFLOP/s",
+        "MFU",
+        "peak memory",
+    )
     table = [header]
     for row in result["rows"]:
         if row.get("error"):
-            table.append((row["name"], row.get("attention", "-"), str(row["micro_batches"]),
-                          f"{100 * row['padding_fraction']:.1f}%", row["error"], "", "", "", ""))
+            table.append(
+                (
+                    row["name"],
+                    row.get("attention", "-"),
+                    str(row["micro_batches"]),
+                    f"{100 * row['padding_fraction']:.1f}%",
+                    row["error"],
+                    "",
+                    "",
+                    "",
+                    "",
+                )
+            )
             continue
-        table.append((
-            row["name"], row["attention"], str(row["micro_batches"]), f"{100 * row['padding_fraction']:.1f}%",
-            f"{row['tokens_per_second']:,.0f}", f"{row['supervised_tokens_per_second']:,.0f}",
-            f"{row['model_tflops_per_second']:.3g}", "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%",
-            _human_bytes(row["peak_memory_bytes"]),
-        ))
+        table.append(
+            (
+                row["name"],
+                row["attention"],
+                str(row["micro_batches"]),
+                f"{100 * row['padding_fraction']:.1f}%",
+                f"{row['tokens_per_second']:,.0f}",
+                f"{row['supervised_tokens_per_second']:,.0f}",
+                f"{row['model_tflops_per_second']:.3g}",
+                "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%",
+                _human_bytes(row["peak_memory_bytes"]),
+            )
+        )
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for index, cells in enumerate(table):
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip())
@@ -590,11 +684,15 @@ def machine_info(device: torch.device) -> dict:
     except OSError:
         pass
     info = {
-        "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_before": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu}, {os.cpu_count()} logical cores)",
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({cpu}, {os.cpu_count()} logical cores)",
     }
     if device.type == "cuda":
         info["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
@@ -605,8 +703,13 @@ def versions() -> dict:
     import peft
     import transformers
 
-    found = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-             "transformers": transformers.__version__, "peft": peft.__version__}
+    found = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
     try:
         import bitsandbytes
 
@@ -622,32 +725,52 @@ def versions() -> dict:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="scripts/bench.py", description=__doc__.split("\n\n")[0],
+        prog="scripts/bench.py",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", choices=sorted(ARCHITECTURES), default="tiny-gptj")
     parser.add_argument("--method", choices=METHODS, default="lora")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     parser.add_argument("--seq-len", type=int, help="longest example and packed row length (default: the model's)")
-    parser.add_argument("--micro-batch-size", type=int,
-                        help="rows per micro-batch (ours) and examples per micro-batch (baseline); default: the model's")
-    parser.add_argument("--accumulation", type=int,
-                        help="micro-batches of packed rows per optimizer step; tokens per step are about "
-                             "micro-batch-size x accumulation x seq-len (default: the model's)")
+    parser.add_argument(
+        "--micro-batch-size",
+        type=int,
+        help="rows per micro-batch (ours) and examples per micro-batch (baseline); default: the model's",
+    )
+    parser.add_argument(
+        "--accumulation",
+        type=int,
+        help="micro-batches of packed rows per optimizer step; tokens per step are about "
+        "micro-batch-size x accumulation x seq-len (default: the model's)",
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
-    parser.add_argument("--examples", type=int, default=2000,
-                        help="size of the synthetic data set that is packed; the steps take random rows of it")
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=2000,
+        help="size of the synthetic data set that is packed; the steps take random rows of it",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps before timing starts")
-    parser.add_argument("--attention", choices=ATTENTION, default="auto", help="our attention backend (model.attention)")
+    parser.add_argument(
+        "--attention", choices=ATTENTION, default="auto", help="our attention backend (model.attention)"
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="in both rows")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights; auto: bfloat16 on CUDA, else float32")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run the plain transformers + peft baseline (default: yes)")
+    parser.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the plain transformers + peft baseline (default: yes)",
+    )
     parser.add_argument("--peak-tflops", type=float, help="state the device's peak (TFLOP/s) for MFU, e.g. on a CPU")
-    parser.add_argument("--threads", type=int,
-                        help="CPU threads for torch (default: torch's). On a shared machine use 1: a second "
-                             "thread that gets descheduled stalls every parallel kernel")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's). On a shared machine use 1: a second "
+        "thread that gets descheduled stalls every parallel kernel",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="OUT", help="also write every number, the machine and versions to OUT")
     return parser.parse_args(argv)
@@ -675,22 +798,35 @@ def trainer_config(args: argparse.Namespace):
     from trainer.config import Config
 
     try:
-        return Config.model_validate({
-            "model": {"name_or_path": args.model, "dtype": args.dtype, "attention": args.attention,
-                      "gradient_checkpointing": args.gradient_checkpointing},
-            "method": args.method,
-            "data": {"train_file": "synthetic", "max_seq_len": args.seq_len},
-            "training": {"optimizer": args.optimizer, "seed": args.seed},
-        })
+        return Config.model_validate(
+            {
+                "model": {
+                    "name_or_path": args.model,
+                    "dtype": args.dtype,
+                    "attention": args.attention,
+                    "gradient_checkpointing": args.gradient_checkpointing,
+                },
+                "method": args.method,
+                "data": {"train_file": "synthetic", "max_seq_len": args.seq_len},
+                "training": {"optimizer": args.optimizer, "seed": args.seed},
+            }
+        )
     except ValidationError as err:
         problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
-        raise UserError(f"--method {args.method} --optimizer {args.optimizer} --dtype {args.dtype}: {problems}") from None
+        raise UserError(
+            f"--method {args.method} --optimizer {args.optimizer} --dtype {args.dtype}: {problems}"
+        ) from None
 
 
 def check_options(args: argparse.Namespace, arch: Architecture) -> None:
-    for flag, value, low in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
-                             ("--micro-batch-size", args.micro_batch_size, 1), ("--accumulation", args.accumulation, 1),
-                             ("--threads", args.threads, 1), ("--examples", args.examples, 1)):
+    for flag, value, low in (
+        ("--steps", args.steps, 1),
+        ("--warmup", args.warmup, 0),
+        ("--micro-batch-size", args.micro_batch_size, 1),
+        ("--accumulation", args.accumulation, 1),
+        ("--threads", args.threads, 1),
+        ("--examples", args.examples, 1),
+    ):
         if value is not None and value < low:
             raise UserError(f"{flag} {value}: must be at least {low}")
     if not 32 <= args.seq_len <= arch.max_positions:
@@ -724,14 +860,31 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         dtype = torch.bfloat16  # the unquantized parts are built as a bf16 checkpoint would load
     # Mixed precision as the trainer (and HF Trainer with bf16=True) runs it on a GPU.
     autocast = torch.bfloat16 if device.type == "cuda" and (dtype == torch.bfloat16 or args.method == "qlora") else None
-    settings = Settings(arch, config, device, dtype, autocast, args.attention, args.gradient_checkpointing,
-                        args.seed, args.warmup, args.seq_len)
+    settings = Settings(
+        arch,
+        config,
+        device,
+        dtype,
+        autocast,
+        args.attention,
+        args.gradient_checkpointing,
+        args.seed,
+        args.warmup,
+        args.seq_len,
+    )
 
     if args.json:  # fail now, not after the measurements
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     machine = machine_info(device)
-    steps, data_facts = make_steps(examples=args.examples, seq_len=args.seq_len, vocab=arch.vocab, micro_batch_size=args.micro_batch_size,
-                              accumulation=args.accumulation, steps=args.warmup + args.steps, seed=args.seed)
+    steps, data_facts = make_steps(
+        examples=args.examples,
+        seq_len=args.seq_len,
+        vocab=arch.vocab,
+        micro_batch_size=args.micro_batch_size,
+        accumulation=args.accumulation,
+        steps=args.warmup + args.steps,
+        seed=args.seed,
+    )
     timed = steps[args.warmup :]
     rows = []
     if args.baseline:
@@ -739,8 +892,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     rows.append(run_row("ours", settings, steps))
 
     with torch.device("meta"):
-        shape = model_shape(build_model(arch, dtype=torch.bfloat16, device=torch.device("meta"), seed=args.seed,
-                                        positions=args.seq_len).config)
+        shape = model_shape(
+            build_model(
+                arch, dtype=torch.bfloat16, device=torch.device("meta"), seed=args.seed, positions=args.seq_len
+            ).config
+        )
     if args.peak_tflops:
         peak = Peak(f"stated with --peak-tflops ({machine['device_name']})", args.peak_tflops)
     else:
@@ -748,29 +904,47 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     describe_rows(rows, timed, shape=shape, method=args.method, peak=peak)
     machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     measured = {row["name"]: row for row in rows if not row.get("error")}
-    speedup = (measured["ours"]["tokens_per_second"] / measured["baseline"]["tokens_per_second"]
-               if {"ours", "baseline"} <= measured.keys() else None)
+    speedup = (
+        measured["ours"]["tokens_per_second"] / measured["baseline"]["tokens_per_second"]
+        if {"ours", "baseline"} <= measured.keys()
+        else None
+    )
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python scripts/bench.py " + shlex.join(argv),
         "machine": machine,
         "versions": versions(),
         "settings": {
-            "model": arch.name, "method": args.method, "optimizer": args.optimizer, "seq_len": args.seq_len,
-            "micro_batch_size": args.micro_batch_size, "accumulation": args.accumulation, "steps": args.steps,
-            "warmup": args.warmup, "attention": args.attention, "gradient_checkpointing": args.gradient_checkpointing,
-            "dtype": str(dtype).removeprefix("torch."), "autocast": str(autocast).removeprefix("torch.") if autocast else None,
-            "device": str(device), "seed": args.seed, "baseline": args.baseline,
+            "model": arch.name,
+            "method": args.method,
+            "optimizer": args.optimizer,
+            "seq_len": args.seq_len,
+            "micro_batch_size": args.micro_batch_size,
+            "accumulation": args.accumulation,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "attention": args.attention,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "dtype": str(dtype).removeprefix("torch."),
+            "autocast": str(autocast).removeprefix("torch.") if autocast else None,
+            "device": str(device),
+            "seed": args.seed,
+            "baseline": args.baseline,
             "lora": {"r": config.lora.r, "alpha": config.lora.alpha, "dropout": config.lora.dropout},
-            "learning_rate": config.training.learning_rate, "max_grad_norm": MAX_GRAD_NORM,
+            "learning_rate": config.training.learning_rate,
+            "max_grad_norm": MAX_GRAD_NORM,
         },
-        "model": {"about": arch.about, "family": arch.family,
-                  "parameters": next((row["parameters"] for row in rows if "parameters" in row), None),
-                  "shape": vars(shape), "matmul_parameters": matmul_params(shape)},
+        "model": {
+            "about": arch.about,
+            "family": arch.family,
+            "parameters": next((row["parameters"] for row in rows if "parameters" in row), None),
+            "shape": vars(shape),
+            "matmul_parameters": matmul_params(shape),
+        },
         "data": {
             **data_facts,
             "lengths": f"log-normal, median seq_len/8, sigma 0.9, clipped to [max(2, seq_len/32), seq_len]; "
-                       f"prompt {PROMPT_FRACTION[0]:.0%}-{PROMPT_FRACTION[1]:.0%} of each example (uniform), masked",
+            f"prompt {PROMPT_FRACTION[0]:.0%}-{PROMPT_FRACTION[1]:.0%} of each example (uniform), masked",
             "timed_examples": sum(len(step.examples) for step in timed),
             "timed_tokens": sum(step.tokens for step in timed),
             "timed_supervised_tokens": sum(step.supervised_tokens for step in timed),

@@ -37,8 +37,10 @@ INSTRUCTIONS = (
     "Rewrite the passage in plain language.",
     "Classify the sentiment of the review as positive, negative or neutral.",
 )
-COMMON = ("the of and to in a is that for it as was with be by on not he I this are or his from at which but have an "
-          "had they you were their one all we can her has there been if more when will would who so no").split()
+COMMON = (
+    "the of and to in a is that for it as was with be by on not he I this are or his from at which but have an "
+    "had they you were their one all we can her has there been if more when will would who so no"
+).split()
 SEPARATOR = "\n\n###\n\n"
 
 
@@ -143,11 +145,18 @@ def build_tokenizer(kind: str, data: Path, folder: Path):
 def _config(data: Path, cache_dir: Path, num_proc: int | None):
     from trainer.config import Config
 
-    return Config.model_validate({
-        "model": {"name_or_path": "unused"},
-        "data": {"train_file": str(data), "cache_dir": str(cache_dir), "num_proc": num_proc,
-                 "max_seq_len": 2048, "too_long": "truncate"},
-    })
+    return Config.model_validate(
+        {
+            "model": {"name_or_path": "unused"},
+            "data": {
+                "train_file": str(data),
+                "cache_dir": str(cache_dir),
+                "num_proc": num_proc,
+                "max_seq_len": 2048,
+                "too_long": "truncate",
+            },
+        }
+    )
 
 
 def _cpu_seconds() -> float:
@@ -184,7 +193,9 @@ def bench(kind: str, data: Path, folder: Path, num_proc: int | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=float, default=100.0, help="size of the generated file (default 100)")
-    parser.add_argument("--dir", type=Path, help="folder for the data, tokenizers and caches (default: a temporary one)")
+    parser.add_argument(
+        "--dir", type=Path, help="folder for the data, tokenizers and caches (default: a temporary one)"
+    )
     parser.add_argument("--num-proc", type=int, default=None, help="data.num_proc (default: auto by size)")
     parser.add_argument("--tokenizers", default="tiny,gpt2", help="comma-separated: tiny, gpt2 (default both)")
     args = parser.parse_args(argv)
@@ -196,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         if not data.is_file():
             started = time.perf_counter()
             rows = generate(data, args.size_mb)
-            print(f"generated {data} ({data.stat().st_size / 1e6:.1f} MB, {rows:,} rows) in {time.perf_counter() - started:.1f} s")
+            print(
+                f"generated {data} ({data.stat().st_size / 1e6:.1f} MB, {rows:,} rows) in {time.perf_counter() - started:.1f} s"
+            )
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         print(f"read + validate + tokenize + mask, {data.stat().st_size / 1e6:.1f} MB, {cores} cores:")
         for kind in args.tokenizers.split(","):

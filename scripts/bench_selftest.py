@@ -32,8 +32,9 @@ def build(name: str):
         config = mid_gptj_config()
     else:
         family = {"tiny-gptj": "gptj", "tiny-neox": "gpt_neox", "tiny-gpt2": "gpt2"}[name]
-        config = FAMILIES[family].tiny_config({"vocab_size": 1024, "bos_token_id": 0, "eos_token_id": 0},
-                                              n_layer=2, n_embd=64, n_head=2, n_positions=256)
+        config = FAMILIES[family].tiny_config(
+            {"vocab_size": 1024, "bos_token_id": 0, "eos_token_id": 0}, n_layer=2, n_embd=64, n_head=2, n_positions=256
+        )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config)
 
@@ -57,17 +58,22 @@ def main(argv=None) -> int:
         config = Config.model_validate({"model": {"name_or_path": "x"}, "data": {"train_file": "t"}, "method": "lora"})
         model = apply_method(config, model)
     dtype = getattr(torch, args.dtype)
-    autocast = contextlib.nullcontext if dtype == torch.float32 else functools.partial(torch.autocast, "cpu", dtype=dtype)
+    autocast = (
+        contextlib.nullcontext if dtype == torch.float32 else functools.partial(torch.autocast, "cpu", dtype=dtype)
+    )
     times, checks = [], []
     for _ in range(args.repeats):
         started = time.perf_counter()
-        checks = check_model(model, attention="sdpa", packing=True, compute_dtype=dtype, autocast=autocast,
-                             device=torch.device("cpu"))
+        checks = check_model(
+            model, attention="sdpa", packing=True, compute_dtype=dtype, autocast=autocast, device=torch.device("cpu")
+        )
         times.append(time.perf_counter() - started)
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"{args.model} {args.method} {args.dtype}: {parameters:,} parameters; "
-          + "; ".join(f"{c.what} {c.difference:.1e} (tolerance {c.tolerance:g})" for c in checks)
-          + f"; median {statistics.median(times):.3f} s over {args.repeats} (min {min(times):.3f} s)")
+    print(
+        f"{args.model} {args.method} {args.dtype}: {parameters:,} parameters; "
+        + "; ".join(f"{c.what} {c.difference:.1e} (tolerance {c.tolerance:g})" for c in checks)
+        + f"; median {statistics.median(times):.3f} s over {args.repeats} (min {min(times):.3f} s)"
+    )
     return 0
 
 

@@ -56,8 +56,9 @@ class Answer:
     body: dict
 
 
-async def send_all(url: str, key: str | None, bodies: list[dict], concurrency: int, path: str = "/v1/completions",
-                   timeout: float = 300) -> list[Answer]:
+async def send_all(
+    url: str, key: str | None, bodies: list[dict], concurrency: int, path: str = "/v1/completions", timeout: float = 300
+) -> list[Answer]:
     """POST every body to `url + path`, at most `concurrency` at once; answers in the bodies' order."""
     import httpx
 
@@ -101,15 +102,24 @@ def summarize(answers: list[Answer], seconds: float) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", nargs="?", default=str(DEFAULT_MODEL),
-                        help="checkpoint or export to serve (default: examples/tiny-gpt2, random weights)")
+    parser.add_argument(
+        "checkpoint",
+        nargs="?",
+        default=str(DEFAULT_MODEL),
+        help="checkpoint or export to serve (default: examples/tiny-gpt2, random weights)",
+    )
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--big-request", type=int, default=0, metavar="N",
-                        help="also send one request of N prompts first, to measure fairness (default: none)")
+    parser.add_argument(
+        "--big-request",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also send one request of N prompts first, to measure fairness (default: none)",
+    )
     parser.add_argument("--json", metavar="OUT", help="write every number, the command and the machine here")
     return parser
 
@@ -127,20 +137,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        app, name = build_server(serve_parser().parse_args([
-            args.checkpoint, "--max-batch-size", str(args.max_batch_size),
-            "--max-rows-per-request", str(max(64, args.big_request))]), BENCH_KEY)
+        app, name = build_server(
+            serve_parser().parse_args(
+                [
+                    args.checkpoint,
+                    "--max-batch-size",
+                    str(args.max_batch_size),
+                    "--max-rows-per-request",
+                    str(max(64, args.big_request)),
+                ]
+            ),
+            BENCH_KEY,
+        )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    bodies = [{"model": name, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.max_tokens, "temperature": 0}
-              for i in range(args.requests)]
+    bodies = [
+        {"model": name, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.max_tokens, "temperature": 0}
+        for i in range(args.requests)
+    ]
     with serving_in_thread(app) as url:
         asyncio.run(send_all(url, BENCH_KEY, bodies[:1], 1))  # warm-up
         worker = app.state.worker
         batches_before, rows_before = worker.stats.batches, worker.stats.rows
-        big = {"model": name, "prompt": [PROMPTS[i % len(PROMPTS)] for i in range(args.big_request)],
-               "max_tokens": args.max_tokens, "temperature": 0}
+        big = {
+            "model": name,
+            "prompt": [PROMPTS[i % len(PROMPTS)] for i in range(args.big_request)],
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+        }
 
         async def send_with_big() -> tuple[list[Answer], Answer | None]:
             if not args.big_request:
@@ -159,17 +184,27 @@ def main(argv: list[str] | None = None) -> int:
             "largest_batch": worker.stats.largest_batch,
         }
         if big_answer is not None:
-            result |= {"big_request_rows": args.big_request, "big_request_status": big_answer.status,
-                       "big_request_latency_s": round(big_answer.seconds, 3)}
-    print(f"{name}: {args.requests} requests, {args.concurrency} concurrent, max batch {args.max_batch_size}, "
-          f"{args.max_tokens} tokens each, torch threads {torch.get_num_threads()}")
+            result |= {
+                "big_request_rows": args.big_request,
+                "big_request_status": big_answer.status,
+                "big_request_latency_s": round(big_answer.seconds, 3),
+            }
+    print(
+        f"{name}: {args.requests} requests, {args.concurrency} concurrent, max batch {args.max_batch_size}, "
+        f"{args.max_tokens} tokens each, torch threads {torch.get_num_threads()}"
+    )
     for key, value in result.items():
         print(f"  {key:30s} {value}")
     if args.json:
-        record = {"command": shlex.join([sys.executable, *sys.argv]), "machine": platform.platform(),
-                  "cpus": os.cpu_count(), "torch": torch.__version__,
-                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "options": vars(args), "result": result}
+        record = {
+            "command": shlex.join([sys.executable, *sys.argv]),
+            "machine": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "options": vars(args),
+            "result": result,
+        }
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return 0 if result["ok"] == result["requests"] else 1
 

@@ -35,8 +35,14 @@ from trainer.state import save_state  # noqa: E402
 
 
 def config(name_or_path: str, method: str, output_dir: str) -> Config:
-    return Config.model_validate({"model": {"name_or_path": name_or_path}, "method": method,
-                                  "data": {"train_file": "t.jsonl"}, "output_dir": output_dir})
+    return Config.model_validate(
+        {
+            "model": {"name_or_path": name_or_path},
+            "method": method,
+            "data": {"train_file": "t.jsonl"},
+            "output_dir": output_dir,
+        }
+    )
 
 
 def optimizer_with_state(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -78,25 +84,33 @@ def gptj_state_bytes(method: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--throughput-mb", type=int, default=1500, help="weights + optimizer state of the synthetic save")
+    parser.add_argument(
+        "--throughput-mb", type=int, default=1500, help="weights + optimizer state of the synthetic save"
+    )
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
     accelerator = Accelerator(cpu=True)
     from transformers import AutoModelForCausalLM
 
     tiny = AutoModelForCausalLM.from_pretrained(REPO / "examples" / "tiny-gpt2")
-    tiny_seconds, tiny_bytes = timed_saves(accelerator, tiny, optimizer_with_state(tiny),
-                                           config("examples/tiny-gpt2", "full", "."), args.repeat)
+    tiny_seconds, tiny_bytes = timed_saves(
+        accelerator, tiny, optimizer_with_state(tiny), config("examples/tiny-gpt2", "full", "."), args.repeat
+    )
 
     # Weights (4 bytes a value) + AdamW's two moments (8) = 12 bytes a parameter.
     synthetic = torch.nn.Linear(1024, args.throughput_mb * 1_000_000 // 12 // 1024, bias=False)
-    big_seconds, big_bytes = timed_saves(accelerator, synthetic, optimizer_with_state(synthetic),
-                                         config("synthetic", "full", "."), 3)
+    big_seconds, big_bytes = timed_saves(
+        accelerator, synthetic, optimizer_with_state(synthetic), config("synthetic", "full", "."), 3
+    )
     throughput = big_bytes / statistics.median(big_seconds)
 
     result = {
-        "tiny_gpt2_full": {"bytes": tiny_bytes, "seconds_median": statistics.median(tiny_seconds),
-                           "seconds_min": min(tiny_seconds), "seconds_max": max(tiny_seconds)},
+        "tiny_gpt2_full": {
+            "bytes": tiny_bytes,
+            "seconds_median": statistics.median(tiny_seconds),
+            "seconds_min": min(tiny_seconds),
+            "seconds_max": max(tiny_seconds),
+        },
         "synthetic": {"bytes": big_bytes, "seconds": big_seconds, "bytes_per_second": throughput},
         "gptj_6b_estimates": {},
     }
@@ -104,13 +118,19 @@ def main(argv: list[str] | None = None) -> int:
         size = gptj_state_bytes(method)
         result["gptj_6b_estimates"][method] = {"bytes": size, "seconds_at_this_throughput": size / throughput}
 
-    print(f"tiny-gpt2 full fine-tuning state: {human(tiny_bytes)}, median {statistics.median(tiny_seconds) * 1000:.1f} ms "
-          f"(min {min(tiny_seconds) * 1000:.1f}, max {max(tiny_seconds) * 1000:.1f}) over {args.repeat} saves")
-    print(f"this disk through save_state: {human(big_bytes)} in {statistics.median(big_seconds):.2f} s median "
-          f"= {human(int(throughput))}/s")
+    print(
+        f"tiny-gpt2 full fine-tuning state: {human(tiny_bytes)}, median {statistics.median(tiny_seconds) * 1000:.1f} ms "
+        f"(min {min(tiny_seconds) * 1000:.1f}, max {max(tiny_seconds) * 1000:.1f}) over {args.repeat} saves"
+    )
+    print(
+        f"this disk through save_state: {human(big_bytes)} in {statistics.median(big_seconds):.2f} s median "
+        f"= {human(int(throughput))}/s"
+    )
     for method, estimate in result["gptj_6b_estimates"].items():
-        print(f"GPT-J-6B {method} (AdamW): state {human(estimate['bytes'])}, about "
-              f"{estimate['seconds_at_this_throughput']:.1f} s at that throughput")
+        print(
+            f"GPT-J-6B {method} (AdamW): state {human(estimate['bytes'])}, about "
+            f"{estimate['seconds_at_this_throughput']:.1f} s at that throughput"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -152,7 +152,9 @@ def tail(path: Path, lines: int = 30) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--venv", type=Path, help="virtual environment to build or reuse (kept); default: a temporary one")
+    parser.add_argument(
+        "--venv", type=Path, help="virtual environment to build or reuse (kept); default: a temporary one"
+    )
     parser.add_argument("--torch", help="torch version to install (default: constraints.txt's)")
     parser.add_argument("--torch-index-url", help="pip index for torch alone (e.g. PyTorch's CPU wheel index)")
     args = parser.parse_args(argv)
@@ -173,35 +175,68 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"could not create the virtual environment:\n{tail(log)}")
                 return 1
         pip = [str(python), "-m", "pip", "install", "--upgrade"]
-        print(f"installing the newest releases with torch=={torch_version}" + (f" (log: {log})" if args.venv else ""),
-              flush=True)
-        if args.torch_index_url and run_logged([*pip, f"torch=={torch_version}", "--index-url", args.torch_index_url],
-                                               log, env=env) != 0:
+        print(
+            f"installing the newest releases with torch=={torch_version}" + (f" (log: {log})" if args.venv else ""),
+            flush=True,
+        )
+        if (
+            args.torch_index_url
+            and run_logged([*pip, f"torch=={torch_version}", "--index-url", args.torch_index_url], log, env=env) != 0
+        ):
             print(f"torch=={torch_version} did not install from {args.torch_index_url}:\n{tail(log)}")
             return 1
         # eager: a reused environment gets every dependency upgraded, not only the ones named here.
-        if run_logged([*pip, "--upgrade-strategy", "eager", f"torch=={torch_version}", "-e", f"{REPO}[dev]"],
-                      log, env=env, cwd=REPO) != 0:
+        if (
+            run_logged(
+                [*pip, "--upgrade-strategy", "eager", f"torch=={torch_version}", "-e", f"{REPO}[dev]"],
+                log,
+                env=env,
+                cwd=REPO,
+            )
+            != 0
+        ):
             print(f"the newest releases do not install together:\n{tail(log)}")
             return 1
-        listed = subprocess.run([str(python), "-m", "pip", "list", "--format=json", "--exclude-editable"],
-                                capture_output=True, text=True, env=env, check=True).stdout
+        listed = subprocess.run(
+            [str(python), "-m", "pip", "list", "--format=json", "--exclude-editable"],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        ).stdout
         newest = {canonical(p["name"]): p["version"] for p in json.loads(listed) if canonical(p["name"]) != "pip"}
         print(version_table(pinned, newest), flush=True)
 
         junit = (scratch or venv.parent) / f"{venv.name}-check-newest-junit.xml"
         junit.unlink(missing_ok=True)
         print(f"\nrunning {len(COMPATIBILITY_TESTS)} compatibility selections (a few minutes)", flush=True)
-        tests = subprocess.run([str(python), "-m", "pytest", "-p", "no:xdist", "-q", f"--junitxml={junit}",
-                                "-o", "junit_logging=system-err",
-                                *COMPATIBILITY_TESTS], cwd=REPO, capture_output=True, text=True, env=env)
+        tests = subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pytest",
+                "-p",
+                "no:xdist",
+                "-q",
+                f"--junitxml={junit}",
+                "-o",
+                "junit_logging=system-err",
+                *COMPATIBILITY_TESTS,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         summary = tests.stdout.strip().splitlines()[-1:] or ["(pytest printed nothing)"]
         print(f"pytest: {summary[0]}")
         if not junit.exists() or tests.returncode not in (0, 1):
             # Not a test failure: pytest itself stopped (a selected test no longer exists, a conftest
             # import failed, ...). Its own words say which.
-            print(f"pytest exited {tests.returncode} before reporting results:\n"
-                  + "\n".join((tests.stdout + tests.stderr).strip().splitlines()[-30:]))
+            print(
+                f"pytest exited {tests.returncode} before reporting results:\n"
+                + "\n".join((tests.stdout + tests.stderr).strip().splitlines()[-30:])
+            )
             return 1
         broken = failures(junit.read_text(encoding="utf-8"))
         if broken:
@@ -209,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
             for test, error in broken:
                 print(f"  {test}\n      {error}")
             if pinned.keys() == newest.keys() and all(public(pinned[n]) == public(v) for n, v in newest.items()):
-                print("every installed version equals constraints.txt's: these fail with the tested versions too, "
-                      "so the code or the tests broke them, not a new release")
+                print(
+                    "every installed version equals constraints.txt's: these fail with the tested versions too, "
+                    "so the code or the tests broke them, not a new release"
+                )
             return 1
         print("\nevery compatibility test passes with the newest releases")
         return 0

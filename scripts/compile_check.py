@@ -48,8 +48,10 @@ class CompileCounts:
     recompile_reasons: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        text = (f"graph breaks {self.graph_breaks} (in attention {self.attention_breaks}), "
-                f"frames compiled on the first batch {self.frames_first_batch}, recompiles after it {self.recompiles}")
+        text = (
+            f"graph breaks {self.graph_breaks} (in attention {self.attention_breaks}), "
+            f"frames compiled on the first batch {self.frames_first_batch}, recompiles after it {self.recompiles}"
+        )
         return text if self.error is None else f"{text}; FAILED: {self.error}"
 
 
@@ -84,10 +86,14 @@ def packed_batches(count: int, seed: int = 0, vocab_size: int = 320) -> list[dic
 
 
 def _in_attention(reason) -> bool:
-    return any(word in (frame.name + frame.filename).lower() for frame in reason.user_stack for word in ATTENTION_FRAMES)
+    return any(
+        word in (frame.name + frame.filename).lower() for frame in reason.user_stack for word in ATTENTION_FRAMES
+    )
 
 
-def count_compiles(model: torch.nn.Module, batches: list[dict], backend: str = "eager", *, train: bool = True) -> CompileCounts:
+def count_compiles(
+    model: torch.nn.Module, batches: list[dict], backend: str = "eager", *, train: bool = True
+) -> CompileCounts:
     """Train-step `model` (compiled here) on `batches`, or only run the loss's forward pass
     (`train=False`, without gradients); count dynamo's graph breaks and recompiles."""
     import torch._dynamo
@@ -127,8 +133,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--backend", default="eager", help="torch.compile backend (eager, aot_eager, inductor)")
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
-    parser.add_argument("--without-boundaries", action="store_true",
-                        help="drop the batches' sequence boundaries (as a caller other than the trainer would)")
+    parser.add_argument(
+        "--without-boundaries",
+        action="store_true",
+        help="drop the batches' sequence boundaries (as a caller other than the trainer would)",
+    )
     parser.add_argument("--reasons", action="store_true", help="print the distinct break and recompile reasons")
     args = parser.parse_args()
 
@@ -138,8 +147,10 @@ def main() -> None:
     batches = packed_batches(args.batches)
     if args.without_boundaries:
         batches = [{k: v for k, v in b.items() if not k.startswith(("cu_seq_lens", "max_length"))} for b in batches]
-    print(f"torch {torch.__version__}, attention {args.attention}, backend {args.backend}, {len(batches)} packed batches"
-          f"{' without boundaries' if args.without_boundaries else ''}")
+    print(
+        f"torch {torch.__version__}, attention {args.attention}, backend {args.backend}, {len(batches)} packed batches"
+        f"{' without boundaries' if args.without_boundaries else ''}"
+    )
     for family in args.families:
         model = tiny_model(family).train()
         install_attention(model, args.attention)

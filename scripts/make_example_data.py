@@ -43,12 +43,33 @@ END = "<|endoftext|>"
 NO_LOCATIONS = "No locations mentioned"
 
 PLACES = [
-    "Paris", "London", "Berlin", "Tokyo", "Madrid", "Rome", "Vienna", "Lisbon", "Dublin",
-    "Oslo", "Prague", "Cairo", "Sydney", "Toronto", "Chicago", "Boston", "Seoul", "Mumbai",
-    "Nairobi", "Lima", "Athens", "Warsaw", "Istanbul", "Moscow", "Denver",
+    "Paris",
+    "London",
+    "Berlin",
+    "Tokyo",
+    "Madrid",
+    "Rome",
+    "Vienna",
+    "Lisbon",
+    "Dublin",
+    "Oslo",
+    "Prague",
+    "Cairo",
+    "Sydney",
+    "Toronto",
+    "Chicago",
+    "Boston",
+    "Seoul",
+    "Mumbai",
+    "Nairobi",
+    "Lima",
+    "Athens",
+    "Warsaw",
+    "Istanbul",
+    "Moscow",
+    "Denver",
 ]
-PERSONS = ["Anna", "Maria", "David", "Tom", "Sarah", "James", "Laura", "Peter", "Emma", "Omar",
-           "Lucy", "Daniel"]
+PERSONS = ["Anna", "Maria", "David", "Tom", "Sarah", "James", "Laura", "Peter", "Emma", "Omar", "Lucy", "Daniel"]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 MONTHS = ["January", "March", "April", "June", "July", "September", "October", "December"]
 
@@ -112,8 +133,7 @@ def make_answer(locations: list[str]) -> str:
     return " " + (", ".join(locations) if locations else NO_LOCATIONS)
 
 
-TEST_PROMPTS = [{"prompt": make_prompt(s), "expected": make_answer(locs)}
-                for s, locs in _TEST_SENTENCES]
+TEST_PROMPTS = [{"prompt": make_prompt(s), "expected": make_answer(locs)} for s, locs in _TEST_SENTENCES]
 
 
 def _random_sentence(rng: random.Random) -> tuple[str, list[str]]:
@@ -136,8 +156,7 @@ def generate(n: int, rng: random.Random, taken: set[str]) -> list[dict]:
         if sentence in taken:
             continue
         taken.add(sentence)
-        examples.append({"prompt": make_prompt(sentence),
-                         "completion": make_answer(locations) + END})
+        examples.append({"prompt": make_prompt(sentence), "completion": make_answer(locations) + END})
     return examples
 
 
@@ -146,16 +165,36 @@ def generate(n: int, rng: random.Random, taken: set[str]) -> list[dict]:
 
 SENTIMENT_SEPARATOR = "\nSentiment:"
 POSITIVE, NEGATIVE = "positive", "negative"
-THINGS = ["film", "book", "phone", "hotel", "meal", "camera", "game", "album", "laptop", "service",
-          "plot", "battery", "screen", "room", "coffee", "show"]
+THINGS = [
+    "film",
+    "book",
+    "phone",
+    "hotel",
+    "meal",
+    "camera",
+    "game",
+    "album",
+    "laptop",
+    "service",
+    "plot",
+    "battery",
+    "screen",
+    "room",
+    "coffee",
+    "show",
+]
 GOOD = ["great", "excellent", "wonderful", "good", "lovely", "fantastic", "amazing", "pleasant"]
 BAD = ["terrible", "awful", "boring", "bad", "poor", "disappointing", "horrible", "dull"]
 LIKE = ["loved", "enjoyed", "liked", "recommend"]
 DISLIKE = ["hated", "disliked", "regret buying", "returned"]
 # {T} a thing, {G} an adjective, {V} a verb: the sentence's sentiment is its word's (GOOD or LIKE: positive).
 SENTIMENT_TEMPLATES = [
-    "The {T} was {G}.", "What a {G} {T}!", "I {V} the {T}.", "Honestly, the {T} is {G}.",
-    "My friends said the {T} was {G}, and they were right.", "Such a {G} {T}.",
+    "The {T} was {G}.",
+    "What a {G} {T}!",
+    "I {V} the {T}.",
+    "Honestly, the {T} is {G}.",
+    "My friends said the {T} was {G}, and they were right.",
+    "Such a {G} {T}.",
 ]
 _SENTIMENT_TESTS = [
     ("The camera was boring.", NEGATIVE),
@@ -175,7 +214,9 @@ SENTIMENT_TEST_PROMPTS = [{"prompt": sentiment_prompt(r), "expected": " " + labe
 def _random_review(rng: random.Random) -> tuple[str, str]:
     template = rng.choice(SENTIMENT_TEMPLATES)
     good = rng.random() < 0.5
-    review = template.format(T=rng.choice(THINGS), G=rng.choice(GOOD if good else BAD), V=rng.choice(LIKE if good else DISLIKE))
+    review = template.format(
+        T=rng.choice(THINGS), G=rng.choice(GOOD if good else BAD), V=rng.choice(LIKE if good else DISLIKE)
+    )
     return review, POSITIVE if good else NEGATIVE
 
 
@@ -199,8 +240,12 @@ def write_jsonl(path: Path, examples: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "examples/data",
-                        help="output folder (default examples/data in this repository)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "examples/data",
+        help="output folder (default examples/data in this repository)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--train", type=int, default=1000, help="training examples (default 1000)")
     parser.add_argument("--valid", type=int, default=100, help="validation examples (default 100)")

@@ -26,8 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.errors import UsageError, UserError  # noqa: E402
 
-UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_memory(text: str) -> int:
@@ -41,14 +50,16 @@ def parse_memory(text: str) -> int:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="scripts/plan.py", description=__doc__.split("\n\n")[0],
+        prog="scripts/plan.py",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", help="the training config (YAML)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, as in training")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs the run uses (processes), default 1")
-    parser.add_argument("--gpu-memory", default="80GB",
-                        help="memory of one GPU: 80GB (10^9 bytes), 80GiB (2^30), ...; default 80GB")
+    parser.add_argument(
+        "--gpu-memory", default="80GB", help="memory of one GPU: 80GB (10^9 bytes), 80GiB (2^30), ...; default 80GB"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     return parser.parse_intermixed_args(argv)
 
@@ -63,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--gpus {args.gpus}: must be at least 1")
         memory = parse_memory(args.gpu_memory)
         if not Path(args.config).is_file():
-            raise UsageError(f"config file {args.config} does not exist: check the path (it is relative to {Path.cwd()})")
+            raise UsageError(
+                f"config file {args.config} does not exist: check the path (it is relative to {Path.cwd()})"
+            )
         from transformers.utils import logging as hf_logging
 
         from trainer.config import load_config

@@ -52,17 +52,33 @@ def case_config(method: str, gradient_checkpointing: bool, micro_batch_size: int
     """The trainer Config of one case: float32, no autocast, sdpa (what a CPU runs)."""
     from trainer.config import Config
 
-    return Config.model_validate({
-        "model": {"name_or_path": "mid-gptj", "dtype": "float32", "attention": "sdpa",
-                  "gradient_checkpointing": gradient_checkpointing},
-        "method": method, "lora": {"dropout": dropout},
-        "data": {"train_file": "synthetic", "max_seq_len": seq_len, "packing": True},
-        "training": {"micro_batch_size": micro_batch_size, "mixed_precision": "no"},
-    })
+    return Config.model_validate(
+        {
+            "model": {
+                "name_or_path": "mid-gptj",
+                "dtype": "float32",
+                "attention": "sdpa",
+                "gradient_checkpointing": gradient_checkpointing,
+            },
+            "method": method,
+            "lora": {"dropout": dropout},
+            "data": {"train_file": "synthetic", "max_seq_len": seq_len, "packing": True},
+            "training": {"micro_batch_size": micro_batch_size, "mixed_precision": "no"},
+        }
+    )
 
 
-def check(model_config, method: str, gradient_checkpointing: bool, *, micro_batch_size: int = 2, seq_len: int = 256,
-          supervised: float = 0.05, dropout: float = 0.0, seed: int = 0) -> Check:
+def check(
+    model_config,
+    method: str,
+    gradient_checkpointing: bool,
+    *,
+    micro_batch_size: int = 2,
+    seq_len: int = 256,
+    supervised: float = 0.05,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> Check:
     """Measure one case on a real model and estimate it with the planner's code."""
     import copy
 
@@ -90,20 +106,34 @@ def check(model_config, method: str, gradient_checkpointing: bool, *, micro_batc
 
     settings = resolve_settings(config, model_config, gpus=1)
     held = inventory_of(prepared_model(config, model_config, method), method)
-    setup = dataclasses.replace(activation_setup(settings, model_config, held), kernels=CPU,
-                                supervised_rows=int((batch["labels"][:, 1:] != -100).sum()))
+    setup = dataclasses.replace(
+        activation_setup(settings, model_config, held),
+        kernels=CPU,
+        supervised_rows=int((batch["labels"][:, 1:] != -100).sum()),
+    )
     estimate = estimate_activations(setup)
-    return Check(method, gradient_checkpointing, estimate.forward, measured.saved_after_forward, estimate.total,
-                 measured.peak, seconds)
+    return Check(
+        method,
+        gradient_checkpointing,
+        estimate.forward,
+        measured.saved_after_forward,
+        estimate.total,
+        measured.peak,
+        seconds,
+    )
 
 
 def format_checks(checks: list[Check]) -> str:
-    lines = ["| method | gradient checkpointing | kept by forward: estimated | measured | peak: estimated | measured | peak error |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | gradient checkpointing | kept by forward: estimated | measured | peak: estimated | measured | peak error |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for c in checks:
-        lines.append(f"| {c.method} | {'on' if c.gradient_checkpointing else 'off'} | {c.estimated_forward / 1e6:.2f} MB | "
-                     f"{c.measured_forward / 1e6:.2f} MB | {c.estimated_peak / 1e6:.2f} MB | {c.measured_peak / 1e6:.2f} MB | "
-                     f"{100 * c.peak_error:+.1f}% |")
+        lines.append(
+            f"| {c.method} | {'on' if c.gradient_checkpointing else 'off'} | {c.estimated_forward / 1e6:.2f} MB | "
+            f"{c.measured_forward / 1e6:.2f} MB | {c.estimated_peak / 1e6:.2f} MB | {c.measured_peak / 1e6:.2f} MB | "
+            f"{100 * c.peak_error:+.1f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -111,9 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/plan_check.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--supervised", type=float, default=0.05,
-                        help="share of each example that is labelled (default 0.05: few, as in classification-like "
-                             "data, so that the blocks' share of the peak shows beside the loss's)")
+    parser.add_argument(
+        "--supervised",
+        type=float,
+        default=0.05,
+        help="share of each example that is labelled (default 0.05: few, as in classification-like "
+        "data, so that the blocks' share of the peak shows beside the loss's)",
+    )
     parser.add_argument("--lora-dropout", type=float, default=0.0)
     try:
         args = parser.parse_args(argv)
@@ -129,10 +163,22 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
-    print(f"mid-gptj, {args.micro_batch_size} packed rows x {args.seq_len} tokens, {args.supervised:.0%} supervised, "
-          f"float32 on CPU ({torch.get_num_threads()} threads)\n")
-    checks = [check(mid_gptj_config(), method, ckpt, micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
-                    supervised=args.supervised, dropout=args.lora_dropout) for method, ckpt in CASES]
+    print(
+        f"mid-gptj, {args.micro_batch_size} packed rows x {args.seq_len} tokens, {args.supervised:.0%} supervised, "
+        f"float32 on CPU ({torch.get_num_threads()} threads)\n"
+    )
+    checks = [
+        check(
+            mid_gptj_config(),
+            method,
+            ckpt,
+            micro_batch_size=args.micro_batch_size,
+            seq_len=args.seq_len,
+            supervised=args.supervised,
+            dropout=args.lora_dropout,
+        )
+        for method, ckpt in CASES
+    ]
     print(format_checks(checks))
     return 0
 

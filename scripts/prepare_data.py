@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.atomic import write_bytes_atomically  # noqa: E402
 from trainer.data.convert import ConvertOptions, convert_table, unescape  # noqa: E402
-from trainer.data.split import split_file, split_output_paths  # noqa: E402
 from trainer.data.fixes import FIXABLE, fixed_lines  # noqa: E402
+from trainer.data.split import split_file, split_output_paths  # noqa: E402
 from trainer.data.validate import load_local_tokenizer, validate_file  # noqa: E402
 from trainer.data.validation_report import ValidationReport  # noqa: E402
 from trainer.errors import UsageError, UserError  # noqa: E402
@@ -126,9 +126,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     def check(path: str) -> ValidationReport:
         # Test prompts and size are about the training data, not held-out files.
-        held_out = config is not None and Path(path).resolve() in {Path(v).resolve() for v in _as_list(config.data.validation_file)}
+        held_out = config is not None and Path(path).resolve() in {
+            Path(v).resolve() for v in _as_list(config.data.validation_file)
+        }
         report = validate_file(
-            path, data_format=data_format, tokenizer=tokenizer, max_seq_len=max_seq_len, too_long=too_long,
+            path,
+            data_format=data_format,
+            tokenizer=tokenizer,
+            max_seq_len=max_seq_len,
+            too_long=too_long,
             test_prompts=() if held_out else test_prompts,
             chat_template=config.data.chat_template if config else None,
             train_on=config.data.train_on if config else "all_assistant",
@@ -161,12 +167,19 @@ def _write_fix(source: Path, output: Path, report: ValidationReport, data_format
         return None
     lines, changes = fixed_lines(source, data_format=data_format)
     write_atomically(output, b"".join(lines))
-    return {"path": str(output), "changes": {kind: changes.get(kind, 0) for kind in FIXABLE if kind != "inconsistent_endings"}}
+    return {
+        "path": str(output),
+        "changes": {kind: changes.get(kind, 0) for kind in FIXABLE if kind != "inconsistent_endings"},
+    }
 
 
 def _print_reports(reports: list[ValidationReport], fix_result: dict | None, *, as_json: bool) -> None:
     if as_json:
-        body = reports[0].to_dict() if len(reports) == 1 else {"ok": all(r.ok for r in reports), "files": [r.to_dict() for r in reports]}
+        body = (
+            reports[0].to_dict()
+            if len(reports) == 1
+            else {"ok": all(r.ok for r in reports), "files": [r.to_dict() for r in reports]}
+        )
         if fix_result is not None:
             body["fix"] = fix_result
         print(json.dumps(body, indent=1, ensure_ascii=False))
@@ -198,7 +211,8 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="prepare_data.py", description=__doc__,
+        prog="prepare_data.py",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -212,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--assistant-column", help="chat: the ideal assistant reply")
     convert.add_argument("--system", help="chat: one system message for every row")
     convert.add_argument("--system-column", help="chat: a column with each row's system message")
-    convert.add_argument("--separator", default="", help=r'appended to prompts that lack it, e.g. " ->" or "\n\n###\n\n"')
+    convert.add_argument(
+        "--separator", default="", help=r'appended to prompts that lack it, e.g. " ->" or "\n\n###\n\n"'
+    )
     convert.add_argument("--add-eos", action="store_true", help="end completions with <|endoftext|>")
     convert.add_argument("--leading-space", action="store_true", help="start completions with a space")
     convert.add_argument("--delimiter", help=r"field delimiter (default: from the extension; '\t' for tab)")
@@ -225,11 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--config", help="a training config: tokenizer, max_seq_len, too_long, format, test prompts")
     validate.add_argument("--tokenizer", help="a local tokenizer folder or cached model id (for token counts)")
     validate.add_argument("--max-seq-len", type=int, help="longest example in tokens (default: the config's, or 2048)")
-    validate.add_argument("--too-long", choices=("error", "drop", "truncate"), help="what training does with longer examples")
+    validate.add_argument(
+        "--too-long", choices=("error", "drop", "truncate"), help="what training does with longer examples"
+    )
     validate.add_argument("--format", choices=FORMATS, help="row format (default: the config's, or auto)")
     validate.add_argument("--test-prompt", action="append", metavar="TEXT", help="a test prompt to check (repeatable)")
     validate.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
-    validate.add_argument("--fix", metavar="OUT", help="write a corrected copy (leading space, EOS, trailing whitespace)")
+    validate.add_argument(
+        "--fix", metavar="OUT", help="write a corrected copy (leading space, EOS, trailing whitespace)"
+    )
     validate.add_argument("--force", action="store_true", help="with --fix: overwrite an existing OUT")
     validate.set_defaults(run=cmd_validate)
 

@@ -35,7 +35,9 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
         "List the locations mentioned in the following text.",
     ]
     return {
-        family: save_tiny_model(root / family, family, texts, vocab_size=320, n_layer=2, n_embd=32, n_head=2, n_positions=64)
+        family: save_tiny_model(
+            root / family, family, texts, vocab_size=320, n_layer=2, n_embd=32, n_head=2, n_positions=64
+        )
         for family in FAMILIES
     }
 

@@ -13,7 +13,14 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-FRUIT_COLOURS = {"banana": "yellow", "lime": "green", "tomato": "red", "cherry": "red", "kiwi": "green", "lemon": "yellow"}
+FRUIT_COLOURS = {
+    "banana": "yellow",
+    "lime": "green",
+    "tomato": "red",
+    "cherry": "red",
+    "kiwi": "green",
+    "lemon": "yellow",
+}
 
 
 def fruit_rows(count: int = 48) -> list[dict]:
@@ -43,8 +50,9 @@ def command_env(**extra: str) -> dict:
 
 def run_command(args: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     """Run `args` in the repository root, one thread per process (as the in-process tests)."""
-    return subprocess.run(args, cwd=REPO, env=command_env(**(env or {})), capture_output=True, text=True,
-                          timeout=240, **kwargs)
+    return subprocess.run(
+        args, cwd=REPO, env=command_env(**(env or {})), capture_output=True, text=True, timeout=240, **kwargs
+    )
 
 
 def write_config(tmp_path: Path, model_dir: Path, method: str, **sections) -> Path:
@@ -56,7 +64,13 @@ def write_config(tmp_path: Path, model_dir: Path, method: str, **sections) -> Pa
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         # Unpacked: the step counts the tests reason about are examples (packing has its own tests).
         "data": {"train_file": str(train), "validation_file": str(valid), "max_seq_len": 32, "packing": False},
-        "training": {"epochs": 3, "micro_batch_size": 8, "learning_rate": 3e-2 if method == "lora" else 1e-2, "warmup_ratio": 0.1, "seed": 1},
+        "training": {
+            "epochs": 3,
+            "micro_batch_size": 8,
+            "learning_rate": 3e-2 if method == "lora" else 1e-2,
+            "warmup_ratio": 0.1,
+            "seed": 1,
+        },
         "checkpoints": {"count": 3},
         "test_prompts": TEST_PROMPTS,
         "output_dir": str(tmp_path / "run"),
@@ -101,7 +115,9 @@ def assert_same_run(reference: Path, other: Path, tolerance: float = 1e-6) -> fl
     for key in ("loss", "eval_loss", "learning_rate"):
         ours = [m[key] for m in metrics if key in m]
         theirs = [m[key] for m in reference_metrics if key in m]
-        assert len(ours) == len(theirs) and all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(ours, theirs)), key
+        assert len(ours) == len(theirs) and all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(ours, theirs)), (
+            key
+        )
     report = (other / "report.md").read_text(encoding="utf-8").replace(str(other), "RUN")
     assert report == (reference / "report.md").read_text(encoding="utf-8").replace(str(reference), "RUN")
     return difference
@@ -135,8 +151,10 @@ def load_checkpoint_plainly(checkpoint: Path, base: Path, method: str):
 def plain_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
-        output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
-    new = output[0, inputs["input_ids"].shape[1]:].tolist()
+        output = model.generate(
+            **inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id
+        )
+    new = output[0, inputs["input_ids"].shape[1] :].tolist()
     if tokenizer.eos_token_id in new:
         new = new[: new.index(tokenizer.eos_token_id)]
     return tokenizer.decode(new)
@@ -150,7 +168,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_forked(argv: list[str] | Callable[[int], list[str]], *, processes: int = 1, env: dict | None = None, timeout: float = 240) -> list[int]:
+def run_forked(
+    argv: list[str] | Callable[[int], list[str]], *, processes: int = 1, env: dict | None = None, timeout: float = 240
+) -> list[int]:
     """`trainer.train.main(argv)` in `processes` processes forked from this one, as one process
     group (RANK, WORLD_SIZE, MASTER_ADDR/PORT set as torchrun sets them; gloo on the CPU).
 
@@ -177,8 +197,14 @@ def run_forked(argv: list[str] | Callable[[int], list[str]], *, processes: int =
                 PartialState._reset_state()  # the parent's single-process state must not be inherited
                 os.environ.update(env or {})
                 if processes > 1:
-                    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
-                                      LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                    os.environ.update(
+                        RANK=str(rank),
+                        LOCAL_RANK=str(rank),
+                        WORLD_SIZE=str(processes),
+                        LOCAL_WORLD_SIZE=str(processes),
+                        MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(port),
+                    )
                 from trainer.train import main
 
                 code = main(argv(rank) if callable(argv) else argv)

@@ -5,7 +5,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from trainer import families
-from trainer.attention import _reference_varlen, choose_attention, configure_attention, install_attention, sequence_boundaries
+from trainer.attention import (
+    _reference_varlen,
+    choose_attention,
+    configure_attention,
+    install_attention,
+    sequence_boundaries,
+)
 from trainer.errors import UserError
 from trainer.loss import supervised_loss_sum
 
@@ -96,11 +102,13 @@ def test_flex_matches_eager_on_cpu_in_its_uncompiled_form(tiny_model_dirs, monke
     import transformers.masking_utils as masking_utils
 
     monkeypatch.setattr(
-        masking_utils, "create_block_mask",
+        masking_utils,
+        "create_block_mask",
         lambda *args, _compile=None, **kwargs: flex.create_block_mask(*args, _compile=False, **kwargs),
     )
     monkeypatch.setattr(
-        transformers_flex, "compile_friendly_flex_attention",
+        transformers_flex,
+        "compile_friendly_flex_attention",
         lambda query, key, value, training=False, **kwargs: flex.flex_attention(query, key, value, **kwargs),
     )
     padded, packed = batches()
@@ -112,7 +120,9 @@ def test_flex_matches_eager_on_cpu_in_its_uncompiled_form(tiny_model_dirs, monke
         with torch.no_grad():
             for inputs, real in ((padded, padded["attention_mask"].bool()), (packed, slice(None))):
                 expected = eager(**inputs, use_cache=False).logits[real]
-                torch.testing.assert_close(model(**inputs, use_cache=False).logits[real], expected, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(
+                    model(**inputs, use_cache=False).logits[real], expected, rtol=1e-5, atol=1e-5
+                )
 
 
 def test_gpt2_has_no_flex_path_in_transformers(tiny_model_dirs):
@@ -199,7 +209,9 @@ def test_collate_boundaries_are_the_cuts_varlen_finds_in_the_batch_itself():
         found, longest = sequence_boundaries(batch.get("position_ids"), batch.get("attention_mask"), rows, width, "cpu")
         assert batch["cu_seq_lens_q"].dtype == torch.int32
         assert batch["cu_seq_lens_q"].tolist() == found.tolist()
-        assert batch["max_length_q"] == longest and type(batch["max_length_q"].to("cuda")) is type(batch["max_length_q"])
+        assert batch["max_length_q"] == longest and type(batch["max_length_q"].to("cuda")) is type(
+            batch["max_length_q"]
+        )
     # Rows of 9: each example, then its padding as a sequence of its own (9 | 5 4 | 4 5 | 3 6 | 1 8 | 7 2).
     assert padded["cu_seq_lens_q"].tolist() == [0, 9, 14, 18, 22, 27, 30, 36, 37, 45, 52, 54]
 
@@ -228,7 +240,9 @@ def test_varlen_takes_the_batch_boundaries_and_the_other_backends_ignore_them(ti
             for backend in ("eager", "sdpa"):  # given the boundaries anyway: unchanged
                 assert "cu_seq_lens_q" not in model_inputs(models[backend], batch)
                 with_them = models[backend](**inputs, use_cache=False).logits
-                torch.testing.assert_close(with_them, models[backend](**without_boundaries(batch), use_cache=False).logits)
+                torch.testing.assert_close(
+                    with_them, models[backend](**without_boundaries(batch), use_cache=False).logits
+                )
         # The boundaries are really used: one sequence per row lets packed examples see each other.
         rows, width = packed["input_ids"].shape
         merged = dict(model_inputs(models["varlen"], packed), max_length_q=width, max_length_k=width)
@@ -290,8 +304,16 @@ _REFERENCE_VARLEN = _reference_varlen  # the test below swaps the module's for t
 
 
 @torch.library.custom_op("trainer_tests::varlen_kernel_stand_in", mutates_args=())
-def _kernel_stand_in(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float) -> torch.Tensor:
+def _kernel_stand_in(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+) -> torch.Tensor:
     return _REFERENCE_VARLEN(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
 
 

@@ -27,13 +27,46 @@ def _load_bench():
 
 bench = _load_bench()
 
-TINY_RUN = ["--model", "tiny-gptj", "--warmup", "1", "--steps", "2", "--seq-len", "256", "--micro-batch-size", "2",
-            "--accumulation", "2", "--examples", "300", "--device", "cpu"]
+TINY_RUN = [
+    "--model",
+    "tiny-gptj",
+    "--warmup",
+    "1",
+    "--steps",
+    "2",
+    "--seq-len",
+    "256",
+    "--micro-batch-size",
+    "2",
+    "--accumulation",
+    "2",
+    "--examples",
+    "300",
+    "--device",
+    "cpu",
+]
 ROW_KEYS = {
-    "name", "attention", "parameters", "trainable_parameters", "adapter_parameters", "seconds", "loss_per_step",
-    "peak_memory_bytes", "error", "tokens", "supervised_tokens", "micro_batches", "tokens_per_step",
-    "supervised_tokens_per_step", "padded_positions", "padding_fraction", "tokens_per_second",
-    "supervised_tokens_per_second", "model_flops", "model_tflops_per_second", "mfu",
+    "name",
+    "attention",
+    "parameters",
+    "trainable_parameters",
+    "adapter_parameters",
+    "seconds",
+    "loss_per_step",
+    "peak_memory_bytes",
+    "error",
+    "tokens",
+    "supervised_tokens",
+    "micro_batches",
+    "tokens_per_step",
+    "supervised_tokens_per_step",
+    "padded_positions",
+    "padding_fraction",
+    "tokens_per_second",
+    "supervised_tokens_per_second",
+    "model_flops",
+    "model_tflops_per_second",
+    "mfu",
 }
 
 
@@ -55,7 +88,9 @@ def test_json_has_both_rows_with_every_number(tiny_result):
     # transformers' default for GPT-J (sdpa since 5.25) vs ours on CPU (auto: sdpa)
     assert baseline["attention"] == "sdpa" and ours["attention"] == "sdpa"
     assert tiny_result["speedup"] == pytest.approx(ours["tokens_per_second"] / baseline["tokens_per_second"])
-    assert {"date", "command", "machine", "versions", "settings", "model", "data", "flops", "peak", "memory"} <= set(tiny_result)
+    assert {"date", "command", "machine", "versions", "settings", "model", "data", "flops", "peak", "memory"} <= set(
+        tiny_result
+    )
     assert {"python", "torch", "transformers", "peft"} <= set(tiny_result["versions"])
     assert tiny_result["command"].startswith("python scripts/bench.py --model tiny-gptj")
     assert tiny_result["machine"]["device"] == "cpu" and tiny_result["peak"] is None
@@ -75,10 +110,15 @@ def test_flops_are_the_formula_over_the_timed_examples(tiny_result):
     # LoRA r=16 on GPT-J's q, k, v, out (64 -> 64) and fc_in / fc_out (64 <-> 256), two layers:
     # 2 * (4 * 16 * (64 + 64) + 2 * 16 * (64 + 256)) A and B weights.
     assert ours["adapter_parameters"] == baseline["adapter_parameters"] == 2 * (4 * 2048 + 2 * 5120) == 36864
-    steps, _ = bench.make_steps(examples=300, seq_len=256, vocab=1024, micro_batch_size=2, accumulation=2, steps=3, seed=0)
+    steps, _ = bench.make_steps(
+        examples=300, seq_len=256, vocab=1024, micro_batch_size=2, accumulation=2, steps=3, seed=0
+    )
     lengths = [len(e.input_ids) for step in steps[1:] for e in step.examples]
-    shape = bench.model_shape(bench.build_model(bench.ARCHITECTURES["tiny-gptj"], dtype=torch.float32,
-                                                device=torch.device("cpu"), seed=0, positions=256).config)
+    shape = bench.model_shape(
+        bench.build_model(
+            bench.ARCHITECTURES["tiny-gptj"], dtype=torch.float32, device=torch.device("cpu"), seed=0, positions=256
+        ).config
+    )
     expected = training_flops(lengths, shape, method="lora", adapter_params=36864)
     assert ours["model_flops"] == baseline["model_flops"] == expected
     assert sum(lengths) == ours["tokens"] == sum(ours["tokens_per_step"])
@@ -101,7 +141,9 @@ def test_synthetic_lengths_are_long_tailed_deterministic_and_prompt_masked():
 
 
 def test_each_step_gives_both_rows_the_same_examples():
-    steps, facts = bench.make_steps(examples=400, seq_len=256, vocab=1024, micro_batch_size=3, accumulation=2, steps=4, seed=0)
+    steps, facts = bench.make_steps(
+        examples=400, seq_len=256, vocab=1024, micro_batch_size=3, accumulation=2, steps=4, seed=0
+    )
     assert len(steps) == 4 and facts["examples_drawn"] == 400
     seen = []
     for step in steps:
@@ -147,14 +189,22 @@ def test_impossible_runs_fail_with_one_clear_message(options, message, capsys):
 def test_qlora_replaces_every_linear_but_the_head_with_real_4bit_layers():
     """With bitsandbytes itself (its 4-bit layers run on the CPU from 0.50): every projection becomes
     a Linear4bit holding NF4 weights close to the originals; the head stays a plain Linear."""
-    import bitsandbytes as bnb
     from types import SimpleNamespace
 
-    model = bench.build_model(bench.ARCHITECTURES["tiny-neox"], dtype=torch.float32, device=torch.device("cpu"),
-                              seed=0, positions=64)
-    before = {name: (m.weight.detach().clone(), m.bias) for name, m in model.named_modules() if type(m) is torch.nn.Linear}
-    options = SimpleNamespace(bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True,
-                              bnb_4bit_quant_type="nf4", bnb_4bit_quant_storage=torch.uint8)
+    import bitsandbytes as bnb
+
+    model = bench.build_model(
+        bench.ARCHITECTURES["tiny-neox"], dtype=torch.float32, device=torch.device("cpu"), seed=0, positions=64
+    )
+    before = {
+        name: (m.weight.detach().clone(), m.bias) for name, m in model.named_modules() if type(m) is torch.nn.Linear
+    }
+    options = SimpleNamespace(
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_quant_storage=torch.uint8,
+    )
     bench.quantize_to_4bit(model, options, torch.device("cpu"))
     assert model.is_loaded_in_4bit is True
     head = model.get_output_embeddings()
@@ -177,9 +227,12 @@ def test_a_row_that_runs_out_of_memory_is_reported_not_raised(monkeypatch, tiny_
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(bench, "_train", out_of_memory)
-    steps, _ = bench.make_steps(examples=300, seq_len=256, vocab=1024, micro_batch_size=2, accumulation=2, steps=3, seed=0)
-    settings = bench.Settings(bench.ARCHITECTURES["tiny-gptj"], None, torch.device("cpu"), torch.float32, None, "auto",
-                              False, 0, 1, 256)
+    steps, _ = bench.make_steps(
+        examples=300, seq_len=256, vocab=1024, micro_batch_size=2, accumulation=2, steps=3, seed=0
+    )
+    settings = bench.Settings(
+        bench.ARCHITECTURES["tiny-gptj"], None, torch.device("cpu"), torch.float32, None, "auto", False, 0, 1, 256
+    )
     row = bench.run_row("baseline", settings, steps)
     assert row == {"name": "baseline", "error": "out of memory (CUDA out of memory. Tried to allocate 20.00 GiB)"}
     bench.describe_rows([row], steps[1:], shape=None, method="lora", peak=None)

@@ -25,8 +25,12 @@ PINS = check_newest.read_pins((REPO / "constraints.txt").read_text(encoding="utf
 
 def test_every_selected_compatibility_test_is_collected():
     """A renamed or deleted test must not silently drop out of the newest-releases check."""
-    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:xdist",
-                             *check_newest.COMPATIBILITY_TESTS], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:xdist", *check_newest.COMPATIBILITY_TESTS],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     collected = [line for line in result.stdout.splitlines() if "::" in line]
     for selection in check_newest.COMPATIBILITY_TESTS:
@@ -39,20 +43,24 @@ def test_version_table_marks_changed_new_and_gone_packages_and_ignores_local_lab
         {"torch": "2.13.0", "transformers": "5.25.0", "dill": "0.4.1", "numpy": "2.4.6"},
         {"torch": "2.13.0+cpu", "transformers": "5.26.1", "numpy": "2.4.6", "kernels": "0.20.0"},
     )
-    assert table == "\n".join([
-        "package       constraints.txt -> newest",
-        "dill                    0.4.1 -> -           gone",
-        "kernels                     - -> 0.20.0      new",
-        "numpy                   2.4.6 -> 2.4.6",
-        "torch                  2.13.0 -> 2.13.0+cpu",
-        "transformers           5.25.0 -> 5.26.1      *",
-        "3 of 5 packages differ from constraints.txt",
-    ])
+    assert table == "\n".join(
+        [
+            "package       constraints.txt -> newest",
+            "dill                    0.4.1 -> -           gone",
+            "kernels                     - -> 0.20.0      new",
+            "numpy                   2.4.6 -> 2.4.6",
+            "torch                  2.13.0 -> 2.13.0+cpu",
+            "transformers           5.25.0 -> 5.26.1      *",
+            "3 of 5 packages differ from constraints.txt",
+        ]
+    )
 
 
 def test_read_pins_takes_exact_pins_by_canonical_name_and_rejects_anything_else():
     assert check_newest.read_pins("# header\n\nJinja2==3.1.6\ntyping_extensions==4.16.0  # why\n") == {
-        "jinja2": "3.1.6", "typing-extensions": "4.16.0"}
+        "jinja2": "3.1.6",
+        "typing-extensions": "4.16.0",
+    }
     with pytest.raises(ValueError, match=r"constraints line 2: 'numpy>=2' is not an exact pin"):
         check_newest.read_pins("torch==2.13.0\nnumpy>=2\n")
 
@@ -76,12 +84,18 @@ ImportError: cannot import name 'HybridCache' from 'transformers'
       <testcase classname="tests.test_methods" name="test_skipped"><skipped message="no GPU"/></testcase>
     </testsuite></testsuites>"""
     assert check_newest.failures(junit) == [
-        ("tests/test_attention.py::test_backend_matches_eager_padded_and_packed[gptj-sdpa]",
-         "AttributeError: 'GPTJAttention' object has no attribute '_split_heads'"),
-        ("tests/test_train_e2e.py::test_each_family_and_method_end_to_end[gpt2-lora]",
-         "AssertionError: assert 1 == 0 (stderr: ImportError: cannot import name 'HybridCache' from 'transformers')"),
-        ("tests/test_serve.py::test_the_openai_client_works_unchanged",
-         "failed on setup with \"ImportError: cannot import name 'X'"),
+        (
+            "tests/test_attention.py::test_backend_matches_eager_padded_and_packed[gptj-sdpa]",
+            "AttributeError: 'GPTJAttention' object has no attribute '_split_heads'",
+        ),
+        (
+            "tests/test_train_e2e.py::test_each_family_and_method_end_to_end[gpt2-lora]",
+            "AssertionError: assert 1 == 0 (stderr: ImportError: cannot import name 'HybridCache' from 'transformers')",
+        ),
+        (
+            "tests/test_serve.py::test_the_openai_client_works_unchanged",
+            "failed on setup with \"ImportError: cannot import name 'X'",
+        ),
     ]
 
 
@@ -115,8 +129,12 @@ def test_every_install_of_the_project_uses_the_constraints_and_the_pinned_torch(
     files = {name: (REPO / name).read_text(encoding="utf-8") for name in ("README.md", ".ci/run", "Dockerfile")}
     quick_start = files["README.md"].split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
     files["README.md"] = quick_start  # the install commands; later sections add one extra each
-    installs = [(name, line.strip()) for name, text in files.items() for line in text.splitlines()
-                if "pip install" in line and re.search(r" -e [.\"]", line)]
+    installs = [
+        (name, line.strip())
+        for name, text in files.items()
+        for line in text.splitlines()
+        if "pip install" in line and re.search(r" -e [.\"]", line)
+    ]
     # Quick start, tests and GPU in the README; CI; the image.
     assert sorted(name for name, _ in installs) == [".ci/run", "Dockerfile", "README.md", "README.md", "README.md"]
     assert [line for _, line in installs if "-c constraints.txt" not in line] == []

@@ -20,10 +20,24 @@ def make_config(path, **extra) -> Config:
 
 def test_checkpoint_is_complete_and_loads_with_plain_transformers(tmp_path, tiny_model_dirs, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["gpt2"])
-    path = save_checkpoint(tmp_path, 3, model=model, tokenizer=tokenizer, config=make_config(tiny_model_dirs["gpt2"]),
-                           samples=[{"prompt": "a", "completion": " b"}], info={"step": 3})
+    path = save_checkpoint(
+        tmp_path,
+        3,
+        model=model,
+        tokenizer=tokenizer,
+        config=make_config(tiny_model_dirs["gpt2"]),
+        samples=[{"prompt": "a", "completion": " b"}],
+        info={"step": 3},
+    )
     assert path == tmp_path / "checkpoint-3"
-    assert {"model.safetensors", "config.json", "tokenizer.json", "config.yaml", "samples.jsonl", "checkpoint.json"} <= {p.name for p in path.iterdir()}
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "config.yaml",
+        "samples.jsonl",
+        "checkpoint.json",
+    } <= {p.name for p in path.iterdir()}
     reloaded = AutoModelForCausalLM.from_pretrained(path)
     for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert a.equal(b), name
@@ -32,8 +46,9 @@ def test_checkpoint_is_complete_and_loads_with_plain_transformers(tmp_path, tiny
 def test_every_file_gets_the_umask_permissions(tmp_path, tiny_model_dirs, tokenizer):
     """safetensors creates files 0600; on a shared cluster folder others could not read the weights."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["gpt2"])
-    path = save_checkpoint(tmp_path, 1, model=model, tokenizer=tokenizer, config=make_config(tiny_model_dirs["gpt2"]),
-                           samples=[], info={})
+    path = save_checkpoint(
+        tmp_path, 1, model=model, tokenizer=tokenizer, config=make_config(tiny_model_dirs["gpt2"]), samples=[], info={}
+    )
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()}
     assert modes["model.safetensors"] == file_mode() == 0o666 & ~_umask(), modes
     assert set(modes.values()) == {file_mode()}, modes
@@ -64,11 +79,16 @@ def test_a_full_disk_while_saving_leaves_no_folder_and_says_so(tmp_path, tiny_mo
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["gpt2"])
 
     def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".checkpoint-5.partial" / "tokenizer.json"))
+        raise OSError(
+            errno.ENOSPC, "No space left on device", str(tmp_path / ".checkpoint-5.partial" / "tokenizer.json")
+        )
 
     monkeypatch.setattr(tokenizer, "save_pretrained", disk_full)
-    with pytest.raises(SaveFailed, match="could not save checkpoint-5 .*No space left on device.* is free. Nothing of it was kept; no checkpoint "
-                       "was saved yet, no resumable state was saved yet \\(intact\\)"):
+    with pytest.raises(
+        SaveFailed,
+        match="could not save checkpoint-5 .*No space left on device.* is free. Nothing of it was kept; no checkpoint "
+        "was saved yet, no resumable state was saved yet \\(intact\\)",
+    ):
         save_checkpoint(tmp_path, 5, model=model, tokenizer=tokenizer, config=make_config("m"), samples=[], info={})
     assert list(tmp_path.iterdir()) == []  # neither a checkpoint nor a half-written folder
 

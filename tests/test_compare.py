@@ -91,8 +91,9 @@ def test_answers_are_each_checkpoints_samples(run, models):
     assert answers["prompts"][2]["parameters"]["temperature"] == 0.8
     for name in NAMES:
         samples = read_jsonl(run / name / "samples.jsonl")
-        assert answers["answers"][name] == [{"completion": s["completion"], "finish_reason": s["finish_reason"]}
-                                            for s in samples]
+        assert answers["answers"][name] == [
+            {"completion": s["completion"], "finish_reason": s["finish_reason"]} for s in samples
+        ]
 
 
 def test_the_loss_plot_is_a_png_and_no_metric_plot_without_metrics(run, models):
@@ -103,22 +104,56 @@ def test_the_loss_plot_is_a_png_and_no_metric_plot_without_metrics(run, models):
     assert (plots["metrics"], plots["error"]) == (None, None)
 
 
-@pytest.mark.parametrize("body, options", [
-    ({"prompt": "kiwi ->", "max_new_tokens": 8}, ["--prompt", "kiwi ->", "--max-new-tokens", "8"]),
-    ({"prompt": "lemon ->", "max_new_tokens": 8, "stop": ["e"]}, ["--prompt", "lemon ->", "--max-new-tokens", "8", "--stop", "e"]),
-    ({"prompt": "tomato ->", "max_new_tokens": 8, "temperature": 0.9, "top_k": 20, "top_p": 0.95},
-     ["--prompt", "tomato ->", "--max-new-tokens", "8", "--temperature", "0.9", "--top-k", "20", "--top-p", "0.95"]),
-    ({"prompt": "tomato ->", "max_new_tokens": 8, "temperature": 1.2, "seed": 42},
-     ["--prompt", "tomato ->", "--max-new-tokens", "8", "--temperature", "1.2", "--seed", "42"]),
-    ({"messages": [{"role": "system", "content": "Marv."}, {"role": "user", "content": "Hi?"}], "max_new_tokens": 6},
-     ["--messages", '[{"role": "system", "content": "Marv."}, {"role": "user", "content": "Hi?"}]', "--max-new-tokens", "6"]),
-])
+@pytest.mark.parametrize(
+    "body, options",
+    [
+        ({"prompt": "kiwi ->", "max_new_tokens": 8}, ["--prompt", "kiwi ->", "--max-new-tokens", "8"]),
+        (
+            {"prompt": "lemon ->", "max_new_tokens": 8, "stop": ["e"]},
+            ["--prompt", "lemon ->", "--max-new-tokens", "8", "--stop", "e"],
+        ),
+        (
+            {"prompt": "tomato ->", "max_new_tokens": 8, "temperature": 0.9, "top_k": 20, "top_p": 0.95},
+            [
+                "--prompt",
+                "tomato ->",
+                "--max-new-tokens",
+                "8",
+                "--temperature",
+                "0.9",
+                "--top-k",
+                "20",
+                "--top-p",
+                "0.95",
+            ],
+        ),
+        (
+            {"prompt": "tomato ->", "max_new_tokens": 8, "temperature": 1.2, "seed": 42},
+            ["--prompt", "tomato ->", "--max-new-tokens", "8", "--temperature", "1.2", "--seed", "42"],
+        ),
+        (
+            {
+                "messages": [{"role": "system", "content": "Marv."}, {"role": "user", "content": "Hi?"}],
+                "max_new_tokens": 6,
+            },
+            [
+                "--messages",
+                '[{"role": "system", "content": "Marv."}, {"role": "user", "content": "Hi?"}]',
+                "--max-new-tokens",
+                "6",
+            ],
+        ),
+    ],
+)
 def test_a_completion_equals_trainer_generates(run, models, capsys, body, options):
     with client(run, models) as http:
         for name in NAMES:
             answer = http.post("/api/generate", json={"checkpoint": name, **body}).json()
             expected = reference(run / name, capsys, *options)
-            assert (answer["completion"], answer["finish_reason"]) == (expected["completion"], expected["finish_reason"]), name
+            assert (answer["completion"], answer["finish_reason"]) == (
+                expected["completion"],
+                expected["finish_reason"],
+            ), name
             assert answer["seed"] == expected["parameters"]["seed"] == body.get("seed", 1)  # default: training.seed
     assert models.stats.bases == 1 and models.stats.adapters == 3  # one base model; set_adapter switches
 
@@ -129,7 +164,9 @@ def test_the_samples_are_reproduced_by_the_prompt_box(run, models):
         for name in NAMES:
             for sample, prompt in zip(read_jsonl(run / name / "samples.jsonl"), TEST_PROMPTS):
                 parameters = {k: v for k, v in sample["parameters"].items()}
-                answer = http.post("/api/generate", json={"checkpoint": name, "prompt": prompt["prompt"], **parameters}).json()
+                answer = http.post(
+                    "/api/generate", json={"checkpoint": name, "prompt": prompt["prompt"], **parameters}
+                ).json()
                 assert answer["completion"] == sample["completion"], (name, prompt)
 
 
@@ -142,13 +179,19 @@ def test_full_checkpoints_are_loaded_on_demand_and_at_most_max_loaded_are_held(t
     models = CheckpointModels(torch.device("cpu"), torch.float32, max_loaded=2)
     folder = lambda step: str(run / f"checkpoint-{step}")  # noqa: E731
     with client(run, models) as http:
+
         def ask(step: int) -> str:
-            return http.post("/api/generate", json={"checkpoint": f"checkpoint-{step}", "prompt": "kiwi ->",
-                                                    "max_new_tokens": 6}).json()["completion"]
+            return http.post(
+                "/api/generate", json={"checkpoint": f"checkpoint-{step}", "prompt": "kiwi ->", "max_new_tokens": 6}
+            ).json()["completion"]
 
         assert [c["kind"] for c in http.get("/api/state").json()["checkpoints"]] == ["full"] * 3
-        expected = {step: reference(run / f"checkpoint-{step}", capsys, "--prompt", "kiwi ->", "--max-new-tokens", "6")["completion"]
-                    for step in sources}
+        expected = {
+            step: reference(run / f"checkpoint-{step}", capsys, "--prompt", "kiwi ->", "--max-new-tokens", "6")[
+                "completion"
+            ]
+            for step in sources
+        }
         assert [ask(step) for step in (1, 2, 3)] == [expected[1], expected[2], expected[3]]
         assert models.loaded_full == [folder(2), folder(3)] and models.stats.evicted == [folder(1)]
         assert ask(2) == expected[2] and models.stats.full_models == 3  # held: not loaded again
@@ -169,7 +212,9 @@ def test_a_new_checkpoint_appears_and_a_partial_one_never_does(run, models, tmp_
         assert [c["name"] for c in after["checkpoints"]] == NAMES + ["checkpoint-8"]
         assert after["signature"] != before["signature"]
         assert list(http.get("/api/answers").json()["answers"]) == NAMES + ["checkpoint-8"]
-        answer = http.post("/api/generate", json={"checkpoint": "checkpoint-8", "prompt": "kiwi ->", "max_new_tokens": 6})
+        answer = http.post(
+            "/api/generate", json={"checkpoint": "checkpoint-8", "prompt": "kiwi ->", "max_new_tokens": 6}
+        )
         assert answer.status_code == 200
         with (run / "metrics.jsonl").open("a") as metrics:  # the run logs another step
             metrics.write(json.dumps({"step": 7, "loss": 1.5}) + "\n" + '{"step": 8, "lo')  # and half a line
@@ -205,7 +250,10 @@ def add_task_metrics(run: Path, layout: str = "predictions") -> dict[str, list[d
         info["metrics"] = {"accuracy": correct / 3, "exact_match": correct / 3}
         if layout == "evaluation":
             info["eval_examples"] = 3
-            records = [row | {"finish_reason": "eos", "source": "valid.jsonl", "line": i} for i, row in enumerate(rows[name], 1)]
+            records = [
+                row | {"finish_reason": "eos", "source": "valid.jsonl", "line": i}
+                for i, row in enumerate(rows[name], 1)
+            ]
             (run / name / "eval_predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in records))
         else:
             info["metrics"]["examples"] = 3
@@ -234,11 +282,16 @@ def test_task_metrics_and_predictions_are_shown_and_filtered(run, models, tmp_pa
         def rows(**query) -> list[tuple]:
             answer = http.get("/api/predictions", params=query).json()
             assert answer["checkpoints"] == ["checkpoint-2", "checkpoint-4"] and answer["total"] == 3
-            return [(r["index"], r["prompt"], {n: p["prediction"] for n, p in r["predictions"].items()}) for r in answer["rows"]]
+            return [
+                (r["index"], r["prompt"], {n: p["prediction"] for n, p in r["predictions"].items()})
+                for r in answer["rows"]
+            ]
 
-        everything = [(1, "banana ->", {"checkpoint-2": "red", "checkpoint-4": "yellow"}),
-                      (2, "kiwi ->", {"checkpoint-2": "green", "checkpoint-4": "green"}),
-                      (3, "kiwi ->", {"checkpoint-2": "red", "checkpoint-4": "red"})]  # a repeated example stays apart
+        everything = [
+            (1, "banana ->", {"checkpoint-2": "red", "checkpoint-4": "yellow"}),
+            (2, "kiwi ->", {"checkpoint-2": "green", "checkpoint-4": "green"}),
+            (3, "kiwi ->", {"checkpoint-2": "red", "checkpoint-4": "red"}),
+        ]  # a repeated example stays apart
         assert rows() == everything
         assert rows(filter="wrong") == [everything[0], everything[2]]
         assert rows(filter="wrong", checkpoint="checkpoint-4") == [everything[2]]
@@ -249,12 +302,19 @@ def test_task_metrics_and_predictions_are_shown_and_filtered(run, models, tmp_pa
         assert answer["rows"][0]["reference"] == "yellow" and answer["matching"] == 1
 
 
-@pytest.mark.parametrize("query, param, message", [
-    ({"filter": "bad"}, "filter", "filter: 'bad' is not a filter; allowed: all, wrong, disagree"),
-    ({"checkpoint": "checkpoint-6"}, "checkpoint", "checkpoint: 'checkpoint-6' has no predictions; allowed: checkpoint-2, checkpoint-4"),
-    ({"limit": "0"}, "limit", "limit: '0' is not allowed; allowed: an integer from 1 to 500"),
-    ({"offset": "x"}, "offset", "offset: 'x' is not allowed; allowed: an integer from 0 to 1000000000"),
-])
+@pytest.mark.parametrize(
+    "query, param, message",
+    [
+        ({"filter": "bad"}, "filter", "filter: 'bad' is not a filter; allowed: all, wrong, disagree"),
+        (
+            {"checkpoint": "checkpoint-6"},
+            "checkpoint",
+            "checkpoint: 'checkpoint-6' has no predictions; allowed: checkpoint-2, checkpoint-4",
+        ),
+        ({"limit": "0"}, "limit", "limit: '0' is not allowed; allowed: an integer from 1 to 500"),
+        ({"offset": "x"}, "offset", "offset: 'x' is not allowed; allowed: an integer from 0 to 1000000000"),
+    ],
+)
 def test_bad_prediction_queries_name_the_parameter(run, models, tmp_path, query, param, message):
     run = copy_run(run, tmp_path)
     add_task_metrics(run)
@@ -264,22 +324,54 @@ def test_bad_prediction_queries_name_the_parameter(run, models, tmp_path, query,
     assert response.json()["error"]["param"] == param and response.json()["error"]["message"] == message
 
 
-@pytest.mark.parametrize("body, status, param, message", [
-    ({"checkpoint": "checkpoint-4", "prompt": "x", "temperature": -1}, 422, "temperature",
-     "temperature: Input should be greater than or equal to 0 (got -1); allowed: a number >= 0 (0 is greedy)"),
-    ({"checkpoint": "checkpoint-4", "prompt": "x", "colour": 1}, 422, "colour",
-     "unknown field 'colour'; allowed fields: checkpoint, prompt, messages, max_new_tokens, temperature, top_p, top_k, stop, seed"),
-    ({"checkpoint": "checkpoint-4"}, 422, None, "give either prompt (text) or messages (a chat), exactly one of them"),
-    ({"checkpoint": "checkpoint-4", "prompt": "x", "top_p": 0}, 422, "top_p",
-     "top_p: Input should be greater than 0 (got 0); allowed: a number in (0, 1]"),
-    ({"checkpoint": "checkpoint-4", "messages": [{"role": "robot", "content": "hi"}]}, 422, "messages",
-     "messages[0].role: Input should be 'system', 'user' or 'assistant' (got 'robot'); allowed: \"system\", \"user\" or \"assistant\""),
-    ({"prompt": "x"}, 422, "checkpoint",
-     "checkpoint is required: a checkpoint's name, such as checkpoint-100 (GET /api/state lists them)"),
-    ({"checkpoint": "checkpoint-9", "prompt": "x"}, 404, "checkpoint", None),
-    ({"checkpoint": "checkpoint-4", "prompt": "kiwi -> " * 40}, 400, "prompt",
-     "prompt: 120 tokens, but the model's context is 64 tokens: at most 63 leave room for a completion. Fix: shorten the prompt"),
-])
+@pytest.mark.parametrize(
+    "body, status, param, message",
+    [
+        (
+            {"checkpoint": "checkpoint-4", "prompt": "x", "temperature": -1},
+            422,
+            "temperature",
+            "temperature: Input should be greater than or equal to 0 (got -1); allowed: a number >= 0 (0 is greedy)",
+        ),
+        (
+            {"checkpoint": "checkpoint-4", "prompt": "x", "colour": 1},
+            422,
+            "colour",
+            "unknown field 'colour'; allowed fields: checkpoint, prompt, messages, max_new_tokens, temperature, top_p, top_k, stop, seed",
+        ),
+        (
+            {"checkpoint": "checkpoint-4"},
+            422,
+            None,
+            "give either prompt (text) or messages (a chat), exactly one of them",
+        ),
+        (
+            {"checkpoint": "checkpoint-4", "prompt": "x", "top_p": 0},
+            422,
+            "top_p",
+            "top_p: Input should be greater than 0 (got 0); allowed: a number in (0, 1]",
+        ),
+        (
+            {"checkpoint": "checkpoint-4", "messages": [{"role": "robot", "content": "hi"}]},
+            422,
+            "messages",
+            "messages[0].role: Input should be 'system', 'user' or 'assistant' (got 'robot'); allowed: \"system\", \"user\" or \"assistant\"",
+        ),
+        (
+            {"prompt": "x"},
+            422,
+            "checkpoint",
+            "checkpoint is required: a checkpoint's name, such as checkpoint-100 (GET /api/state lists them)",
+        ),
+        ({"checkpoint": "checkpoint-9", "prompt": "x"}, 404, "checkpoint", None),
+        (
+            {"checkpoint": "checkpoint-4", "prompt": "kiwi -> " * 40},
+            400,
+            "prompt",
+            "prompt: 120 tokens, but the model's context is 64 tokens: at most 63 leave room for a completion. Fix: shorten the prompt",
+        ),
+    ],
+)
 def test_bad_generate_requests_name_the_field(run, models, body, status, param, message):
     with client(run, models) as http:
         response = http.post("/api/generate", json=body)
@@ -289,17 +381,22 @@ def test_bad_generate_requests_name_the_field(run, models, body, status, param, 
     if message is not None:
         assert error["message"] == message
     else:
-        assert error["message"] == (f"checkpoint: there is no 'checkpoint-9' in {run}; there are: "
-                                    "checkpoint-2, checkpoint-4, checkpoint-6")
+        assert error["message"] == (
+            f"checkpoint: there is no 'checkpoint-9' in {run}; there are: checkpoint-2, checkpoint-4, checkpoint-6"
+        )
 
 
 def test_a_body_that_is_not_json_is_refused(run, models):
     with client(run, models) as http:
-        form = http.post("/api/generate", content=b'{"checkpoint": "checkpoint-4", "prompt": "x"}',
-                         headers={"Content-Type": "text/plain"})
+        form = http.post(
+            "/api/generate",
+            content=b'{"checkpoint": "checkpoint-4", "prompt": "x"}',
+            headers={"Content-Type": "text/plain"},
+        )
         broken = http.post("/api/generate", content=b'{"checkpoint": ', headers={"Content-Type": "application/json"})
     assert form.status_code == 415 and form.json()["error"]["message"] == (
-        "send the body as JSON with the header 'Content-Type: application/json'")
+        "send the body as JSON with the header 'Content-Type: application/json'"
+    )
     assert broken.status_code == 400 and broken.json()["error"]["message"].startswith("the body is not valid JSON")
 
 
@@ -308,18 +405,26 @@ def test_the_page_is_one_self_contained_file_without_run_data(run, models):
         response = http.get("/")
     page = response.text
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
-    assert page.count("<script>") == 1 and "<script src" not in page and "<link rel=\"stylesheet\"" not in page
+    assert page.count("<script>") == 1 and "<script src" not in page and '<link rel="stylesheet"' not in page
     assert "http://" not in page and "https://" not in page and "//cdn" not in page
     assert str(run) not in page and "checkpoint-2" not in page  # the data comes from /api/*, behind the token
 
 
 def test_the_token_guards_every_data_route_and_not_the_page(run, models):
-    with client(run, models, token=KEY) as anonymous, client(run, models, token=KEY, authorization="Bearer wrong") as wrong, \
-            client(run, models, token=KEY, authorization=f"Bearer {KEY}") as right:
+    with (
+        client(run, models, token=KEY) as anonymous,
+        client(run, models, token=KEY, authorization="Bearer wrong") as wrong,
+        client(run, models, token=KEY, authorization=f"Bearer {KEY}") as right,
+    ):
         assert anonymous.get("/").status_code == 200 and anonymous.get("/health").json() == {"status": "ok"}
         for http in (anonymous, wrong):
-            for method, path in [("GET", "/api/state"), ("GET", "/api/answers"), ("GET", "/api/plots"),
-                                 ("GET", "/api/predictions"), ("POST", "/api/generate")]:
+            for method, path in [
+                ("GET", "/api/state"),
+                ("GET", "/api/answers"),
+                ("GET", "/api/plots"),
+                ("GET", "/api/predictions"),
+                ("POST", "/api/generate"),
+            ]:
                 response = http.request(method, path, json={"checkpoint": "checkpoint-2", "prompt": "x"})
                 assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key", path
         assert [c["name"] for c in right.get("/api/state").json()["checkpoints"]] == NAMES
@@ -337,16 +442,32 @@ def test_without_a_token_only_loopback_host_names_are_answered(run, models):
 def test_the_command_line_refuses_bad_input_in_one_line(run, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("TRAINER_API_KEY", raising=False)
     cases = [
-        ([str(tmp_path / "missing")], 1, f"error: {tmp_path / 'missing'} does not exist. Fix: give a run's output_dir "
-                                         "(the folder that holds metrics.jsonl, status.json and checkpoint-<step>/)"),
-        ([str(run / "checkpoint-2")], 1, f"error: {run / 'checkpoint-2'} is a checkpoint, not a run folder. Fix: give the "
-                                         f"run folder that holds it, {run}"),
-        ([str(run.parent)], 1, f"error: {run.parent} is not a run folder: it has no metrics.jsonl, status.json or "
-                               "checkpoint-<step>/. It holds these runs: run. Fix: give a run's output_dir (the folder that "
-                               "holds metrics.jsonl, status.json and checkpoint-<step>/)"),
-        ([str(run), "--host", "0.0.0.0"], 1, "error: refusing to listen on 0.0.0.0 without an API key: anyone who can "
-                                             "reach it could use the model. Fix: set TRAINER_API_KEY (or pass "
-                                             "--api-key-file FILE), or listen on 127.0.0.1"),
+        (
+            [str(tmp_path / "missing")],
+            1,
+            f"error: {tmp_path / 'missing'} does not exist. Fix: give a run's output_dir "
+            "(the folder that holds metrics.jsonl, status.json and checkpoint-<step>/)",
+        ),
+        (
+            [str(run / "checkpoint-2")],
+            1,
+            f"error: {run / 'checkpoint-2'} is a checkpoint, not a run folder. Fix: give the "
+            f"run folder that holds it, {run}",
+        ),
+        (
+            [str(run.parent)],
+            1,
+            f"error: {run.parent} is not a run folder: it has no metrics.jsonl, status.json or "
+            "checkpoint-<step>/. It holds these runs: run. Fix: give a run's output_dir (the folder that "
+            "holds metrics.jsonl, status.json and checkpoint-<step>/)",
+        ),
+        (
+            [str(run), "--host", "0.0.0.0"],
+            1,
+            "error: refusing to listen on 0.0.0.0 without an API key: anyone who can "
+            "reach it could use the model. Fix: set TRAINER_API_KEY (or pass "
+            "--api-key-file FILE), or listen on 127.0.0.1",
+        ),
         ([str(run), "--max-loaded", "0"], 2, "error: --max-loaded must be at least 1, got 0"),
     ]
     for argv, code, message in cases:

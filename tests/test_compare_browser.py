@@ -31,8 +31,10 @@ from trainer.serve import serving_in_thread
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 KEY = "browser-key-0123456789"
-INSTALL = ("no Chromium here: install it to run the browser test (Debian/Ubuntu: apt-get install -y chromium), "
-           "or set TRAINER_TEST_CHROMIUM=/path/to/chrome")
+INSTALL = (
+    "no Chromium here: install it to run the browser test (Debian/Ubuntu: apt-get install -y chromium), "
+    "or set TRAINER_TEST_CHROMIUM=/path/to/chrome"
+)
 
 
 def find_browser() -> str | None:
@@ -50,8 +52,12 @@ class DevTools:
         parsed = urlparse(url)
         self.sock = socket.create_connection((parsed.hostname, parsed.port), timeout=timeout)
         handshake_key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {parsed.path} HTTP/1.1\r\nHost: {parsed.hostname}:{parsed.port}\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {handshake_key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.sock.sendall(
+            (
+                f"GET {parsed.path} HTTP/1.1\r\nHost: {parsed.hostname}:{parsed.port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {handshake_key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
         response = b""
         while b"\r\n\r\n" not in response:
             chunk = self.sock.recv(4096)
@@ -152,18 +158,35 @@ def chromium_page(browser: str, profile: Path):
     profile.mkdir(parents=True, exist_ok=True)
     log = (profile.parent / "chromium.log").open("wb")
     process = subprocess.Popen(
-        [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-         "--no-default-browser-check", "--disable-extensions", "--disable-background-networking", "--disable-sync",
-         "--disable-component-update", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-         f"--user-data-dir={profile}", "--window-size=1400,1000", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=log,
+        [
+            browser,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-extensions",
+            "--disable-background-networking",
+            "--disable-sync",
+            "--disable-component-update",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={profile}",
+            "--window-size=1400,1000",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
     )
     client = None
     try:
         port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 60
         while not (port_file.is_file() and port_file.read_text().strip()):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"Chromium did not start: {(profile.parent / 'chromium.log').read_text(errors='replace')[-2000:]}")
+                raise AssertionError(
+                    f"Chromium did not start: {(profile.parent / 'chromium.log').read_text(errors='replace')[-2000:]}"
+                )
             time.sleep(0.1)
         port = int(port_file.read_text().split()[0])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30) as response:
@@ -190,8 +213,10 @@ def generate_reference(checkpoint: Path, prompt: str, capsys, *options: str) -> 
 
 
 ROWS = "Array.from(document.querySelectorAll('#checkpoints tbody tr')).map(r => r.dataset.checkpoint)"
-RESULTS = ("Array.from(document.querySelectorAll('#results .result')).map(r => [r.dataset.checkpoint, r.dataset.state, "
-           "r.querySelector('.completion').textContent])")
+RESULTS = (
+    "Array.from(document.querySelectorAll('#results .result')).map(r => [r.dataset.checkpoint, r.dataset.state, "
+    "r.querySelector('.completion').textContent])"
+)
 
 
 def ask(page: DevTools, prompt: str, **fields) -> dict[str, str]:
@@ -199,7 +224,10 @@ def ask(page: DevTools, prompt: str, **fields) -> dict[str, str]:
     checkpoint's completion as the page shows it."""
     values = {"max_new_tokens": "", "temperature": "", "top_p": "", "top_k": "", "seed": "", **fields}
     script = [f"document.getElementById('prompt').value = {json.dumps(prompt)};"]
-    script += [f"document.getElementById({json.dumps(name)}).value = {json.dumps(str(value))};" for name, value in values.items()]
+    script += [
+        f"document.getElementById({json.dumps(name)}).value = {json.dumps(str(value))};"
+        for name, value in values.items()
+    ]
     script.append("document.getElementById('results').replaceChildren(); document.getElementById('ask').click(); true")
     page.evaluate("\n".join(script))
     page.wait_for(f"(() => {{ const r = {RESULTS}; return r.length > 0 && r.every(x => x[1] !== 'running'); }})()")
@@ -227,28 +255,51 @@ def test_the_page_compares_checkpoints_live_in_a_real_browser(browser, tmp_path,
         page.wait_for("document.querySelectorAll('#answers tbody tr').length === 3")
         page.evaluate("window.notReloaded = true")
         # Every checkpoint's answers to the test prompts, as its samples.jsonl has them.
-        shown = page.evaluate("Array.from(document.querySelectorAll('#answers tbody tr')).map(r => [r.dataset.checkpoint, "
-                              "Array.from(r.querySelectorAll('td')).map(td => td.textContent)])")
+        shown = page.evaluate(
+            "Array.from(document.querySelectorAll('#answers tbody tr')).map(r => [r.dataset.checkpoint, "
+            "Array.from(r.querySelectorAll('td')).map(td => td.textContent)])"
+        )
         assert [name for name, _ in shown] == names
-        headers = page.evaluate("Array.from(document.querySelectorAll('#answers thead th .prompt-tail')).map(d => d.textContent)")
+        headers = page.evaluate(
+            "Array.from(document.querySelectorAll('#answers thead th .prompt-tail')).map(d => d.textContent)"
+        )
         assert headers == ["banana ->", "kiwi ->", "tomato ->"]
         for name, cells in shown:
-            samples = [json.loads(line) for line in (run / name / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+            samples = [
+                json.loads(line) for line in (run / name / "samples.jsonl").read_text(encoding="utf-8").splitlines()
+            ]
             expected = [s["completion"] or "(empty completion)" for s in samples]
             assert [cell.split("ended: ")[0] for cell in cells] == expected, name
 
         # A test prompt fills the prompt box with its text and parameters.
-        page.evaluate("const f = document.getElementById('fill'); f.value = '1'; f.dispatchEvent(new Event('change')); true")
-        filled = page.evaluate("['prompt', 'max_new_tokens', 'temperature', 'top_k', 'stop'].map(id => document.getElementById(id).value)")
+        page.evaluate(
+            "const f = document.getElementById('fill'); f.value = '1'; f.dispatchEvent(new Event('change')); true"
+        )
+        filled = page.evaluate(
+            "['prompt', 'max_new_tokens', 'temperature', 'top_k', 'stop'].map(id => document.getElementById(id).value)"
+        )
         assert filled == ["kiwi ->", "6", "0", "0", "\\n"]
 
         # A typed prompt: each checkpoint's completion is trainer.generate's, greedy and seeded sampling.
         greedy = ask(page, "kiwi ->", max_new_tokens=8, temperature=0)
-        assert greedy == {name: generate_reference(run / name, "kiwi ->", capsys, "--max-new-tokens", "8") for name in names}
+        assert greedy == {
+            name: generate_reference(run / name, "kiwi ->", capsys, "--max-new-tokens", "8") for name in names
+        }
         sampled = ask(page, "tomato ->", max_new_tokens=8, temperature=0.9, top_k=20, seed=7)
         assert sampled == {
-            name: generate_reference(run / name, "tomato ->", capsys, "--max-new-tokens", "8", "--temperature", "0.9",
-                                     "--top-k", "20", "--seed", "7")
+            name: generate_reference(
+                run / name,
+                "tomato ->",
+                capsys,
+                "--max-new-tokens",
+                "8",
+                "--temperature",
+                "0.9",
+                "--top-k",
+                "20",
+                "--seed",
+                "7",
+            )
             for name in names
         }
         assert (models.stats.bases, models.stats.adapters) == (1, 3)  # one base model shared by the three adapters
@@ -259,7 +310,9 @@ def test_the_page_compares_checkpoints_live_in_a_real_browser(browser, tmp_path,
         time.sleep(1.0)  # three polls
         assert page.evaluate(ROWS) == names
         os.rename(partial, run / "checkpoint-8")
-        assert page.wait_for(f"(() => {{ const r = {ROWS}; return r.length === 4 && r; }})()", timeout=20) == names + ["checkpoint-8"]
+        assert page.wait_for(f"(() => {{ const r = {ROWS}; return r.length === 4 && r; }})()", timeout=20) == names + [
+            "checkpoint-8"
+        ]
         assert page.wait_for("document.querySelectorAll('#choices input').length === 4")
         assert page.evaluate("window.notReloaded === true")
         assert not (run / "run.lock").exists()
@@ -269,7 +322,13 @@ def test_the_page_compares_checkpoints_live_in_a_real_browser(browser, tmp_path,
             page.send("Page.navigate", url=keyed + "/")
             page.wait_for("!document.getElementById('key-box').classList.contains('hidden')")
             assert page.evaluate(ROWS) == []
-            page.evaluate(f"document.getElementById('key').value = {json.dumps(KEY)}; "
-                          "document.querySelector('#key-form button').click(); true")
-            assert page.wait_for(f"(() => {{ const r = {ROWS}; return r.length === 4 && r; }})()") == names + ["checkpoint-8"]
-            assert ask(page, "kiwi ->", max_new_tokens=8, temperature=0) == greedy | {"checkpoint-8": greedy["checkpoint-6"]}
+            page.evaluate(
+                f"document.getElementById('key').value = {json.dumps(KEY)}; "
+                "document.querySelector('#key-form button').click(); true"
+            )
+            assert page.wait_for(f"(() => {{ const r = {ROWS}; return r.length === 4 && r; }})()") == names + [
+                "checkpoint-8"
+            ]
+            assert ask(page, "kiwi ->", max_new_tokens=8, temperature=0) == greedy | {
+                "checkpoint-8": greedy["checkpoint-6"]
+            }

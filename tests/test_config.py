@@ -38,8 +38,14 @@ def test_defaults_fill_everything_but_the_required_keys(tmp_path):
 def test_overrides_are_typed_as_yaml(tmp_path):
     config = load_config(
         write(tmp_path, MINIMAL),
-        ["training.learning_rate=3e-4", "checkpoints.count=7", "output_dir=runs/x", "model.gradient_checkpointing=true",
-         "lora.target_modules=[q_proj, v_proj]", "data.validation_file=null"],
+        [
+            "training.learning_rate=3e-4",
+            "checkpoints.count=7",
+            "output_dir=runs/x",
+            "model.gradient_checkpointing=true",
+            "lora.target_modules=[q_proj, v_proj]",
+            "data.validation_file=null",
+        ],
     )
     assert config.training.learning_rate == 3e-4
     assert config.checkpoints.count == 7
@@ -63,13 +69,22 @@ def test_unknown_override_is_blamed_on_the_command_line(tmp_path):
     assert "did you mean 'checkpoints.count'?" in message
 
 
-@pytest.mark.parametrize("text, overrides, unknown, where, suggested", [
-    ("epoch: 3\n", [], "epoch", "in {path}", "'training.epochs'"),  # a top-level key of another section
-    ("seed: 1\n", [], "seed", "in {path}", "'training.seed'"),
-    ("model:\n  name_or_path: m\n  learning_rate: 1\n", [], "model.learning_rate", "in {path}", "'training.learning_rate'"),
-    ("", ["lr=1e-4"], "lr", "on the command line", "'training.learning_rate'"),  # other trainers' name
-    ("", ["training.num_epochs=2"], "training.num_epochs", "on the command line", "'training.epochs'"),
-])
+@pytest.mark.parametrize(
+    "text, overrides, unknown, where, suggested",
+    [
+        ("epoch: 3\n", [], "epoch", "in {path}", "'training.epochs'"),  # a top-level key of another section
+        ("seed: 1\n", [], "seed", "in {path}", "'training.seed'"),
+        (
+            "model:\n  name_or_path: m\n  learning_rate: 1\n",
+            [],
+            "model.learning_rate",
+            "in {path}",
+            "'training.learning_rate'",
+        ),
+        ("", ["lr=1e-4"], "lr", "on the command line", "'training.learning_rate'"),  # other trainers' name
+        ("", ["training.num_epochs=2"], "training.num_epochs", "on the command line", "'training.epochs'"),
+    ],
+)
 def test_unknown_key_suggests_keys_of_other_sections(tmp_path, text, overrides, unknown, where, suggested):
     path = write(tmp_path, MINIMAL + text)
     message = error_of(path, overrides)
@@ -82,7 +97,10 @@ def test_one_config_error_does_not_say_error_twice(tmp_path, capsys):
 
     path = write(tmp_path, MINIMAL + "training:\n  learnin_rate: 1\n")
     assert status_main([str(path)]) == 1
-    assert capsys.readouterr().err == f"error: unknown key 'training.learnin_rate' in {path}: did you mean 'training.learning_rate'?\n"
+    assert (
+        capsys.readouterr().err
+        == f"error: unknown key 'training.learnin_rate' in {path}: did you mean 'training.learning_rate'?\n"
+    )
     assert error_of(path, ["checkpoints.count=0"]).startswith("config has 2 errors:\n")
 
 
@@ -104,7 +122,10 @@ def test_missing_required_key(tmp_path):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        (["data.validation_file=v.jsonl", "data.validation_split=0.1"], "either data.validation_file or data.validation_split"),
+        (
+            ["data.validation_file=v.jsonl", "data.validation_split=0.1"],
+            "either data.validation_file or data.validation_split",
+        ),
         (["training.optimizer=adamw_8bit"], "is for full fine-tuning"),
         (["test_prompts=[{temperature: 1}]"], "either `prompt` (text) or `messages` (chat)"),
         (["method=full", "model.dtype=float16"], "set model.dtype to bfloat16 or float32"),
@@ -165,12 +186,21 @@ def test_every_shipped_config_loads():
     from tests.helpers import REPO
 
     configs = sorted((REPO / "configs").glob("*.yaml"))
-    assert {p.name for p in configs} >= {"tiny-gpt2.yaml", "gptj.yaml", "gptj-full.yaml", "neox20b.yaml", "neox20b-full.yaml"}
+    assert {p.name for p in configs} >= {
+        "tiny-gpt2.yaml",
+        "gptj.yaml",
+        "gptj-full.yaml",
+        "neox20b.yaml",
+        "neox20b-full.yaml",
+    }
     loaded = {path.name: load_config(path) for path in configs}
     assert all(c.data.packing == "auto" for name, c in loaded.items() if not name.startswith("tiny-"))  # the fast path
     assert (loaded["gptj-full.yaml"].method, loaded["gptj-full.yaml"].training.optimizer) == ("full", "adamw_8bit")
     assert (loaded["neox20b-full.yaml"].method, loaded["neox20b-full.yaml"].distributed.strategy) == ("full", "fsdp")
-    assert {c.model.name_or_path for n, c in loaded.items() if not n.startswith("tiny-")} == {"EleutherAI/gpt-j-6b", "EleutherAI/gpt-neox-20b"}
+    assert {c.model.name_or_path for n, c in loaded.items() if not n.startswith("tiny-")} == {
+        "EleutherAI/gpt-j-6b",
+        "EleutherAI/gpt-neox-20b",
+    }
 
 
 def test_config_is_read_without_torch_or_transformers(tmp_path):
@@ -190,6 +220,11 @@ def test_config_is_read_without_torch_or_transformers(tmp_path):
         "    print(type(err).__name__)\n"
         "print(sorted(name for name in ('torch', 'transformers', 'accelerate', 'peft') if name in sys.modules))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parent.parent,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (result.returncode, result.stdout, result.stderr) == (0, "UserError\n[]\n", "")

@@ -33,8 +33,9 @@ def test_the_estimate_matches_what_a_run_writes(tmp_path, tiny_model_dirs, metho
     recipe = FineTuneRecipe(load_config(config))
     try:
         recipe.setup()
-        sizes = run_bytes(recipe.unwrapped_model, method=method, optimizer="adamw",
-                          tokenizer_size=tokenizer_bytes(recipe.tokenizer))
+        sizes = run_bytes(
+            recipe.unwrapped_model, method=method, optimizer="adamw", tokenizer_size=tokenizer_bytes(recipe.tokenizer)
+        )
         assert recipe.train() == "complete"
     finally:
         recipe.close()
@@ -42,7 +43,9 @@ def test_the_estimate_matches_what_a_run_writes(tmp_path, tiny_model_dirs, metho
     [checkpoint] = run.glob("checkpoint-*")
     weights = checkpoint / ("adapter_model.safetensors" if method == "lora" else "model.safetensors")
     trained = [p for p in recipe.unwrapped_model.parameters() if p.requires_grad]
-    expected_weights = tensor_bytes(trained) if method == "lora" else tensor_bytes(recipe.unwrapped_model.state_dict().values())
+    expected_weights = (
+        tensor_bytes(trained) if method == "lora" else tensor_bytes(recipe.unwrapped_model.state_dict().values())
+    )
     assert safetensors_data_bytes(weights) == expected_weights  # exact: the weights' bytes
     assert sizes.checkpoint - SMALL_FILES_BYTES <= folder_bytes(checkpoint) <= sizes.checkpoint
     assert json.loads((run / "status.json").read_text())["status"] == "complete"
@@ -54,7 +57,9 @@ def test_the_state_estimate_covers_the_state_folder(tmp_path, tiny_model_dirs):
         signal_after_step(monkeypatch, 1)
         assert main([str(config)]) == EXIT_STOPPED_RESUMABLE
     [state] = (tmp_path / "run").glob("state-*")
-    recipe = FineTuneRecipe(load_config(config, ["resume=never", "overwrite_output_dir=true", f"output_dir={tmp_path / 'again'}"]))
+    recipe = FineTuneRecipe(
+        load_config(config, ["resume=never", "overwrite_output_dir=true", f"output_dir={tmp_path / 'again'}"])
+    )
     try:
         recipe.setup()
         sizes = run_bytes(recipe.unwrapped_model, method="lora", optimizer="adamw", tokenizer_size=0)
@@ -62,10 +67,13 @@ def test_the_state_estimate_covers_the_state_folder(tmp_path, tiny_model_dirs):
         recipe.close()
     assert sizes.state - SMALL_FILES_BYTES <= folder_bytes(state) <= sizes.state
     assert safetensors_data_bytes(state / "trainable.safetensors") == tensor_bytes(
-        [p for p in recipe.unwrapped_model.parameters() if p.requires_grad])
+        [p for p in recipe.unwrapped_model.parameters() if p.requires_grad]
+    )
 
 
-def test_too_little_free_space_is_refused_before_the_first_step_with_both_numbers(tmp_path, tiny_model_dirs, monkeypatch):
+def test_too_little_free_space_is_refused_before_the_first_step_with_both_numbers(
+    tmp_path, tiny_model_dirs, monkeypatch
+):
     monkeypatch.setattr("trainer.disk.free_bytes", lambda folder: 123_000)
     recipe = FineTuneRecipe(load_config(write_config(tmp_path, tiny_model_dirs["gpt2"], "full")))
     try:

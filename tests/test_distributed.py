@@ -16,13 +16,26 @@ import torch
 import yaml
 
 from tests.helpers import (
-    checkpoint_folders, read_jsonl, run_command, run_forked, trained_weights, write_config,
+    checkpoint_folders,
+    read_jsonl,
+    run_command,
+    run_forked,
+    trained_weights,
+    write_config,
 )
 from trainer.config import load_config
 from trainer.distributed import SHARED_CHECK_FILE, LauncherConflict, honour_launcher, launcher_settings
 from trainer.train import main
 
-TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "trainer/train.py"]
+TORCHRUN_2 = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node",
+    "2",
+    "trainer/train.py",
+]
 # A finished FSDP run sometimes aborted at exit (reported: 3 in 30). Each real run costs 10-30 s, so
 # the suite runs one here (and one more under accelerate launch); a by-hand check runs many:
 # TRAINER_TEST_EXIT_REPEATS=20 python -m pytest -p no:xdist tests/test_distributed.py -k exit_0
@@ -35,7 +48,8 @@ def launcher_env(*flags: str) -> dict[str, str]:
     from accelerate.utils import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     args = launch_command_parser().parse_args(
-        ["--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no", *flags, "trainer/train.py"])
+        ["--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no", *flags, "trainer/train.py"]
+    )
     args.mixed_precision = args.mixed_precision or "no"  # what accelerate launch fills in when not given
     if args.use_deepspeed:
         args.deepspeed_fields_from_accelerate_config = []
@@ -53,14 +67,30 @@ def tiny_config(tmp_path, tiny_model_dirs):
 
 
 def test_an_fsdp_launcher_means_our_fsdp_with_its_options(tiny_config):
-    env = launcher_env("--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "false",
-                       "--fsdp_offload_params", "true", "--fsdp_activation_checkpointing", "true",
-                       "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT")
+    env = launcher_env(
+        "--use_fsdp",
+        "--fsdp_version",
+        "2",
+        "--fsdp_reshard_after_forward",
+        "false",
+        "--fsdp_offload_params",
+        "true",
+        "--fsdp_activation_checkpointing",
+        "true",
+        "--fsdp_auto_wrap_policy",
+        "TRANSFORMER_BASED_WRAP",
+        "--fsdp_state_dict_type",
+        "FULL_STATE_DICT",
+    )
     config = load_config(tiny_config)  # LoRA: `auto` would be DDP
     settings = honour_launcher(config, env)
     assert settings.fsdp and not settings.deepspeed and settings.mixed_precision == "no"
-    assert (config.distributed.strategy, config.distributed.reshard_after_forward, config.distributed.cpu_offload,
-            config.model.gradient_checkpointing) == ("fsdp", False, True, True)
+    assert (
+        config.distributed.strategy,
+        config.distributed.reshard_after_forward,
+        config.distributed.cpu_offload,
+        config.model.gradient_checkpointing,
+    ) == ("fsdp", False, True, True)
     assert config.training.mixed_precision == "auto"  # the launcher's `no` is its default: no preference
     # accelerate must not build its own FSDP plugin on top (on a GPU it would wrap the model again).
     assert "ACCELERATE_USE_FSDP" not in env and env["FSDP_VERSION"] == "2"
@@ -77,18 +107,44 @@ def test_a_launcher_without_fsdp_changes_nothing(tiny_config):
     assert config.model_dump() == load_config(tiny_config).model_dump()
 
 
-@pytest.mark.parametrize("flags, setting, named", [
-    (["--fsdp_version", "1"], "FSDP_VERSION", "fsdp_version: 2"),
-    (["--fsdp_version", "2", "--fsdp_auto_wrap_policy", "SIZE_BASED_WRAP"], "FSDP_AUTO_WRAP_POLICY",
-     "fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP"),
-    (["--fsdp_version", "2", "--fsdp_auto_wrap_policy", "NO_WRAP"], "FSDP_AUTO_WRAP_POLICY",
-     "fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP"),
-    (["--fsdp_version", "2", "--fsdp_forward_prefetch", "true"], "FSDP_FORWARD_PREFETCH", "fsdp_forward_prefetch: false"),
-    (["--fsdp_version", "2", "--fsdp_activation_checkpointing", "true", "--fsdp_activation_checkpointing_offload", "true"],
-     "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD", "fsdp_activation_checkpointing_offload: false"),
-    (["--fsdp_version", "2", "--fsdp_state_dict_type", "LOCAL_STATE_DICT"], "FSDP_STATE_DICT_TYPE",
-     "fsdp_state_dict_type: SHARDED_STATE_DICT"),
-])
+@pytest.mark.parametrize(
+    "flags, setting, named",
+    [
+        (["--fsdp_version", "1"], "FSDP_VERSION", "fsdp_version: 2"),
+        (
+            ["--fsdp_version", "2", "--fsdp_auto_wrap_policy", "SIZE_BASED_WRAP"],
+            "FSDP_AUTO_WRAP_POLICY",
+            "fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP",
+        ),
+        (
+            ["--fsdp_version", "2", "--fsdp_auto_wrap_policy", "NO_WRAP"],
+            "FSDP_AUTO_WRAP_POLICY",
+            "fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP",
+        ),
+        (
+            ["--fsdp_version", "2", "--fsdp_forward_prefetch", "true"],
+            "FSDP_FORWARD_PREFETCH",
+            "fsdp_forward_prefetch: false",
+        ),
+        (
+            [
+                "--fsdp_version",
+                "2",
+                "--fsdp_activation_checkpointing",
+                "true",
+                "--fsdp_activation_checkpointing_offload",
+                "true",
+            ],
+            "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD",
+            "fsdp_activation_checkpointing_offload: false",
+        ),
+        (
+            ["--fsdp_version", "2", "--fsdp_state_dict_type", "LOCAL_STATE_DICT"],
+            "FSDP_STATE_DICT_TYPE",
+            "fsdp_state_dict_type: SHARDED_STATE_DICT",
+        ),
+    ],
+)
 def test_fsdp_options_it_cannot_do_are_refused_by_name(tiny_config, flags, setting, named):
     with pytest.raises(LauncherConflict) as refused:
         honour_launcher(load_config(tiny_config), launcher_env("--use_fsdp", *flags))
@@ -96,15 +152,25 @@ def test_fsdp_options_it_cannot_do_are_refused_by_name(tiny_config, flags, setti
     assert f"{setting}=" in str(refused.value) and f"Fix: set `{named}`" in str(refused.value)
 
 
-@pytest.mark.parametrize("overrides, flags, config_key", [
-    (["distributed.strategy=ddp"], [], "distributed.strategy"),
-    # The launcher exports offload_params=false when its config file does not set it: a config that
-    # asks for CPU offload must say so to the launcher too (or drop the key).
-    (["distributed.cpu_offload=true"], [], "distributed.cpu_offload"),
-    (["distributed.reshard_after_forward=true"], ["--fsdp_reshard_after_forward", "false"],
-     "distributed.reshard_after_forward"),
-    (["model.gradient_checkpointing=false"], ["--fsdp_activation_checkpointing", "true"], "model.gradient_checkpointing"),
-])
+@pytest.mark.parametrize(
+    "overrides, flags, config_key",
+    [
+        (["distributed.strategy=ddp"], [], "distributed.strategy"),
+        # The launcher exports offload_params=false when its config file does not set it: a config that
+        # asks for CPU offload must say so to the launcher too (or drop the key).
+        (["distributed.cpu_offload=true"], [], "distributed.cpu_offload"),
+        (
+            ["distributed.reshard_after_forward=true"],
+            ["--fsdp_reshard_after_forward", "false"],
+            "distributed.reshard_after_forward",
+        ),
+        (
+            ["model.gradient_checkpointing=false"],
+            ["--fsdp_activation_checkpointing", "true"],
+            "model.gradient_checkpointing",
+        ),
+    ],
+)
 def test_fsdp_launcher_against_the_config_file_is_an_error_naming_both(tiny_config, overrides, flags, config_key):
     with pytest.raises(LauncherConflict) as conflict:
         honour_launcher(load_config(tiny_config, overrides), launcher_env("--use_fsdp", "--fsdp_version", "2", *flags))
@@ -112,12 +178,23 @@ def test_fsdp_launcher_against_the_config_file_is_an_error_naming_both(tiny_conf
     assert config_key in str(conflict.value) and conflict.value.setting in str(conflict.value)
 
 
-@pytest.mark.parametrize("launcher, configured, result", [
-    ("bf16", "auto", "bf16"), ("fp16", "auto", "fp16"), ("no", "auto", "auto"),
-    ("bf16", "bf16", "bf16"), ("no", "bf16", "bf16"), ("no", "fp16", "fp16"), (None, "no", "no"),
-    ("fp16", "bf16", "conflict"), ("bf16", "fp16", "conflict"), ("bf16", "no", "conflict"), ("fp16", "no", "conflict"),
-    ("fp8", "auto", "refused"),
-])
+@pytest.mark.parametrize(
+    "launcher, configured, result",
+    [
+        ("bf16", "auto", "bf16"),
+        ("fp16", "auto", "fp16"),
+        ("no", "auto", "auto"),
+        ("bf16", "bf16", "bf16"),
+        ("no", "bf16", "bf16"),
+        ("no", "fp16", "fp16"),
+        (None, "no", "no"),
+        ("fp16", "bf16", "conflict"),
+        ("bf16", "fp16", "conflict"),
+        ("bf16", "no", "conflict"),
+        ("fp16", "no", "conflict"),
+        ("fp8", "auto", "refused"),
+    ],
+)
 def test_mixed_precision_the_config_wins_auto_takes_the_launchers(tiny_config, launcher, configured, result):
     config = load_config(tiny_config, {"training.mixed_precision": configured})
     env = {} if launcher is None else {"ACCELERATE_MIXED_PRECISION": launcher}
@@ -151,26 +228,54 @@ def test_deepspeed_is_refused_before_the_model_loads(tmp_path, tiny_config, monk
 
 
 ACCELERATE_FSDP_CONFIG = {
-    "compute_environment": "LOCAL_MACHINE", "distributed_type": "FSDP", "num_machines": 1, "num_processes": 2,
-    "machine_rank": 0, "main_process_port": 0, "mixed_precision": "no", "use_cpu": False,
-    "fsdp_config": {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                    "fsdp_transformer_layer_cls_to_wrap": "GPT2Block", "fsdp_reshard_after_forward": False,
-                    "fsdp_offload_params": False, "fsdp_state_dict_type": "SHARDED_STATE_DICT",
-                    "fsdp_cpu_ram_efficient_loading": True},
+    "compute_environment": "LOCAL_MACHINE",
+    "distributed_type": "FSDP",
+    "num_machines": 1,
+    "num_processes": 2,
+    "machine_rank": 0,
+    "main_process_port": 0,
+    "mixed_precision": "no",
+    "use_cpu": False,
+    "fsdp_config": {
+        "fsdp_version": 2,
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_transformer_layer_cls_to_wrap": "GPT2Block",
+        "fsdp_reshard_after_forward": False,
+        "fsdp_offload_params": False,
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+        "fsdp_cpu_ram_efficient_loading": True,
+    },
 }
 
 
 def test_an_accelerate_config_file_with_fsdp_shards_the_model(tmp_path, tiny_model_dirs):
     """`accelerate launch --config_file F` with `distributed_type: FSDP` (what `accelerate config`
     writes), on the CPU: LoRA, which would otherwise run as DDP, is sharded with the file's options."""
-    config = write_config(tmp_path, tiny_model_dirs["gpt2"], "lora", training={"epochs": 0.34, "self_test": False},
-                          checkpoints={"count": 1})
+    config = write_config(
+        tmp_path,
+        tiny_model_dirs["gpt2"],
+        "lora",
+        training={"epochs": 0.34, "self_test": False},
+        checkpoints={"count": 1},
+    )
     accelerate_config = tmp_path / "accelerate.yaml"
     accelerate_config.write_text(yaml.safe_dump(ACCELERATE_FSDP_CONFIG), encoding="utf-8")
-    run = run_command([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-                       "trainer/train.py", str(config), f"output_dir={tmp_path / 'run'}"])
+    run = run_command(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(accelerate_config),
+            "trainer/train.py",
+            str(config),
+            f"output_dir={tmp_path / 'run'}",
+        ]
+    )
     assert run.returncode == 0 and "terminate called" not in run.stderr, run.stderr[-3000:]
-    held = re.findall(r"\[rank (\d)\] FSDP: this process holds ([\d,]+) of ([\d,]+) parameters", run.stdout + run.stderr)
+    held = re.findall(
+        r"\[rank (\d)\] FSDP: this process holds ([\d,]+) of ([\d,]+) parameters", run.stdout + run.stderr
+    )
     assert sorted(rank for rank, _, _ in held) == ["0", "1"]
     assert sum(int(h.replace(",", "")) for _, h, _ in held) == int(held[0][2].replace(",", ""))
     resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text(encoding="utf-8"))
@@ -178,8 +283,13 @@ def test_an_accelerate_config_file_with_fsdp_shards_the_model(tmp_path, tiny_mod
 
 
 def test_fsdp_wrap_classes_must_name_the_models_blocks(tmp_path, tiny_model_dirs, monkeypatch, capsys):
-    config = write_config(tmp_path, tiny_model_dirs["gpt2"], "full", training={"epochs": 0.17, "self_test": False},
-                          checkpoints={"count": 1})
+    config = write_config(
+        tmp_path,
+        tiny_model_dirs["gpt2"],
+        "full",
+        training={"epochs": 0.17, "self_test": False},
+        checkpoints={"count": 1},
+    )
     monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "GPTJBlock")
     assert main([str(config), "distributed.strategy=fsdp"]) == 1
     err = capsys.readouterr().err
@@ -196,8 +306,9 @@ def test_fsdp_wrap_classes_must_name_the_models_blocks(tmp_path, tiny_model_dirs
 def one_process_runs(tmp_path_factory, tiny_model_dirs):
     """GPT-2 (tied embeddings), full fine-tuning, 6 steps: replicated and sharded in one process."""
     folder = tmp_path_factory.mktemp("one-process")
-    config = write_config(folder, tiny_model_dirs["gpt2"], "full", training={"epochs": 1, "self_test": False},
-                          checkpoints={"count": 1})
+    config = write_config(
+        folder, tiny_model_dirs["gpt2"], "full", training={"epochs": 1, "self_test": False}, checkpoints={"count": 1}
+    )
     assert main([str(config), f"output_dir={folder / 'ddp'}"]) == 0
     assert main([str(config), f"output_dir={folder / 'fsdp'}", "distributed.strategy=fsdp"]) == 0
     return config, folder / "ddp", folder / "fsdp"
@@ -226,8 +337,10 @@ def test_an_output_dir_that_differs_per_process_is_refused_with_one_message(tmp_
     assert codes == [1, 1]
     err = capfd.readouterr().err
     assert "Traceback" not in err and err.count("error:") == 1, err
-    assert (f"output_dir must be one folder on a filesystem shared by all nodes: process 1 (host "
-            f"{os.uname().nodename}) does not see in {folders[1]} the file that process 0") in err
+    assert (
+        f"output_dir must be one folder on a filesystem shared by all nodes: process 1 (host "
+        f"{os.uname().nodename}) does not see in {folders[1]} the file that process 0"
+    ) in err
     assert "Fix: set output_dir to a path on a shared filesystem" in err
     assert not (folders[0] / SHARED_CHECK_FILE).exists() and not folders[1].exists()
 
@@ -262,8 +375,9 @@ def forked_group(work, processes: int = 2, timeout: float = 60) -> list[int]:
         if pid == 0:
             code = 99
             try:
-                torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                                     world_size=processes)
+                torch.distributed.init_process_group(
+                    "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=processes
+                )
                 code = work(rank)
             finally:
                 os._exit(code)

@@ -31,10 +31,19 @@ def test_the_tiny_config_passes_with_the_self_tests_numbers(capsys, in_repo):
     code, report = run_doctor(capsys, TINY, in_repo)
     assert code == 0 and report["ok"] is True and report["failures"] == [] and report["warnings"] == []
     resolved = report["config"]["resolved"]
-    assert (resolved["model"]["attention"], resolved["model"]["dtype"], resolved["data"]["packing"],
-            resolved["training"]["mixed_precision"], resolved["training"]["epochs"]) == ("sdpa", "float32", True, "no", 6.0)
-    assert report["config"]["auto"] == {"model.attention": "sdpa", "data.packing": True, "training.mixed_precision": "no",
-                                        "distributed.strategy (on 1 process)": "ddp"}
+    assert (
+        resolved["model"]["attention"],
+        resolved["model"]["dtype"],
+        resolved["data"]["packing"],
+        resolved["training"]["mixed_precision"],
+        resolved["training"]["epochs"],
+    ) == ("sdpa", "float32", True, "no", 6.0)
+    assert report["config"]["auto"] == {
+        "model.attention": "sdpa",
+        "data.packing": True,
+        "training.mixed_precision": "no",
+        "distributed.strategy (on 1 process)": "ddp",
+    }
     test = report["self_test"]
     assert test["passed"] is True and test["weights"] == "real" and test["parameters"] == 524_928
     checks = {check["name"]: check for check in test["checks"]}
@@ -69,9 +78,17 @@ def bloom_dir(tmp_path, tiny_model_dirs):
     """A tiny BLOOM (no family entry, ALiBi, no position_ids: packing cannot keep examples apart)."""
     folder = tmp_path / "bloom"
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["gpt2"])
-    config = transformers.BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=2, hidden_dropout=0.0,
-                                      attention_dropout=0.0, eos_token_id=tokenizer.eos_token_id,
-                                      bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.eos_token_id)
+    config = transformers.BloomConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        n_layer=2,
+        n_head=2,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -99,9 +116,19 @@ def test_a_version_that_differs_from_constraints_is_a_warning(capsys, in_repo, m
     code, report = run_doctor(capsys, TINY, in_repo)
     peft = next(row for row in report["versions"]["packages"] if row["name"] == "peft")
     assert code == 0 and report["ok"] is True
-    assert peft == {"name": "peft", "installed": "0.0.1", "tested": doctor.tested_versions()["peft"], "status": "differs"}
-    assert report["warnings"] == [{"item": "versions", "message": f"not the tested versions: peft 0.0.1 (tested "
-                                   f"{peft['tested']}). Fix if the run misbehaves: pip install -c constraints.txt -e ."}]
+    assert peft == {
+        "name": "peft",
+        "installed": "0.0.1",
+        "tested": doctor.tested_versions()["peft"],
+        "status": "differs",
+    }
+    assert report["warnings"] == [
+        {
+            "item": "versions",
+            "message": f"not the tested versions: peft 0.0.1 (tested "
+            f"{peft['tested']}). Fix if the run misbehaves: pip install -c constraints.txt -e .",
+        }
+    ]
 
 
 def test_weights_missing_from_the_cache_are_built_random_and_said_so(capsys, tmp_path, tiny_model_dirs, monkeypatch):
@@ -109,8 +136,14 @@ def test_weights_missing_from_the_cache_are_built_random_and_said_so(capsys, tmp
     comes from its published config with random weights; no tokenizer, so no labels check."""
     from trainer.families import FAMILIES, PUBLISHED_CONFIGS
 
-    published = lambda: FAMILIES["gptj"].tiny_config({"eos_token_id": 0, "bos_token_id": 0}, n_layer=2, n_embd=32,  # noqa: E731
-                                                     n_head=2, n_positions=64, vocab_size=320)
+    published = lambda: FAMILIES["gptj"].tiny_config(
+        {"eos_token_id": 0, "bos_token_id": 0},
+        n_layer=2,
+        n_embd=32,  # noqa: E731
+        n_head=2,
+        n_positions=64,
+        vocab_size=320,
+    )
     monkeypatch.setitem(PUBLISHED_CONFIGS, "example-org/not-cached", published)
     config = write_config(tmp_path, tiny_model_dirs["gptj"], "lora", model={"name_or_path": "example-org/not-cached"})
     assert doctor.main([str(config)]) == 0

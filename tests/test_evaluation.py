@@ -15,7 +15,14 @@ from trainer.config import EvalConfig, TestPrompt
 from trainer.data.examples import read_examples
 from trainer.data.tokenize import encode_chat_prompt, tokenize_examples
 from trainer.evaluation import (
-    EvalResult, EvalRow, common_ending, detected_task, eval_examples, pick_examples, plan_evaluation, score_checkpoint,
+    EvalResult,
+    EvalRow,
+    common_ending,
+    detected_task,
+    eval_examples,
+    pick_examples,
+    plan_evaluation,
+    score_checkpoint,
 )
 from trainer.generate import complete
 from trainer.loading import inspect_checkpoint, load_model, load_tokenizer
@@ -44,10 +51,18 @@ def test_the_examples_are_the_first_n_of_a_seeded_order_in_file_order():
 
 
 def test_prompt_and_reference_are_cut_where_training_supervises(tmp_path, tokenizer):
-    rows = [{"prompt": "kiwi ->", "completion": " green<|endoftext|>"},
-            {"messages": [{"role": "system", "content": "Marv."}, {"role": "user", "content": "Hi?"},
-                          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"},
-                          {"role": "assistant", "content": "Bye."}]}]
+    rows = [
+        {"prompt": "kiwi ->", "completion": " green<|endoftext|>"},
+        {
+            "messages": [
+                {"role": "system", "content": "Marv."},
+                {"role": "user", "content": "Hi?"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Bye?"},
+                {"role": "assistant", "content": "Bye."},
+            ]
+        },
+    ]
     write_jsonl(tmp_path / "a.jsonl", rows[:1])
     write_jsonl(tmp_path / "b.jsonl", rows[1:])
     [plain] = eval_examples(tokenized(tmp_path / "a.jsonl", tokenizer), tokenizer, [0])
@@ -72,15 +87,17 @@ def test_common_ending_is_whitespace_or_a_special_token_found_nowhere_else():
 
 def test_plan_settles_metrics_stop_and_budget(tmp_path, tokenizer):
     valid = tokenized(write_jsonl(tmp_path / "valid.jsonl", fruit_rows(12)), tokenizer)
-    examples, settings = plan_evaluation(EvalConfig(max_examples=5), valid, tokenizer, seed=1,
-                                         task="classification", classes=3)
+    examples, settings = plan_evaluation(
+        EvalConfig(max_examples=5), valid, tokenizer, seed=1, task="classification", classes=3
+    )
     assert [e.line for e in examples] == [i + 1 for i in pick_examples(12, 5, 1)]
     assert [e.reference for e in examples] == [fruit_rows(12)[e.line - 1]["completion"][:-13] for e in examples]
     assert settings.metrics == ("accuracy",) and settings.stop == ()
     longest = max(e.reference_tokens for e in examples)
     assert settings.max_new_tokens == longest + max(4, longest // 4)
-    _, explicit = plan_evaluation(EvalConfig(metrics=["exact_match"], stop=["e"], max_new_tokens=3), valid, tokenizer,
-                                  seed=1)
+    _, explicit = plan_evaluation(
+        EvalConfig(metrics=["exact_match"], stop=["e"], max_new_tokens=3), valid, tokenizer, seed=1
+    )
     assert explicit.metrics == ("exact_match",) and explicit.stop == ("e",) and explicit.max_new_tokens == 3
     assert explicit.why == "eval.metrics lists them"
     references = [e.reference for e in plan_evaluation(EvalConfig(stop=["e"]), valid, tokenizer, seed=1)[0]]
@@ -98,8 +115,12 @@ def test_answers_equal_trainer_generates_greedy_completions(tmp_path, fruit_chec
 
     assert model.training
     assert result.n == 12 and len(result.rows) == 12 and result.seconds > 0
-    expected = [complete(model.eval(), tokenizer, TestPrompt(prompt=row["prompt"], max_new_tokens=settings.max_new_tokens),
-                         seed=0)["completion"] for row in valid_rows]
+    expected = [
+        complete(
+            model.eval(), tokenizer, TestPrompt(prompt=row["prompt"], max_new_tokens=settings.max_new_tokens), seed=0
+        )["completion"]
+        for row in valid_rows
+    ]
     assert [r.prediction for r in result.rows] == expected
     assert [r.prompt for r in result.rows] == [row["prompt"] for row in valid_rows]
     right = [normalize(p) == normalize(row["completion"][:-13]) for p, row in zip(expected, valid_rows)]
@@ -113,12 +134,18 @@ def test_answers_equal_trainer_generates_greedy_completions(tmp_path, fruit_chec
 
 
 def test_wrong_examples_keep_a_few_of_each_kind_most_common_first():
-    rows = [EvalRow(f"p{i}", "Tokyo, Berlin", prediction, prediction == "Tokyo, Berlin", "eos", "v.jsonl", i + 1)
-            for i, prediction in enumerate(["Tokyo", "Tokyo, Berlin", "Berlin", "Paris, Rome", "Tokyo", ""])]
+    rows = [
+        EvalRow(f"p{i}", "Tokyo, Berlin", prediction, prediction == "Tokyo, Berlin", "eos", "v.jsonl", i + 1)
+        for i, prediction in enumerate(["Tokyo", "Tokyo, Berlin", "Berlin", "Paris, Rome", "Tokyo", ""])
+    ]
     result = EvalResult({"exact_match": 1 / 6}, 6, rows, 0.1)
     wrong = result.wrong_examples(per_kind=2)
     assert [(w["kind"], w["count"], w["line"]) for w in wrong] == [
-        ("missed items", 3, 1), ("missed items", 3, 3), ("wrong items", 1, 4), ("empty answer", 1, 6)]
+        ("missed items", 3, 1),
+        ("missed items", 3, 3),
+        ("wrong items", 1, 4),
+        ("empty answer", 1, 6),
+    ]
 
 
 def _score_in_process(rank, port, out, model, tokenizer, examples, settings):
@@ -127,8 +154,14 @@ def _score_in_process(rank, port, out, model, tokenizer, examples, settings):
 
     AcceleratorState._reset_state()
     PartialState._reset_state()
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     accelerator = Accelerator(cpu=True)
     result = score_checkpoint(model, tokenizer, examples, settings, accelerator)
     out.write_text(json.dumps({"predictions": [r.prediction for r in result.rows], "metrics": result.metrics}))
@@ -196,7 +229,9 @@ def test_a_run_scores_every_checkpoint_and_recommends_one(tmp_path, tiny_model_d
     assert main([str(config)]) == 0
     run = tmp_path / "run"
     evals = [m for m in read_jsonl(run / "metrics.jsonl") if "eval_loss" in m]
-    infos = {int(p.name.split("-")[1]): json.loads((p / "checkpoint.json").read_text()) for p in run.glob("checkpoint-*")}
+    infos = {
+        int(p.name.split("-")[1]): json.loads((p / "checkpoint.json").read_text()) for p in run.glob("checkpoint-*")
+    }
     assert [m["step"] for m in evals] == sorted(infos) == [2, 4, 6]
     for row in evals:
         metrics = infos[row["step"]]["metrics"]
@@ -205,10 +240,13 @@ def test_a_run_scores_every_checkpoint_and_recommends_one(tmp_path, tiny_model_d
         assert row["eval_accuracy"] == metrics["accuracy"]
         predictions = read_jsonl(run / f"checkpoint-{row['step']}" / "eval_predictions.jsonl")
         assert len(predictions) == 12
-        assert sum(p["prediction"].strip().casefold() == p["reference"].strip().casefold() for p in predictions) / 12 \
-            == pytest.approx(metrics["accuracy"])
+        assert sum(
+            p["prediction"].strip().casefold() == p["reference"].strip().casefold() for p in predictions
+        ) / 12 == pytest.approx(metrics["accuracy"])
     recommended = json.loads((run / "recommendation.json").read_text())
-    summaries = [CheckpointSummary(s, 0.0, None, infos[s]["eval_loss"], [], metrics=infos[s]["metrics"]) for s in sorted(infos)]
+    summaries = [
+        CheckpointSummary(s, 0.0, None, infos[s]["eval_loss"], [], metrics=infos[s]["metrics"]) for s in sorted(infos)
+    ]
     expected = recommend(summaries, "accuracy")
     assert (recommended["checkpoint"], recommended["metric"]) == (expected.checkpoint, "accuracy")
     assert f"Recommended: **{expected.checkpoint}**" in (run / "report.md").read_text()

@@ -17,7 +17,13 @@ from trainer.config import TestPrompt
 from trainer.export import main
 from trainer.generate import complete
 
-PLAIN_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+PLAIN_FILES = {
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+}
 
 
 def export(capsys, *argv) -> tuple[int, str]:
@@ -40,7 +46,9 @@ def test_merged_export_reproduces_the_checkpoint(tmp_path, capsys, trained_check
     checkpoint = trained_checkpoints(family, "lora")
     out = tmp_path / "merged"
     assert export(capsys, checkpoint, out)[0] == 0
-    assert PLAIN_FILES | {"model.safetensors", "samples.jsonl", "config.yaml", "export.json"} <= {p.name for p in out.iterdir()}
+    assert PLAIN_FILES | {"model.safetensors", "samples.jsonl", "config.yaml", "export.json"} <= {
+        p.name for p in out.iterdir()
+    }
     assert not (out / "adapter_config.json").exists()
 
     # Every test prompt, greedy, sampled and chat, gives the checkpoint's own sample.
@@ -69,8 +77,12 @@ def test_export_loads_in_a_text_generation_pipeline(tmp_path, capsys, trained_ch
     out = tmp_path / "merged"
     assert export(capsys, checkpoint, out)[0] == 0
     info = json.loads((out / "export.json").read_text())
-    assert info["kind"] == "adapter" and info["dtype"] == "float32" and info["base_model"] == json.loads(
-        (checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert (
+        info["kind"] == "adapter"
+        and info["dtype"] == "float32"
+        and info["base_model"]
+        == json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"]
+    )
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == generation["pad_token_id"] == 0
     assert json.loads((out / "config.json").read_text())["use_cache"] is True
@@ -81,7 +93,9 @@ def test_export_loads_in_a_text_generation_pipeline(tmp_path, capsys, trained_ch
     assert result["generated_text"] == sample["completion"]
 
 
-def test_qlora_run_is_merged_into_the_unquantized_base_in_the_runs_dtype_and_sharded(tmp_path, capsys, trained_checkpoints):
+def test_qlora_run_is_merged_into_the_unquantized_base_in_the_runs_dtype_and_sharded(
+    tmp_path, capsys, trained_checkpoints
+):
     checkpoint = tmp_path / "checkpoint-qlora"
     shutil.copytree(trained_checkpoints("gpt2", "lora"), checkpoint)
     config = yaml.safe_load((checkpoint / "config.yaml").read_text())
@@ -126,7 +140,9 @@ def with_base(tmp_path, checkpoint, base: str):
     return copy
 
 
-def test_missing_base_says_which_and_suggests_base_which_then_works(tmp_path, capsys, trained_checkpoints, tiny_model_dirs):
+def test_missing_base_says_which_and_suggests_base_which_then_works(
+    tmp_path, capsys, trained_checkpoints, tiny_model_dirs
+):
     checkpoint = trained_checkpoints("gpt2", "lora")
     for missing in ["/no/such/tiny-gpt2", "examples/no-such-model"]:
         moved = with_base(tmp_path / missing.replace("/", "_"), checkpoint, missing)

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.helpers import write_config
@@ -37,13 +36,16 @@ def crash_at(monkeypatch, step: int, error: BaseException):
 
 
 def test_a_crash_after_step_2_is_recorded_as_failed_with_the_traceback_after_one_line(
-        tmp_path, tiny_model_dirs, monkeypatch, capsys):
+    tmp_path, tiny_model_dirs, monkeypatch, capsys
+):
     config = write_config(tmp_path, tiny_model_dirs["gpt2"], "lora")
     crash_at(monkeypatch, 3, RuntimeError("boom from a library"))
     assert main([str(config), "training.epochs=1"]) == 1
     err = capsys.readouterr().err
     first = messages(err)[0]
-    assert first.startswith("error: the run failed at step 3 of 6 with RuntimeError: boom from a library. This is a bug")
+    assert first.startswith(
+        "error: the run failed at step 3 of 6 with RuntimeError: boom from a library. This is a bug"
+    )
     assert "Traceback (most recent call last)" in err and err.index("Traceback") > len(first)
     record = status(tmp_path / "run")
     assert record["status"] == "failed" and record["exit_code"] == 1 and record["step"] == 3
@@ -65,8 +67,12 @@ def _mount_tmpfs(folder: Path, size: str) -> bool:
     folder.mkdir(parents=True)
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_a_disk_that_fills_mid_run_fails_the_save_cleanly(tmp_path, tiny_model_dirs, monkeypatch, capsys):
@@ -98,8 +104,18 @@ def test_a_disk_that_fills_mid_run_fails_the_save_cleanly(tmp_path, tiny_model_d
             return train_step(self, step)
 
         monkeypatch.setattr(FineTuneRecipe, "train_step", another_job_fills_the_disk)
-        assert main([str(config), f"output_dir={run}", "training.epochs=1", "checkpoints.count=3",
-                     "checkpoints.state_every_minutes=0"]) == 1
+        assert (
+            main(
+                [
+                    str(config),
+                    f"output_dir={run}",
+                    "training.epochs=1",
+                    "checkpoints.count=3",
+                    "checkpoints.state_every_minutes=0",
+                ]
+            )
+            == 1
+        )
         (err,) = messages(capsys.readouterr().err)
         assert "Traceback" not in err
         assert err.startswith(f"error: could not save checkpoint-4 in {run}: ")
@@ -108,8 +124,10 @@ def test_a_disk_that_fills_mid_run_fails_the_save_cleanly(tmp_path, tiny_model_d
         assert "rerun the same command to continue" in err
         record = status(run)
         assert record["status"] == "failed" and record["exit_code"] == 1
-        assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name or "state" in p.name) == \
-            ["checkpoint-2", "state-2"]  # no partial folder left behind
+        assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name or "state" in p.name) == [
+            "checkpoint-2",
+            "state-2",
+        ]  # no partial folder left behind
         assert (run / "checkpoint-2" / "model.safetensors").stat().st_size > 0
         assert not (run / "run.lock").exists()
     finally:
@@ -123,7 +141,10 @@ def test_a_time_limit_too_short_for_one_step_is_refused_before_step_1(tmp_path, 
     (err,) = messages(capsys.readouterr().err)
     assert err.startswith("error: training.time_limit=5s leaves this job ")
     assert "every job would train a single step" in err and "at least 50 s" in err
-    assert not (tmp_path / "run" / "metrics.jsonl").exists() or "loss" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert (
+        not (tmp_path / "run" / "metrics.jsonl").exists()
+        or "loss" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+    )
 
 
 def test_the_embedded_default_continues_a_stopped_run_and_says_when_it_is_complete(tmp_path, monkeypatch, capsys):

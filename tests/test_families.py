@@ -23,7 +23,9 @@ def test_the_entry_describes_the_model(tiny_model_dirs, family):
     names = {name.rsplit(".", 1)[-1]: module for name, module in blocks[0].named_modules()}
     for target in entry.lora_targets:  # every target is a projection of each block
         assert isinstance(names[target], Conv1D if entry.conv1d_projections else torch.nn.Linear), target
-    config = Config.model_validate({"model": {"name_or_path": str(tiny_model_dirs[family])}, "data": {"train_file": "t"}})
+    config = Config.model_validate(
+        {"model": {"name_or_path": str(tiny_model_dirs[family])}, "data": {"train_file": "t"}}
+    )
     peft_model = apply_method(config, model)
     assert family_of(peft_model) is entry  # through the PEFT wrapper
 
@@ -37,15 +39,27 @@ def test_the_entry_names_its_activation_model_which_matches_the_flop_shape(tiny_
     assert isinstance(entry.activation_model, ActivationModel) and activation_model_of(config) is entry.activation_model
     sizes, shape = entry.activation_model.sizes(config), model_shape(config)
     assert (sizes.layers, sizes.width, sizes.mlp_width, sizes.heads) == (
-        shape.n_layer, shape.d_model, shape.d_ff, config.num_attention_heads)
+        shape.n_layer,
+        shape.d_model,
+        shape.d_ff,
+        config.num_attention_heads,
+    )
 
 
 def test_the_activation_model_refuses_a_family_without_one():
     from trainer.activations import ActivationSetup, estimate_activations
 
     config = type("Config", (), {"model_type": "llama"})()
-    setup = ActivationSetup(model_config=config, micro_batch_size=1, seq_len=8, supervised_rows=7,
-                            weight_dtype=torch.bfloat16, other_dtype=torch.bfloat16, autocast=None, full=True)
+    setup = ActivationSetup(
+        model_config=config,
+        micro_batch_size=1,
+        seq_len=8,
+        supervised_rows=7,
+        weight_dtype=torch.bfloat16,
+        other_dtype=torch.bfloat16,
+        autocast=None,
+        full=True,
+    )
     known = ", ".join(FAMILIES)
     message = f"no activation model for model_type 'llama'; families with one: {known}"
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -64,8 +78,10 @@ def test_importing_the_families_imports_neither_torch_nor_transformers():
 
 def test_published_shapes_build_on_the_meta_device():
     with torch.device("meta"):
-        sizes = {name: sum(p.numel() for p in AutoModelForCausalLM.from_config(make()).parameters())
-                 for name, make in PUBLISHED_CONFIGS.items()}
+        sizes = {
+            name: sum(p.numel() for p in AutoModelForCausalLM.from_config(make()).parameters())
+            for name, make in PUBLISHED_CONFIGS.items()
+        }
     assert sizes == {"EleutherAI/gpt-j-6b": 6_050_882_784, "EleutherAI/gpt-neox-20b": 20_554_567_680}
 
 

@@ -12,15 +12,41 @@ import sys
 import pytest
 
 from tests.helpers import (
-    assert_same_run, checkpoint_folders, load_checkpoint_plainly, plain_greedy, read_jsonl, run_command, run_forked,
-    trained_weights, write_config,
+    assert_same_run,
+    checkpoint_folders,
+    load_checkpoint_plainly,
+    plain_greedy,
+    read_jsonl,
+    run_command,
+    run_forked,
+    trained_weights,
+    write_config,
 )
 from trainer.errors import UserError
 from trainer.train import main
 
-ACCELERATE_2 = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "trainer/train.py"]
-TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "trainer/train.py"]
+ACCELERATE_2 = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "trainer/train.py",
+]
+TORCHRUN_2 = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node",
+    "2",
+    "trainer/train.py",
+]
 
 
 def held_parameters(output: str) -> dict[int, tuple[int, int]]:
@@ -46,8 +72,13 @@ def full_runs(tmp_path_factory, tiny_model_dirs):
     """GPT-J full fine-tuning: one process (global batch 8) and two FSDP processes (4 each) under
     `accelerate launch --multi_gpu`, the users' command."""
     folder = tmp_path_factory.mktemp("fsdp-full")
-    config = write_config(folder, tiny_model_dirs["gptj"], "full", training={"epochs": 2, "micro_batch_size": 4},
-                          checkpoints={"count": 2, "state_every_steps": 5})
+    config = write_config(
+        folder,
+        tiny_model_dirs["gptj"],
+        "full",
+        training={"epochs": 2, "micro_batch_size": 4},
+        checkpoints={"count": 2, "state_every_steps": 5},
+    )
     assert main([str(config), f"output_dir={folder / 'one'}", "training.micro_batch_size=8"]) == 0
     two = run_command([*ACCELERATE_2, str(config), f"output_dir={folder / 'two'}"])
     assert two.returncode == 0, two.stderr[-3000:]
@@ -66,7 +97,10 @@ def test_two_sharded_processes_train_like_one(full_runs, tiny_model_dirs):
     last = checkpoint_folders(two)[-1]
     model, tokenizer = load_checkpoint_plainly(last, tiny_model_dirs["gptj"], "full")
     for sample in read_jsonl(last / "samples.jsonl")[:2]:
-        assert plain_greedy(model, tokenizer, sample["prompt"], sample["parameters"]["max_new_tokens"]) == sample["completion"]
+        assert (
+            plain_greedy(model, tokenizer, sample["prompt"], sample["parameters"]["max_new_tokens"])
+            == sample["completion"]
+        )
 
 
 def test_a_killed_sharded_run_resumes_from_its_sharded_state(full_runs, tmp_path, capfd):
@@ -86,8 +120,13 @@ def test_a_killed_sharded_run_resumes_from_its_sharded_state(full_runs, tmp_path
 
 
 def test_lora_under_fsdp_trains_like_one_process(tmp_path, tiny_model_dirs):
-    config = write_config(tmp_path, tiny_model_dirs["gpt_neox"], "lora", training={"epochs": 2, "micro_batch_size": 4},
-                          checkpoints={"count": 2})
+    config = write_config(
+        tmp_path,
+        tiny_model_dirs["gpt_neox"],
+        "lora",
+        training={"epochs": 2, "micro_batch_size": 4},
+        checkpoints={"count": 2},
+    )
     assert main([str(config), f"output_dir={tmp_path / 'one'}", "training.micro_batch_size=8"]) == 0
     two = run_command([*TORCHRUN_2, str(config), f"output_dir={tmp_path / 'two'}", "distributed.strategy=fsdp"])
     assert two.returncode == 0, two.stderr[-3000:]
@@ -103,8 +142,10 @@ def test_fsdp_refuses_what_it_cannot_shard(tmp_path, tiny_model_dirs):
     config = write_config(tmp_path, tiny_model_dirs["gpt2"], "full")
     assert strategy_name(load_config(config), 1) == "ddp" and strategy_name(load_config(config), 2) == "fsdp"
     assert strategy_name(load_config(config, ["method=lora"]), 2) == "ddp"
-    for overrides, message in ((["method=qlora"], "cannot shard QLoRA"),
-                               (["training.optimizer=adamw_8bit"], "8-bit state that FSDP cannot shard"),
-                               (["training.compile=true"], "not supported with distributed.strategy=fsdp")):
+    for overrides, message in (
+        (["method=qlora"], "cannot shard QLoRA"),
+        (["training.optimizer=adamw_8bit"], "8-bit state that FSDP cannot shard"),
+        (["training.compile=true"], "not supported with distributed.strategy=fsdp"),
+    ):
         with pytest.raises(UserError, match=message):
             check_fsdp_config(load_config(config, overrides))

@@ -26,7 +26,7 @@ def test_greedy_completion_matches_manual_greedy_decoding(tiny_model_dirs, token
             if next_id == tokenizer.eos_token_id:
                 break
             ids.append(next_id)
-    assert sample["completion"] == tokenizer.decode(ids[len(tokenizer("banana ->")["input_ids"]):])
+    assert sample["completion"] == tokenizer.decode(ids[len(tokenizer("banana ->")["input_ids"]) :])
     assert sample["parameters"]["max_new_tokens"] == 8 and sample["parameters"]["temperature"] == 0.0
 
 
@@ -55,7 +55,13 @@ def test_sampling_is_reproducible_with_the_seed(tiny_model_dirs, tokenizer):
 
 # Chat test prompts: the template and the tokens are those of training.
 
-CONVERSATION = [("system", "Marv."), ("user", "Hi?"), ("assistant", "Hello."), ("user", "Bye?"), ("assistant", "Bye now.")]
+CONVERSATION = [
+    ("system", "Marv."),
+    ("user", "Hi?"),
+    ("assistant", "Hello."),
+    ("user", "Bye?"),
+    ("assistant", "Bye now."),
+]
 TAGGED_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -71,9 +77,16 @@ def training_context_ids(tokenizer, chat_template):
     from trainer.data.examples import Example
     from trainer.data.tokenize import IGNORE_INDEX, tokenize_examples
 
-    [row], _ = tokenize_examples([Example("", "", "chat.jsonl", 1, tuple(CONVERSATION))], tokenizer,
-                                 max_seq_len=256, too_long="error", chat_template=chat_template)
-    starts = [i for i in range(1, len(row.labels)) if row.labels[i] != IGNORE_INDEX and row.labels[i - 1] == IGNORE_INDEX]
+    [row], _ = tokenize_examples(
+        [Example("", "", "chat.jsonl", 1, tuple(CONVERSATION))],
+        tokenizer,
+        max_seq_len=256,
+        too_long="error",
+        chat_template=chat_template,
+    )
+    starts = [
+        i for i in range(1, len(row.labels)) if row.labels[i] != IGNORE_INDEX and row.labels[i - 1] == IGNORE_INDEX
+    ]
     return [row.input_ids[:start] for start in starts]
 
 
@@ -93,7 +106,10 @@ def test_chat_test_prompt_ids_equal_the_training_context_before_each_assistant_t
     assert encode_test_prompt(tokenizer, chat_prompt(CONVERSATION[:2]), chat_template) == first
     assert encode_test_prompt(tokenizer, chat_prompt(CONVERSATION[:4]), chat_template) == second
     if template != "default":  # the template really was used
-        assert first[: len(tokenizer("<|system|>", add_special_tokens=False)["input_ids"])] == tokenizer("<|system|>", add_special_tokens=False)["input_ids"]
+        assert (
+            first[: len(tokenizer("<|system|>", add_special_tokens=False)["input_ids"])]
+            == tokenizer("<|system|>", add_special_tokens=False)["input_ids"]
+        )
 
 
 def test_chat_sample_records_the_rendered_prompt_and_the_messages(tiny_model_dirs, tokenizer):

@@ -47,18 +47,52 @@ def test_chat_messages_and_samples_with_their_seeds(capsys, trained_checkpoints)
 
     # Sample i is drawn with seed + i; the run's training.seed is the default, so sample 0 is the
     # checkpoint's own sample of this prompt.
-    code, out, _ = generate(capsys, checkpoint, "--prompt", "tomato ->", "--temperature", 0.8, "--top-k", 20,
-                            "--max-new-tokens", 8, "--num-samples", 3)
+    code, out, _ = generate(
+        capsys,
+        checkpoint,
+        "--prompt",
+        "tomato ->",
+        "--temperature",
+        0.8,
+        "--top-k",
+        20,
+        "--max-new-tokens",
+        8,
+        "--num-samples",
+        3,
+    )
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and lines[0] == samples[2]
     assert [line["parameters"]["seed"] for line in lines] == [SEED, SEED + 1, SEED + 2]
-    code, again, _ = generate(capsys, checkpoint, "--prompt", "tomato ->", "--temperature", 0.8, "--top-k", 20,
-                              "--max-new-tokens", 8, "--num-samples", 3, "--seed", SEED)
+    code, again, _ = generate(
+        capsys,
+        checkpoint,
+        "--prompt",
+        "tomato ->",
+        "--temperature",
+        0.8,
+        "--top-k",
+        20,
+        "--max-new-tokens",
+        8,
+        "--num-samples",
+        3,
+        "--seed",
+        SEED,
+    )
     assert again == out
 
 
-PROMPTS = ["banana ->", "kiwi -> green\nlemon -> yellow\ncherry ->", "", "Hello world, the quick brown fox jumps",
-           "lime ->", "List the locations mentioned in the following text.\nText: x\nLocations:", "tomato", "k"]
+PROMPTS = [
+    "banana ->",
+    "kiwi -> green\nlemon -> yellow\ncherry ->",
+    "",
+    "Hello world, the quick brown fox jumps",
+    "lime ->",
+    "List the locations mentioned in the following text.\nText: x\nLocations:",
+    "tomato",
+    "k",
+]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox"])
@@ -66,8 +100,11 @@ def test_batched_greedy_output_equals_unbatched(tiny_model_dirs, family):
     """Random tiny models rarely emit EOS, so rows run long, at different lengths, under padding."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family]).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs[family])
-    rows = [prompt_row(tokenizer, TestPrompt(prompt=p, max_new_tokens=n, stop=stop), seed=0)
-            for p in PROMPTS for n, stop in ((20, []), (12, ["e"]))]
+    rows = [
+        prompt_row(tokenizer, TestPrompt(prompt=p, max_new_tokens=n, stop=stop), seed=0)
+        for p in PROMPTS
+        for n, stop in ((20, []), (12, ["e"]))
+    ]
     assert plan_batches(rows, 8, 64)[0] and max(map(len, plan_batches(rows, 8, 64))) == 8
     one_by_one = [generate_rows(model, tokenizer, [row])[0] for row in rows]
     assert generate_all(model, tokenizer, rows, batch_size=8) == one_by_one
@@ -79,8 +116,16 @@ def test_batches_keep_sampling_settings_apart_and_within_the_position_limit():
     def row(prompt_tokens: int, max_new_tokens: int, seed: int | None = None, **sampling) -> Row:
         return Row(TestPrompt(prompt="x", max_new_tokens=max_new_tokens, **sampling), [5] * prompt_tokens, "x", seed)
 
-    rows = [row(10, 20), row(50, 20), row(12, 5), row(3, 8, temperature=0.7), row(4, 8, temperature=0.7),
-            row(5, 8, temperature=0.7, top_k=3), row(6, 8, 1, temperature=0.7), row(7, 8, 1, temperature=0.7)]
+    rows = [
+        row(10, 20),
+        row(50, 20),
+        row(12, 5),
+        row(3, 8, temperature=0.7),
+        row(4, 8, temperature=0.7),
+        row(5, 8, temperature=0.7, top_k=3),
+        row(6, 8, 1, temperature=0.7),
+        row(7, 8, 1, temperature=0.7),
+    ]
     # Greedy rows 0 and 2 fit together (12 + 20 <= 64); row 1 (50 tokens, budget 14) would not fit with 20.
     assert sorted(map(sorted, plan_batches(rows, 8, 64))) == [[0, 2], [1], [3, 4], [5], [6], [7]]
     assert sorted(map(sorted, plan_batches(rows[:3], 1, 64))) == [[0], [1], [2]]

@@ -11,7 +11,11 @@ from trainer.loss import body_and_head, supervised_loss_sum
 FAMILIES = list(families.FAMILIES)
 #: Some of each family's projections (adapting only some must work too); a family not listed
 #: here gets all of its entry's targets.
-LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "gptj": ["q_proj", "v_proj", "fc_in"], "gpt_neox": ["query_key_value", "dense"]}
+LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gptj": ["q_proj", "v_proj", "fc_in"],
+    "gpt_neox": ["query_key_value", "dense"],
+}
 
 
 def examples(seed: int = 0) -> list[TokenizedExample]:
@@ -37,9 +41,15 @@ def load(tiny_model_dirs, family, method="full"):
 
         # init_lora_weights=False: random B too, so every adapter weight gets a non-zero gradient.
         entry = families.FAMILIES[family]
-        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                          target_modules=LORA_TARGETS.get(family, list(entry.lora_targets)),
-                          fan_in_fan_out=entry.conv1d_projections, init_lora_weights=False, task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS.get(family, list(entry.lora_targets)),
+            fan_in_fan_out=entry.conv1d_projections,
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, lora)
     return model
 
@@ -112,7 +122,9 @@ def test_evaluation_without_gradients_gives_the_same_sum(tiny_model_dirs):
     model = load(tiny_model_dirs, "gpt_neox")
     batch = collate(examples(), pad_id=0)
     with torch.no_grad():
-        torch.testing.assert_close(supervised_loss_sum(model, batch, chunk_rows=3), plain_loss_sum(model, batch), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            supervised_loss_sum(model, batch, chunk_rows=3), plain_loss_sum(model, batch), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_under_accelerate_bf16_the_head_runs_in_the_forwards_autocast(tiny_model_dirs):
@@ -173,7 +185,10 @@ def test_under_ddp_gradients_are_averaged_across_processes(tiny_model_dirs, tmp_
     batches = [collate(examples(seed), pad_id=0) for seed in (0, 1)]
     # fork: the workers inherit the imported libraries instead of importing them again (seconds).
     mp.start_processes(
-        _ddp_worker, args=(2, str(tiny_model_dirs["gptj"]), str(tmp_path / "init"), batches), nprocs=2, start_method="fork"
+        _ddp_worker,
+        args=(2, str(tiny_model_dirs["gptj"]), str(tmp_path / "init"), batches),
+        nprocs=2,
+        start_method="fork",
     )
 
 
@@ -188,5 +203,7 @@ def test_transformers_advice_to_pass_an_attention_mask_is_dropped_and_nothing_el
     def record(message):
         return logging.LogRecord(logger.name, logging.WARNING, __file__, 1, message, None, None)
 
-    assert not logger.filter(record("We strongly recommend passing in an `attention_mask` since your input_ids may be padded."))
+    assert not logger.filter(
+        record("We strongly recommend passing in an `attention_mask` since your input_ids may be padded.")
+    )
     assert logger.filter(record("Some weights of the model checkpoint were not used"))

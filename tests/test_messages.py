@@ -20,6 +20,7 @@ def config(name_or_path: str) -> Config:
 @pytest.fixture
 def no_hub(monkeypatch):
     """Asking the Hub about a path would be the bug (and a 5-second wait on a machine without network)."""
+
     def asked():
         raise AssertionError("the Hub was asked about a path")
 
@@ -44,17 +45,32 @@ def test_a_home_path_is_expanded_and_shown_expanded(no_hub, monkeypatch, tmp_pat
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(ModelFolderMissing) as error:
         load_model_config(config("~/models/gpt2"))
-    assert str(error.value).startswith(f"model.name_or_path: the folder ~/models/gpt2 ({tmp_path}/models/gpt2) does not exist. {FIX}, ")
+    assert str(error.value).startswith(
+        f"model.name_or_path: the folder ~/models/gpt2 ({tmp_path}/models/gpt2) does not exist. {FIX}, "
+    )
 
     shutil.copytree(tiny_model_dirs["gpt2"], tmp_path / "models" / "gpt2")
-    assert load_model_config(config("~/models/gpt2")).model_type == "gpt2"  # transformers alone would call it a bad Hub id
+    assert (
+        load_model_config(config("~/models/gpt2")).model_type == "gpt2"
+    )  # transformers alone would call it a bad Hub id
     assert load_tokenizer(config("~/models/gpt2")).eos_token == "<|endoftext|>"
 
 
-@pytest.mark.parametrize("name, is_path", [
-    ("/abs/model", True), ("./model", True), ("../model", True), ("~/model", True), ("~", True), (".", True),
-    ("gpt2", False), ("EleutherAI/gpt-j-6b", False), ("examples/tiny-gpt2", False), (".hidden-model", False),
-])
+@pytest.mark.parametrize(
+    "name, is_path",
+    [
+        ("/abs/model", True),
+        ("./model", True),
+        ("../model", True),
+        ("~/model", True),
+        ("~", True),
+        (".", True),
+        ("gpt2", False),
+        ("EleutherAI/gpt-j-6b", False),
+        ("examples/tiny-gpt2", False),
+        (".hidden-model", False),
+    ],
+)
 def test_what_is_written_as_a_path(name, is_path):
     assert written_as_path(name) is is_path
 

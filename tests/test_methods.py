@@ -24,8 +24,10 @@ def loss_drop(run) -> float:
 def test_qlora_trains_4bit_models_and_the_adapter_loads_on_a_plain_base(tmp_path, tiny_model_dirs, family, capsys):
     config = write_config(tmp_path, tiny_model_dirs[family], "qlora", training={"epochs": 2})
     assert main([str(config)]) == 0
-    trainable, total = (int(n.replace(",", "")) for n in
-                        re.search(r"([\d,]+) of ([\d,]+) parameters trainable", capsys.readouterr().out).groups())
+    trainable, total = (
+        int(n.replace(",", ""))
+        for n in re.search(r"([\d,]+) of ([\d,]+) parameters trainable", capsys.readouterr().out).groups()
+    )
     base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family]).parameters())
     assert total == base + trainable  # 4-bit weights counted as weights, not as their packed bytes
     assert loss_drop(tmp_path / "run") > 0.2
@@ -35,7 +37,8 @@ def test_qlora_trains_4bit_models_and_the_adapter_loads_on_a_plain_base(tmp_path
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family])  # plain float32, no bitsandbytes
     model = PeftModel.from_pretrained(base, last).eval()
     assert {type(m).__name__ for m in model.modules()} >= {"Linear"} and not any(
-        "4bit" in type(m).__name__ for m in model.modules())
+        "4bit" in type(m).__name__ for m in model.modules()
+    )
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 
@@ -46,8 +49,16 @@ def test_full_fine_tuning_in_bfloat16_keeps_float32_master_weights(tmp_path, mon
     lower the loss as much as float32 does (at least 80% of it); the pure-bfloat16 run below shows
     the test can tell."""
     monkeypatch.chdir(REPO)
-    common = ["configs/tiny-gpt2.yaml", "training.learning_rate=1e-5", "training.epochs=0.25", "checkpoints.count=1",
-              "test_prompts=[]", "data.validation_file=null", "training.warmup_ratio=0", "training.lr_scheduler=constant"]
+    common = [
+        "configs/tiny-gpt2.yaml",
+        "training.learning_rate=1e-5",
+        "training.epochs=0.25",
+        "checkpoints.count=1",
+        "test_prompts=[]",
+        "data.validation_file=null",
+        "training.warmup_ratio=0",
+        "training.lr_scheduler=constant",
+    ]
     drops = {}
     for dtype in ("float32", "bfloat16"):
         assert main([*common, f"model.dtype={dtype}", f"output_dir={tmp_path / dtype}"]) == 0
@@ -73,7 +84,17 @@ def test_8bit_adamw_full_fine_tuning_learns_the_embedded_default(tmp_path, monke
     from make_example_data import TEST_PROMPTS as EXPECTED
 
     monkeypatch.chdir(REPO)
-    assert main(["configs/tiny-gpt2.yaml", "training.optimizer=adamw_8bit", "training.epochs=4", "checkpoints.count=1",
-                 f"output_dir={tmp_path / 'run'}"]) == 0
+    assert (
+        main(
+            [
+                "configs/tiny-gpt2.yaml",
+                "training.optimizer=adamw_8bit",
+                "training.epochs=4",
+                "checkpoints.count=1",
+                f"output_dir={tmp_path / 'run'}",
+            ]
+        )
+        == 0
+    )
     samples = read_jsonl(checkpoint_folders(tmp_path / "run")[-1] / "samples.jsonl")
     assert [s["completion"] for s in samples] == [t["expected"] for t in EXPECTED]

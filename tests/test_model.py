@@ -8,8 +8,13 @@ from trainer.model import apply_method, count_parameters, load_model, load_token
 
 
 def config(model_dir, **sections) -> Config:
-    return Config.model_validate({"model": {"name_or_path": str(model_dir), **sections.pop("model", {})},
-                                  "data": {"train_file": "t.jsonl"}, **sections})
+    return Config.model_validate(
+        {
+            "model": {"name_or_path": str(model_dir), **sections.pop("model", {})},
+            "data": {"train_file": "t.jsonl"},
+            **sections,
+        }
+    )
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox"])
@@ -25,7 +30,9 @@ def test_lora_auto_targets_every_projection_of_the_family(tiny_model_dirs, famil
 
 def test_gradient_checkpointing_trains_the_same_gradients(tiny_model_dirs):
     plain_cfg = config(tiny_model_dirs["gptj"], method="full", model={"dtype": "float32"})
-    checkpointed_cfg = config(tiny_model_dirs["gptj"], method="full", model={"gradient_checkpointing": True, "dtype": "float32"})
+    checkpointed_cfg = config(
+        tiny_model_dirs["gptj"], method="full", model={"gradient_checkpointing": True, "dtype": "float32"}
+    )
     batch = torch.tensor([[5, 6, 7, 8, 9, 10]])
     grads = []
     for cfg in (plain_cfg, checkpointed_cfg):
@@ -58,7 +65,9 @@ def test_an_unreachable_hub_fails_at_once_with_the_offline_fix(monkeypatch):
     with pytest.raises(UserError) as failed:
         load_tokenizer(config("EleutherAI/no-such-model-anywhere"))
     message = str(failed.value)
-    assert "cannot be reached from this machine" in message and "hf download EleutherAI/no-such-model-anywhere" in message
+    assert (
+        "cannot be reached from this machine" in message and "hf download EleutherAI/no-such-model-anywhere" in message
+    )
     assert "HF_HUB_OFFLINE=1" in message
 
 

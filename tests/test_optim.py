@@ -8,10 +8,14 @@ from trainer.optim import build_optimizer, parameter_groups, require_bitsandbyte
 
 
 def config(**training) -> Config:
-    return Config.model_validate({
-        "model": {"name_or_path": "m"}, "method": training.pop("method", "full"),
-        "data": {"train_file": "t.jsonl"}, "training": training,
-    })
+    return Config.model_validate(
+        {
+            "model": {"name_or_path": "m"},
+            "method": training.pop("method", "full"),
+            "data": {"train_file": "t.jsonl"},
+            "training": training,
+        }
+    )
 
 
 def test_weight_decay_only_on_matrices(tiny_model_dirs):
@@ -45,7 +49,10 @@ def test_8bit_adamw_keeps_8bit_state_on_the_cpu(tiny_model_dirs):
 def test_bitsandbytes_features_are_checked_before_loading(monkeypatch):
     require_device_features(config(optimizer="adamw_8bit"), torch.device("cpu"))  # installed: fine
     monkeypatch.setattr("bitsandbytes.__version__", "0.45.0")
-    for settings, key in (({"optimizer": "adamw_8bit"}, "training.optimizer=adamw_8bit"), ({"method": "qlora"}, "method=qlora")):
+    for settings, key in (
+        ({"optimizer": "adamw_8bit"}, "training.optimizer=adamw_8bit"),
+        ({"method": "qlora"}, "method=qlora"),
+    ):
         with pytest.raises(UserError) as info:
             require_device_features(config(**settings), torch.device("cpu"))
         assert key in str(info.value) and "needs bitsandbytes >= 0.50" in str(info.value)

@@ -74,8 +74,12 @@ def _quantize_like_qlora(model):
     from transformers import BitsAndBytesConfig
 
     bench = _load("bench")
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     bench.quantize_to_4bit(model, quantization, torch.device("cpu"))
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
@@ -97,14 +101,17 @@ def _one_step(model, optimizer_name: str):
     return optimizer
 
 
-@pytest.mark.parametrize("family, method, dtype, optimizer", [
-    ("gpt2", "lora", "bfloat16", "adamw"),
-    ("gptj", "lora", "bfloat16", "adamw"),
-    ("gpt_neox", "full", "float32", "adamw"),
-    ("gptj", "full", "float32", "adamw_8bit"),
-    ("gptj", "qlora", "bfloat16", "adamw"),
-    ("gpt_neox", "qlora", "bfloat16", "adamw"),
-])
+@pytest.mark.parametrize(
+    "family, method, dtype, optimizer",
+    [
+        ("gpt2", "lora", "bfloat16", "adamw"),
+        ("gptj", "lora", "bfloat16", "adamw"),
+        ("gpt_neox", "full", "float32", "adamw"),
+        ("gptj", "full", "float32", "adamw_8bit"),
+        ("gptj", "qlora", "bfloat16", "adamw"),
+        ("gpt_neox", "qlora", "bfloat16", "adamw"),
+    ],
+)
 def test_state_bytes_equal_a_real_model_after_one_step(tiny_model_dirs, family, method, dtype, optimizer):
     from transformers import AutoModelForCausalLM
 
@@ -197,8 +204,13 @@ def test_loss_chunk_backward_holds_twelve_bytes_a_logit():
 
 
 def _write_config(tmp_path, model_dir, method: str = "lora") -> str:
-    tree = {"model": {"name_or_path": str(model_dir)}, "method": method, "lora": {"r": 4},
-            "data": {"train_file": "unused.jsonl", "max_seq_len": 64}, "training": {"micro_batch_size": 8}}
+    tree = {
+        "model": {"name_or_path": str(model_dir)},
+        "method": method,
+        "lora": {"r": 4},
+        "data": {"train_file": "unused.jsonl", "max_seq_len": 64},
+        "training": {"micro_batch_size": 8},
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(tree), encoding="utf-8")
     return str(path)
@@ -237,13 +249,16 @@ def test_a_run_that_does_not_fit_gets_suggestions_that_do(tmp_path, capsys, tiny
     assert any("model.gradient_checkpointing=true" in s["change"] for s in result["suggestions"])
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (["CONFIG", "--gpu-memory", "80"], 2, "--gpu-memory '80'"),
-    (["CONFIG", "--gpus", "0"], 2, "--gpus 0"),
-    (["missing.yaml"], 2, "config file missing.yaml does not exist"),
-    (["CONFIG", "model.name_or_path=nobody/no-model"], 1, "hf download nobody/no-model config.json"),
-    (["CONFIG", "training.micro_batch_size=0"], 1, "training.micro_batch_size"),
-])
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["CONFIG", "--gpu-memory", "80"], 2, "--gpu-memory '80'"),
+        (["CONFIG", "--gpus", "0"], 2, "--gpus 0"),
+        (["missing.yaml"], 2, "config file missing.yaml does not exist"),
+        (["CONFIG", "model.name_or_path=nobody/no-model"], 1, "hf download nobody/no-model config.json"),
+        (["CONFIG", "training.micro_batch_size=0"], 1, "training.micro_batch_size"),
+    ],
+)
 def test_errors_are_one_line_with_the_fix(tmp_path, capsys, tiny_model_dirs, args, code, message):
     config = _write_config(tmp_path, tiny_model_dirs["gpt2"])
     assert plan_cli.main([config if a == "CONFIG" else a for a in args]) == code
@@ -257,14 +272,18 @@ def test_a_model_without_an_activation_model_is_refused_with_the_families_it_kno
     transformers.BloomConfig(vocab_size=320, hidden_size=32, n_layer=2, n_head=2).save_pretrained(tmp_path / "bloom")
     config = _write_config(tmp_path, tiny_model_dirs["gpt2"])
     assert plan_cli.main([config, f"model.name_or_path={tmp_path / 'bloom'}"]) == 1
-    assert capsys.readouterr().err.strip() == (f"error: model.name_or_path='{tmp_path / 'bloom'}' is a 'bloom' model; "
-                                               "the planner knows gpt2, gptj, gpt_neox")
+    assert capsys.readouterr().err.strip() == (
+        f"error: model.name_or_path='{tmp_path / 'bloom'}' is a 'bloom' model; the planner knows gpt2, gptj, gpt_neox"
+    )
 
 
 def test_the_script_reports_usage_errors_without_a_traceback():
     result = run_command([sys.executable, "scripts/plan.py", "nowhere.yaml", "--gpus", "2"])
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == f"error: config file nowhere.yaml does not exist: check the path (it is relative to {REPO})"
+    assert (
+        result.stderr.strip()
+        == f"error: config file nowhere.yaml does not exist: check the path (it is relative to {REPO})"
+    )
 
 
 def test_shape_from_the_published_config_when_there_is_no_config_json():
@@ -307,4 +326,7 @@ def test_a_model_without_a_family_entry_gets_a_note_not_a_traceback(tmp_path, ti
     recipe = FineTuneRecipe(load_config(write_config(tmp_path, tiny_model_dirs["gpt2"], "lora")))
     bloom = transformers.BloomConfig(vocab_size=320, hidden_size=32, n_layer=2, n_head=2)
     assert recipe.warn_about_memory(bloom, gpu_memory_bytes=10**12) is None
-    assert "note: no memory estimate for model_type 'bloom' (the planner knows gpt2, gptj, gpt_neox)" in capsys.readouterr().out
+    assert (
+        "note: no memory estimate for model_type 'bloom' (the planner knows gpt2, gptj, gpt_neox)"
+        in capsys.readouterr().out
+    )

@@ -26,7 +26,9 @@ cli = _load_cli()
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def rows(count: int = 75, *, eos: bool = True) -> list[dict]:
@@ -84,8 +86,19 @@ def test_convert_then_validate(tmp_path, capsys):
     table = tmp_path / "data.csv"
     table.write_text('question,answer\n"banana, ripe",yellow\n"lime ""fresh""",green\n', encoding="utf-8")
     out = tmp_path / "data.jsonl"
-    args = ["convert", str(table), str(out), "--prompt-column", "question", "--completion-column", "answer",
-            "--separator", "\\n\\n###\\n\\n", "--add-eos", "--leading-space"]
+    args = [
+        "convert",
+        str(table),
+        str(out),
+        "--prompt-column",
+        "question",
+        "--completion-column",
+        "answer",
+        "--separator",
+        "\\n\\n###\\n\\n",
+        "--add-eos",
+        "--leading-space",
+    ]
     assert cli.main(args) == 0
     assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == [
         {"prompt": "banana, ripe\n\n###\n\n", "completion": " yellow" + EOS},
@@ -125,7 +138,9 @@ def test_config_gives_tokenizer_length_policy_and_test_prompts(tmp_path, tiny_mo
     assert cli.main(["validate", "--config", str(config), "--json"]) == code
     report = json.loads(capsys.readouterr().out)
     assert report["stats"]["tokens"]["total"] > 0 and report["stats"]["lengths"]["over"] == 1
-    assert [(w["kind"], w["line"]) for w in report["warnings"] if w["kind"].startswith("test_prompt")] == [("test_prompt_in_data", 4)]
+    assert [(w["kind"], w["line"]) for w in report["warnings"] if w["kind"].startswith("test_prompt")] == [
+        ("test_prompt_in_data", 4)
+    ]
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
@@ -141,8 +156,12 @@ def test_written_files_follow_the_umask(tmp_path, capsys, umask, mode):
         assert cli.main(["split", str(tmp_path / "fixed.jsonl"), "--out-dir", str(tmp_path / "split")]) == 0
     finally:
         os.umask(previous)
-    written = [tmp_path / "data.jsonl", tmp_path / "fixed.jsonl", tmp_path / "split" / "fixed-train.jsonl",
-               tmp_path / "split" / "fixed-test.jsonl"]
+    written = [
+        tmp_path / "data.jsonl",
+        tmp_path / "fixed.jsonl",
+        tmp_path / "split" / "fixed-train.jsonl",
+        tmp_path / "split" / "fixed-test.jsonl",
+    ]
     assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in written} == {path.name: mode for path in written}
 
 

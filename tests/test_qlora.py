@@ -10,7 +10,15 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import TEST_PROMPTS, checkpoint_folders, fruit_rows, read_jsonl, run_command, run_forked, write_config
+from tests.helpers import (
+    TEST_PROMPTS,
+    checkpoint_folders,
+    fruit_rows,
+    read_jsonl,
+    run_command,
+    run_forked,
+    write_config,
+)
 from trainer import quantization
 from trainer.config import Config
 from trainer.errors import UserError
@@ -32,8 +40,16 @@ def wide_model(tmp_path_factory):
     from trainer.tiny_models import save_tiny_model
 
     texts = [row["prompt"] + row["completion"] for row in fruit_rows()]
-    return save_tiny_model(tmp_path_factory.mktemp("wide") / "gpt_neox", "gpt_neox", texts, vocab_size=320,
-                           n_layer=2, n_embd=64, n_head=2, n_positions=64)
+    return save_tiny_model(
+        tmp_path_factory.mktemp("wide") / "gpt_neox",
+        "gpt_neox",
+        texts,
+        vocab_size=320,
+        n_layer=2,
+        n_embd=64,
+        n_head=2,
+        n_positions=64,
+    )
 
 
 def linear4bit_layers(model):
@@ -53,8 +69,14 @@ def test_evaluation_and_generation_leave_the_4bit_weights_as_training_needs_them
     the 4-bit weights and their scales are bit for bit the same, and the same batch gets exactly the
     same gradients as before (a repacked layer's forward has no autograd: the gradient through the
     base weight would be lost, or the step fails)."""
-    cfg = Config.model_validate({"model": {"name_or_path": str(wide_model), "dtype": "float32"}, "method": "qlora",
-                                 "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "data": {"train_file": "t.jsonl"}})
+    cfg = Config.model_validate(
+        {
+            "model": {"name_or_path": str(wide_model), "dtype": "float32"},
+            "method": "qlora",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "data": {"train_file": "t.jsonl"},
+        }
+    )
     model = apply_method(cfg, load_model(cfg)[0])
     layers = linear4bit_layers(model)
     assert len(layers) == 8  # 2 blocks x (query_key_value, dense, dense_h_to_4h, dense_4h_to_h)
@@ -94,8 +116,9 @@ def test_a_bitsandbytes_without_the_repacking_flag_is_refused_on_the_cpu_with_it
         quantization.keep_4bit_training_layout(model, torch.device("cpu"))
     message = str(error.value)
     assert message.startswith("QLoRA on the CPU: bitsandbytes 0.51.0 changed how its 4-bit layers decide to repack")
-    assert message.endswith("Fix: pip install 'bitsandbytes>=0.50,<0.51' (the versions this trainer is tested with), "
-                            "or run QLoRA on a GPU")
+    assert message.endswith(
+        "Fix: pip install 'bitsandbytes>=0.50,<0.51' (the versions this trainer is tested with), or run QLoRA on a GPU"
+    )
     assert quantization.keep_4bit_training_layout(model, torch.device("cuda")) == 0  # GPUs never repack
 
 
@@ -114,8 +137,9 @@ def assert_checkpoints_evaluated_and_sampled(run, steps: list[int]) -> None:
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_qlora_runs_through_checkpoints_with_eval_loss_and_test_prompts(tmp_path, wide_model, avx512_bf16,
-                                                                        monkeypatch, capfd, processes):
+def test_qlora_runs_through_checkpoints_with_eval_loss_and_test_prompts(
+    tmp_path, wide_model, avx512_bf16, monkeypatch, capfd, processes
+):
     """48 examples, 8 a micro-batch per process, 2 epochs, 3 checkpoints: 12 steps (checkpoints at
     4, 8, 12) in one process, 6 (at 2, 4, 6) in two (gloo, forked as torchrun starts them). The
     kernel notice is printed once, by the main process only."""
@@ -129,10 +153,14 @@ def test_qlora_runs_through_checkpoints_with_eval_loss_and_test_prompts(tmp_path
     assert_checkpoints_evaluated_and_sampled(tmp_path / "run", [4, 8, 12] if processes == 1 else [2, 4, 6])
 
 
-BNB_WARNING = ("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
-               "`pip install kernels` and the kernels >= 0.11.1")  # bitsandbytes 0.50.2, backends/cpu/ops.py
-KERNELS_OFFLINE = ("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging "
-                   "Face Hub is in offline mode.")  # kernels 0.19.1, _internals/hf_hub.py, with HF_HUB_OFFLINE=1
+BNB_WARNING = (
+    "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+    "`pip install kernels` and the kernels >= 0.11.1"
+)  # bitsandbytes 0.50.2, backends/cpu/ops.py
+KERNELS_OFFLINE = (
+    "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging "
+    "Face Hub is in offline mode."
+)  # kernels 0.19.1, _internals/hf_hub.py, with HF_HUB_OFFLINE=1
 
 
 def test_the_kernel_warning_alone_is_filtered_and_remembered(monkeypatch, caplog):
@@ -147,7 +175,9 @@ def test_the_kernel_warning_alone_is_filtered_and_remembered(monkeypatch, caplog
         kernels_logger.warning(KERNELS_OFFLINE)
         logger.warning(BNB_WARNING, "Kernel repository could not verify publisher trust status")
         logger.warning("another bitsandbytes warning")
-        kernels_logger.warning("Skipping publisher trust check for 'someone/else' because Hugging Face Hub is in offline mode.")
+        kernels_logger.warning(
+            "Skipping publisher trust check for 'someone/else' because Hugging Face Hub is in offline mode."
+        )
     assert [record.getMessage() for record in caplog.records] == [
         "another bitsandbytes warning",
         "Skipping publisher trust check for 'someone/else' because Hugging Face Hub is in offline mode.",

@@ -17,7 +17,9 @@ def load_reference_script():
 def test_config_reference_matches_the_config_models():
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
     in_readme = README[README.index(start) + len(start) : README.index(end)]
-    assert in_readme == load_reference_script().reference(), "run: python scripts/config_reference.py and paste it into README.md"
+    assert in_readme == load_reference_script().reference(), (
+        "run: python scripts/config_reference.py and paste it into README.md"
+    )
 
 
 def test_ci_runs_the_readme_test_command():

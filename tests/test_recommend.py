@@ -9,7 +9,12 @@ import pytest
 
 from trainer.errors import UsageError, UserError
 from trainer.recommend import (
-    RECOMMENDATION_FILE, Recommendation, read_recommendation, recommend, resolve_checkpoint_arg, write_recommendation,
+    RECOMMENDATION_FILE,
+    Recommendation,
+    read_recommendation,
+    recommend,
+    resolve_checkpoint_arg,
+    write_recommendation,
 )
 from trainer.report import CheckpointSummary
 
@@ -19,25 +24,34 @@ def summary(step, eval_loss, metrics=None, examples=100):
 
 
 def test_the_highest_primary_metric_wins_and_a_tie_goes_to_the_earlier_checkpoint():
-    checkpoints = [summary(10, 0.9, {"exact_match": 0.5, "item_f1": 0.7}),
-                   summary(20, 0.5, {"exact_match": 0.93, "item_f1": 0.95}),
-                   summary(30, 0.4, {"exact_match": 0.93, "item_f1": 0.97}),
-                   summary(40, 0.45, {"exact_match": 0.91, "item_f1": 0.99})]
+    checkpoints = [
+        summary(10, 0.9, {"exact_match": 0.5, "item_f1": 0.7}),
+        summary(20, 0.5, {"exact_match": 0.93, "item_f1": 0.95}),
+        summary(30, 0.4, {"exact_match": 0.93, "item_f1": 0.97}),
+        summary(40, 0.45, {"exact_match": 0.91, "item_f1": 0.99}),
+    ]
     assert recommend(checkpoints) == Recommendation(
-        "checkpoint-20", "exact_match", 0.93,
+        "checkpoint-20",
+        "exact_match",
+        0.93,
         "highest exact_match (0.9300 on 100 validation examples) of 4 checkpoints; checkpoint-30 ties with it "
-        "and the earlier is preferred")
+        "and the earlier is preferred",
+    )
     # Another primary metric (as eval.metrics lists it first), and any order of the summaries.
     assert recommend(list(reversed(checkpoints)), primary="item_f1") == Recommendation(
-        "checkpoint-40", "item_f1", 0.99, "highest item_f1 (0.9900 on 100 validation examples) of 4 checkpoints")
+        "checkpoint-40", "item_f1", 0.99, "highest item_f1 (0.9900 on 100 validation examples) of 4 checkpoints"
+    )
 
 
 def test_without_task_metrics_the_lowest_eval_loss_and_without_either_nothing():
     checkpoints = [summary(10, 0.9), summary(20, 0.5), summary(30, 0.5), summary(40, float("nan"))]
     assert recommend(checkpoints) == Recommendation(
-        "checkpoint-20", "eval_loss", 0.5,
+        "checkpoint-20",
+        "eval_loss",
+        0.5,
         "lowest eval loss (0.5000) of 3 checkpoints, as no task metric was computed; checkpoint-30 ties with it "
-        "and the earlier is preferred")
+        "and the earlier is preferred",
+    )
     assert recommend([summary(10, None), summary(20, None)]) is None
     assert recommend([]) is None
 
@@ -45,8 +59,9 @@ def test_without_task_metrics_the_lowest_eval_loss_and_without_either_nothing():
 def test_a_resumed_run_recommends_what_an_uninterrupted_one_does():
     checkpoints = [summary(10, 0.9, {"accuracy": 0.8}), summary(20, 0.7, {"accuracy": 0.9})]
     saved = json.loads(json.dumps([asdict(c) for c in checkpoints]))  # the resumable state's round trip
-    old_state = [{k: v for k, v in c.items() if k in ("step", "epoch", "train_loss", "eval_loss", "samples")}
-                 for c in saved]
+    old_state = [
+        {k: v for k, v in c.items() if k in ("step", "epoch", "train_loss", "eval_loss", "samples")} for c in saved
+    ]
     assert recommend([CheckpointSummary(**c) for c in saved]) == recommend(checkpoints) == recommend(saved)
     assert recommend([CheckpointSummary(**c) for c in old_state]).metric == "eval_loss"  # an older state still loads
 
@@ -54,7 +69,11 @@ def test_a_resumed_run_recommends_what_an_uninterrupted_one_does():
 def test_recommendation_json_is_written_atomically_and_removed_when_there_is_none(tmp_path):
     write_recommendation(tmp_path, Recommendation("checkpoint-20", "accuracy", 0.9, "highest accuracy"))
     assert json.loads((tmp_path / RECOMMENDATION_FILE).read_text()) == {
-        "checkpoint": "checkpoint-20", "metric": "accuracy", "value": 0.9, "why": "highest accuracy"}
+        "checkpoint": "checkpoint-20",
+        "metric": "accuracy",
+        "value": 0.9,
+        "why": "highest accuracy",
+    }
     assert [p.name for p in tmp_path.iterdir()] == [RECOMMENDATION_FILE]  # no temporary file left
     assert read_recommendation(tmp_path).checkpoint == "checkpoint-20"
     write_recommendation(tmp_path, None)
@@ -67,7 +86,9 @@ def make_run(tmp_path, checkpoint, steps=(3, 6), recommended=6):
     for step in steps:
         shutil.copytree(checkpoint, run / f"checkpoint-{step}")
     if recommended is not None:
-        write_recommendation(run, Recommendation(f"checkpoint-{recommended}", "accuracy", 1.0, "highest accuracy (1.0000)"))
+        write_recommendation(
+            run, Recommendation(f"checkpoint-{recommended}", "accuracy", 1.0, "highest accuracy (1.0000)")
+        )
     return run
 
 
@@ -78,16 +99,20 @@ def test_resolving_the_checkpoint_argument(tmp_path, trained_checkpoints):
     assert resolve_checkpoint_arg(run / "checkpoint-3", best=False) == (run / "checkpoint-3", None)
     with pytest.raises(UsageError) as err:
         resolve_checkpoint_arg(run, best=False)
-    assert str(err.value) == (f"{run} is a run folder, not a checkpoint. Fix: give one of its checkpoints "
-                              "(checkpoint-3, checkpoint-6), or add --best for the recommended one (recommended: checkpoint-6)")
+    assert str(err.value) == (
+        f"{run} is a run folder, not a checkpoint. Fix: give one of its checkpoints "
+        "(checkpoint-3, checkpoint-6), or add --best for the recommended one (recommended: checkpoint-6)"
+    )
     with pytest.raises(UsageError, match="--best takes a run folder, and .*checkpoint-3 is a checkpoint"):
         resolve_checkpoint_arg(run / "checkpoint-3", best=True)
     (run / RECOMMENDATION_FILE).unlink()
     with pytest.raises(UserError) as err:
         resolve_checkpoint_arg(run, best=True)
-    assert str(err.value) == (f"{run} has no recommendation.json: a run writes it at its first checkpoint when it has "
-                              "validation data to rank them by. Fix: give one of its checkpoint folders "
-                              "(checkpoint-3, checkpoint-6) instead of --best")
+    assert str(err.value) == (
+        f"{run} has no recommendation.json: a run writes it at its first checkpoint when it has "
+        "validation data to rank them by. Fix: give one of its checkpoint folders "
+        "(checkpoint-3, checkpoint-6) instead of --best"
+    )
     write_recommendation(run, Recommendation("checkpoint-9", "accuracy", 1.0, "x"))
     with pytest.raises(UserError, match="recommends checkpoint-9, which is not in"):
         resolve_checkpoint_arg(run, best=True)

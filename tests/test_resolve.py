@@ -8,7 +8,9 @@ from trainer.resolve import resolve_config
 def test_every_auto_is_resolved_before_anything_loads(tmp_path, tiny_model_dirs):
     train = tmp_path / "train.jsonl"
     train.write_text('{"prompt": "a", "completion": " b"}\n')
-    config = Config.model_validate({"model": {"name_or_path": str(tiny_model_dirs["gptj"])}, "data": {"train_file": str(train)}})
+    config = Config.model_validate(
+        {"model": {"name_or_path": str(tiny_model_dirs["gptj"])}, "data": {"train_file": str(train)}}
+    )
     resolve_config(config, device=torch.device("cpu"), model_config=load_model_config(config))
     assert config.training.epochs == 4.0  # under 10 MB
     assert config.model.dtype == "float32" and config.training.mixed_precision == "no"
@@ -29,14 +31,25 @@ def test_qlora_without_autocast_never_gets_a_flash_kernel(tmp_path, tiny_model_d
     train.write_text('{"prompt": "a", "completion": " b"}\n')
 
     def resolved(**training):
-        config = Config.model_validate({"model": {"name_or_path": str(tiny_model_dirs["gptj"]), "dtype": "bfloat16"},
-                                        "method": "qlora", "data": {"train_file": str(train)}, "training": training})
+        config = Config.model_validate(
+            {
+                "model": {"name_or_path": str(tiny_model_dirs["gptj"]), "dtype": "bfloat16"},
+                "method": "qlora",
+                "data": {"train_file": str(train)},
+                "training": training,
+            }
+        )
         return resolve_config(config, device=torch.device("cuda"), model_config=load_model_config(config))
 
     assert resolved(mixed_precision="bf16").model.attention == "varlen"  # head 16, bf16 under autocast
     assert resolved(mixed_precision="no").model.attention == "sdpa"
-    config = Config.model_validate({"model": {"name_or_path": str(tiny_model_dirs["gptj"]), "dtype": "bfloat16",
-                                              "attention": "varlen"},
-                                    "method": "qlora", "data": {"train_file": str(train)}, "training": {"mixed_precision": "no"}})
+    config = Config.model_validate(
+        {
+            "model": {"name_or_path": str(tiny_model_dirs["gptj"]), "dtype": "bfloat16", "attention": "varlen"},
+            "method": "qlora",
+            "data": {"train_file": str(train)},
+            "training": {"mixed_precision": "no"},
+        }
+    )
     with pytest.raises(UserError, match="flash kernels take bfloat16 or float16 inputs"):
         resolve_config(config, device=torch.device("cuda"), model_config=load_model_config(config))

@@ -14,13 +14,17 @@ import time
 import pytest
 import yaml
 
-from tests.helpers import assert_same_run, read_jsonl, resume_config, trained_weights, checkpoint_folders
+from tests.helpers import assert_same_run, checkpoint_folders, read_jsonl, resume_config, trained_weights
+from tests.stop_helpers import out_of_time_after_steps
 from trainer.config import load_config
 from trainer.errors import (
-    EXIT_INTERRUPTED, EXIT_STOPPED_RESUMABLE, ConfigChanged, ProcessCountChanged, RunFolderBusy,
+    EXIT_INTERRUPTED,
+    EXIT_STOPPED_RESUMABLE,
+    ConfigChanged,
+    ProcessCountChanged,
+    RunFolderBusy,
 )
 from trainer.run_folder import RunLock
-from tests.stop_helpers import out_of_time_after_steps
 from trainer.train import FineTuneRecipe, main
 
 
@@ -34,7 +38,9 @@ def runs(tmp_path_factory, tiny_model_dirs):
     # refused: tests/test_failures.py).
     with pytest.MonkeyPatch.context() as monkeypatch:
         out_of_time_after_steps(monkeypatch, 2)
-        assert main([str(config), f"output_dir={folder / 'stopped'}", "training.time_limit=1h"]) == EXIT_STOPPED_RESUMABLE
+        assert (
+            main([str(config), f"output_dir={folder / 'stopped'}", "training.time_limit=1h"]) == EXIT_STOPPED_RESUMABLE
+        )
     return config, folder / "reference", folder / "stopped"
 
 
@@ -146,7 +152,9 @@ def test_resume_from_a_state_path_into_another_folder(runs, tmp_path, capsys):
 def test_a_changed_config_is_refused_naming_the_keys(runs, tmp_path, capsys):
     config, _, stopped = runs
     run = copy_of(stopped, tmp_path)
-    recipe = FineTuneRecipe(load_config(config, [f"output_dir={run}", "training.learning_rate=0.1", "checkpoints.count=4"]))
+    recipe = FineTuneRecipe(
+        load_config(config, [f"output_dir={run}", "training.learning_rate=0.1", "checkpoints.count=4"])
+    )
     with pytest.raises(ConfigChanged) as refused:
         try:
             recipe.setup()
@@ -239,4 +247,3 @@ def test_an_unwritable_output_dir_is_one_clear_line(runs, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: cannot write to output_dir /sys/kernel (") and "Traceback" not in err
     assert err.count("\n") == 1
-

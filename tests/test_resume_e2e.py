@@ -73,10 +73,16 @@ def test_sigterm_stops_at_a_step_boundary_with_a_state_and_the_rerun_is_the_same
     config, reference_run = reference
     run = tmp_path / "run"
     command = [*TRAIN, str(config), f"output_dir={run}"]
-    process = subprocess.Popen(command, cwd=REPO, env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and process.poll() is None and time.time() < deadline:
+    while (
+        not (metrics.exists() and metrics.read_text().count("\n") >= 2)
+        and process.poll() is None
+        and time.time() < deadline
+    ):
         time.sleep(0.005)
     signalled_at = len(read_jsonl(metrics))
     process.send_signal(signal.SIGTERM)
@@ -104,7 +110,10 @@ def test_two_processes_killed_and_resumed_equal_the_uninterrupted_two_process_ru
     run = tmp_path / "run"
     killed = run_forked([str(config), f"output_dir={run}"], processes=2, env={"TRAINER_CRASH_AT": "mid_step@7:1"})
     assert killed[1] == -signal.SIGKILL
-    assert states(run) == ["state-5"] and sorted(p.name for p in (run / "state-5").glob("rng-*")) == ["rng-0.pt", "rng-1.pt"]
+    assert states(run) == ["state-5"] and sorted(p.name for p in (run / "state-5").glob("rng-*")) == [
+        "rng-0.pt",
+        "rng-1.pt",
+    ]
     capfd.readouterr()
     assert run_forked([str(config), f"output_dir={run}"], processes=2) == [0, 0]
     assert "resumed from step 5 of 12" in capfd.readouterr().out

@@ -8,7 +8,15 @@ import pytest
 
 from trainer.errors import RunFolderBusy, UserError
 from trainer.run_folder import (
-    LOCK_FILE, RunFolder, RunLock, clear_run, holder_is_gone, process_start, read_status, rewind_to, this_process,
+    LOCK_FILE,
+    RunFolder,
+    RunLock,
+    clear_run,
+    holder_is_gone,
+    process_start,
+    read_status,
+    rewind_to,
+    this_process,
     write_status,
 )
 
@@ -90,14 +98,29 @@ def test_what_makes_a_folder_a_run(tmp_path):
 
 def test_rewind_keeps_each_step_once_and_drops_what_came_after_the_state(tmp_path):
     folder = tmp_path
-    for name in ("checkpoint-4", "checkpoint-8", "state-6", "state-5", ".checkpoint-9.partial", ".state-9.partial", "keep-me"):
+    for name in (
+        "checkpoint-4",
+        "checkpoint-8",
+        "state-6",
+        "state-5",
+        ".checkpoint-9.partial",
+        ".state-9.partial",
+        "keep-me",
+    ):
         (folder / name).mkdir()
     lines = [{"step": s, "loss": 1.0} for s in range(1, 10)] + [{"step": 8, "eval_loss": 2.0}]
     text = "".join(json.dumps(line) + "\n" for line in lines)
     (folder / "metrics.jsonl").write_text(text + '{"step": 10, "lo')  # a line cut by the kill
     rewind_to(folder, 6)
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-4", "keep-me", "metrics.jsonl", "state-6"]
-    assert [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
 
 
 def test_clear_removes_what_a_run_writes_and_nothing_else(tmp_path):

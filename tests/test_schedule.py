@@ -67,7 +67,9 @@ def test_decay_equals_hugging_faces_schedulers():
             hf = make(optimizer, warmup, total)
             for step in range(warmup + 1, total + 1):
                 expected = hf.lr_lambdas[0](step - 1)
-                assert learning_rate_at(step, peak=1.0, total_steps=total, warmup=warmup, schedule=name) == pytest.approx(expected, abs=1e-12), (name, total, warmup, step)
+                assert learning_rate_at(
+                    step, peak=1.0, total_steps=total, warmup=warmup, schedule=name
+                ) == pytest.approx(expected, abs=1e-12), (name, total, warmup, step)
 
 
 def test_warmup_steps_round_up():
@@ -78,7 +80,16 @@ def test_warmup_steps_round_up():
 
 @pytest.mark.parametrize(
     "size, epochs",
-    [(0, 4), (999_999, 4), (5_000_000, 4), (10_000_000, 3), (99_999_999, 3), (100_000_000, 2), (499_999_999, 2), (500_000_000, 1)],
+    [
+        (0, 4),
+        (999_999, 4),
+        (5_000_000, 4),
+        (10_000_000, 3),
+        (99_999_999, 3),
+        (100_000_000, 2),
+        (499_999_999, 2),
+        (500_000_000, 1),
+    ],
 )
 def test_auto_epochs_table(size, epochs):
     assert auto_epochs(size) == epochs

@@ -18,9 +18,15 @@ CPU = torch.device("cpu")
 
 
 def checks_of(model, attention, packing, dtype=torch.float32):
-    autocast = contextlib.nullcontext if dtype == torch.float32 else functools.partial(torch.autocast, "cpu", dtype=dtype)
-    return {c.name: c for c in check_model(model, attention=attention, packing=packing, compute_dtype=dtype,
-                                           autocast=autocast, device=CPU)}
+    autocast = (
+        contextlib.nullcontext if dtype == torch.float32 else functools.partial(torch.autocast, "cpu", dtype=dtype)
+    )
+    return {
+        c.name: c
+        for c in check_model(
+            model, attention=attention, packing=packing, compute_dtype=dtype, autocast=autocast, device=CPU
+        )
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -81,12 +87,14 @@ def test_packing_on_a_model_that_does_not_isolate_examples_fails_the_layout_chec
 
 def test_bloom_forced_to_pack_is_stopped_with_the_numbers_and_the_fix():
     """BLOOM (no family entry, ALiBi positions, no position_ids) cannot keep packed examples apart."""
-    config = transformers.BloomConfig(vocab_size=320, hidden_size=32, n_layer=2, n_head=2, hidden_dropout=0.0,
-                                      attention_dropout=0.0)
+    config = transformers.BloomConfig(
+        vocab_size=320, hidden_size=32, n_layer=2, n_head=2, hidden_dropout=0.0, attention_dropout=0.0
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    result = run_self_test(model, attention="eager", packing=True, compute_dtype=torch.float32,
-                           autocast=contextlib.nullcontext, device=CPU)
+    result = run_self_test(
+        model, attention="eager", packing=True, compute_dtype=torch.float32, autocast=contextlib.nullcontext, device=CPU
+    )
     assert [c.name for c in result.failed] == ["layout"]
     err = failure(result)
     assert isinstance(err, SelfTestFailed) and err.checks == result.failed
@@ -94,14 +102,22 @@ def test_bloom_forced_to_pack_is_stopped_with_the_numbers_and_the_fix():
     assert f"relative difference {result.failed[0].difference:.3g} > tolerance 0.0001" in message
     assert "packed examples attend to each other" in message and "data.packing=false" in message
     assert f"transformers {transformers.__version__}" in message
-    assert not run_self_test(model, attention="eager", packing=False, compute_dtype=torch.float32,
-                             autocast=contextlib.nullcontext, device=CPU).failed
+    assert not run_self_test(
+        model,
+        attention="eager",
+        packing=False,
+        compute_dtype=torch.float32,
+        autocast=contextlib.nullcontext,
+        device=CPU,
+    ).failed
 
 
 def _example(tokenizer, prompt, completion, line, source):
     prompt_ids = tokenizer(prompt)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return TokenizedExample(prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids, source, line)
+    return TokenizedExample(
+        prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids, source, line
+    )
 
 
 def test_the_labels_check_re_encodes_the_first_batch_from_its_file(tokenizer, tmp_path):
@@ -110,20 +126,32 @@ def test_the_labels_check_re_encodes_the_first_batch_from_its_file(tokenizer, tm
     from trainer.data.batching import collate
     from trainer.data.packing import PackedRow, collate_packed
 
-    rows = [{"prompt": "Fruit: apple\nColour:", "completion": " red"},
-            {"prompt": "Fruit: banana\nColour:", "completion": " yellow<|endoftext|>"}]
+    rows = [
+        {"prompt": "Fruit: apple\nColour:", "completion": " red"},
+        {"prompt": "Fruit: banana\nColour:", "completion": " yellow<|endoftext|>"},
+    ]
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    items = [_example(tokenizer, r["prompt"], r["completion"].removesuffix("<|endoftext|>"), n, str(path))
-             for n, r in enumerate(rows, 1)]
-    for batch_items, batch in ((items, collate(items, 0)), ([PackedRow(tuple(items))], collate_packed([PackedRow(tuple(items))], 0))):
+    items = [
+        _example(tokenizer, r["prompt"], r["completion"].removesuffix("<|endoftext|>"), n, str(path))
+        for n, r in enumerate(rows, 1)
+    ]
+    for batch_items, batch in (
+        (items, collate(items, 0)),
+        ([PackedRow(tuple(items))], collate_packed([PackedRow(tuple(items))], 0)),
+    ):
         check = check_labels(batch_items, batch, tokenizer, "auto")
         assert check.passed and check.detail == "2 examples supervise exactly their completion and EOS"
     # The EOS left unsupervised (the trap of masking by token id when pad == eos): caught.
     wrong = [TokenizedExample(items[0].input_ids, items[0].labels[:-1] + [IGNORE_INDEX], str(path), 1), items[1]]
     check = check_labels(wrong, collate(wrong, 0), tokenizer, "auto")
-    assert not check.passed and check.detail == f"{path} line 1: supervised positions are not exactly the completion and its EOS"
+    assert (
+        not check.passed
+        and check.detail == f"{path} line 1: supervised positions are not exactly the completion and its EOS"
+    )
     # Labels that collate put in the wrong place: caught too.
     batch = collate(items, 0)
     batch["labels"] = torch.roll(batch["labels"], 1, dims=1)
-    assert check_labels(items, batch, tokenizer, "auto").detail == "batch row 0: labels not where the example's tokens are"
+    assert (
+        check_labels(items, batch, tokenizer, "auto").detail == "batch row 0: labels not where the example's tokens are"
+    )

@@ -58,16 +58,28 @@ def slurm(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(f"model: {{name_or_path: m}}\ndata: {{train_file: t.jsonl}}\noutput_dir: {tmp_path / 'run'}\n")
     env = {
-        "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log), "PYTHON": sys.executable,
-        "PYTHONPATH": str(REPO), "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-a,gpu-b", "SLURM_GPUS_ON_NODE": "8",
-        "SLURM_SUBMIT_DIR": str(REPO), "HOME": os.environ.get("HOME", "/root"),
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "STUB_LOG": str(log),
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(REPO),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "gpu-a,gpu-b",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "HOME": os.environ.get("HOME", "/root"),
     }
     return config, env, log
 
 
 def sbatch(config, env, *args, **popen):
-    return subprocess.Popen(["bash", str(SCRIPT), str(config), *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        ["bash", str(SCRIPT), str(config), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def finish(process) -> tuple[int, str]:
@@ -91,9 +103,23 @@ def test_two_nodes_build_one_accelerate_launch_per_node_meeting_on_the_first(slu
     assert code == 0, output
     assert lines(log / "srun.args")[:2] == ["--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     assert lines(log / "launch.args") == [
-        "launch", "--machine_rank", "0", "--num_machines", "2", "--num_processes", "16", "--multi_gpu",
-        "--rdzv_backend", "c10d", "--main_process_ip", "gpu-a", "--main_process_port", "14242",
-        "trainer/train.py", str(config), "training.epochs=1",
+        "launch",
+        "--machine_rank",
+        "0",
+        "--num_machines",
+        "2",
+        "--num_processes",
+        "16",
+        "--multi_gpu",
+        "--rdzv_backend",
+        "c10d",
+        "--main_process_ip",
+        "gpu-a",
+        "--main_process_port",
+        "14242",
+        "trainer/train.py",
+        str(config),
+        "training.epochs=1",
     ]
     assert lines(log / "rdzv_id") == ["4242"]  # torchrun's rendezvous id: only this job's launchers meet
     assert lines(log / "shutdown_timeout") == ["280"]
@@ -111,7 +137,11 @@ def test_gpus_per_node_come_from_the_allocation(slurm):
 
 def test_one_gpu_runs_the_trainer_without_a_launcher(slurm):
     config, env, log = slurm
-    env |= {"SLURM_JOB_NODELIST": "gpu-a", "SLURM_GPUS_ON_NODE": "1", "PYTHON": str(Path(env["PATH"].split(":")[0]) / "stub-python")}
+    env |= {
+        "SLURM_JOB_NODELIST": "gpu-a",
+        "SLURM_GPUS_ON_NODE": "1",
+        "PYTHON": str(Path(env["PATH"].split(":")[0]) / "stub-python"),
+    }
     assert finish(sbatch(config, env, "a.b=1"))[0] == 0
     assert lines(log / "launch.args") == ["trainer/train.py", str(config), "a.b=1"]
 
@@ -172,8 +202,20 @@ def test_two_single_node_jobs_on_one_host_get_their_own_rendezvous(slurm, tmp_pa
     for log, port in ((first, "14242"), (second, "14243")):
         # static rendezvous on the job's own port, not c10d's shared default localhost:29400 with run id "none"
         assert lines(log / "launch.args") == [
-            "launch", "--machine_rank", "0", "--num_machines", "1", "--num_processes", "4", "--multi_gpu",
-            "--rdzv_backend", "static", "--main_process_port", port, "trainer/train.py", str(config),
+            "launch",
+            "--machine_rank",
+            "0",
+            "--num_machines",
+            "1",
+            "--num_processes",
+            "4",
+            "--multi_gpu",
+            "--rdzv_backend",
+            "static",
+            "--main_process_port",
+            port,
+            "trainer/train.py",
+            str(config),
         ]
         assert lines(log / "rdzv_id") == ["unset"]
 

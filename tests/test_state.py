@@ -11,7 +11,14 @@ from trainer.atomic import file_mode
 from trainer.config import Config
 from trainer.errors import SaveFailed, UserError
 from trainer.state import (
-    COMPLETE_MARKER, capture_rng, complete_states, load_state, newest_state, read_state, restore_rng, save_state,
+    COMPLETE_MARKER,
+    capture_rng,
+    complete_states,
+    load_state,
+    newest_state,
+    read_state,
+    restore_rng,
+    save_state,
 )
 
 
@@ -49,15 +56,26 @@ def small_model_and_optimizer():
 
 
 def config(tmp_path) -> Config:
-    return Config.model_validate({"model": {"name_or_path": "m"}, "data": {"train_file": "t"}, "output_dir": str(tmp_path)})
+    return Config.model_validate(
+        {"model": {"name_or_path": "m"}, "data": {"train_file": "t"}, "output_dir": str(tmp_path)}
+    )
 
 
 def test_weights_optimizer_and_metadata_round_trip(tmp_path):
     accelerator = Accelerator(cpu=True)
     model, optimizer = small_model_and_optimizer()
-    path = save_state(accelerator, tmp_path, 7, model=model, optimizer=optimizer, config=config(tmp_path), info={"reason": "test"})
+    path = save_state(
+        accelerator, tmp_path, 7, model=model, optimizer=optimizer, config=config(tmp_path), info={"reason": "test"}
+    )
     assert path.name == "state-7" and (path / COMPLETE_MARKER).is_file()
-    assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "config.yaml", "optimizer.pt", "rng-0.pt", "state.json", "trainable.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "COMPLETE",
+        "config.yaml",
+        "optimizer.pt",
+        "rng-0.pt",
+        "state.json",
+        "trainable.safetensors",
+    ]
     assert {stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()} == {file_mode()}
 
     state = newest_state(tmp_path)
@@ -84,8 +102,14 @@ def test_only_the_newest_complete_state_is_kept_and_partial_ones_are_never_used(
     assert newest_state(tmp_path).step == 6
     with pytest.raises(UserError, match="not a complete resumable state"):
         read_state(tmp_path / "state-9")
-    final = save_state(accelerator, tmp_path, 10, model=model, optimizer=optimizer, config=config(tmp_path), info={}, final=True)
-    assert newest_state(tmp_path).complete and sorted(p.name for p in final.iterdir()) == ["COMPLETE", "config.yaml", "state.json"]
+    final = save_state(
+        accelerator, tmp_path, 10, model=model, optimizer=optimizer, config=config(tmp_path), info={}, final=True
+    )
+    assert newest_state(tmp_path).complete and sorted(p.name for p in final.iterdir()) == [
+        "COMPLETE",
+        "config.yaml",
+        "state.json",
+    ]
 
 
 def test_a_full_disk_during_a_save_keeps_the_previous_state(tmp_path, monkeypatch):
@@ -97,6 +121,8 @@ def test_a_full_disk_during_a_save_keeps_the_previous_state(tmp_path, monkeypatc
         raise OSError(errno.ENOSPC, "No space left on device", str(filename))
 
     monkeypatch.setattr("trainer.state.save_file", disk_full)
-    with pytest.raises(SaveFailed, match=r"state of step 6 .*No space left on device.*the last resumable state is state-3 \(intact\)"):
+    with pytest.raises(
+        SaveFailed, match=r"state of step 6 .*No space left on device.*the last resumable state is state-3 \(intact\)"
+    ):
         save_state(accelerator, tmp_path, 6, model=model, optimizer=optimizer, config=config(tmp_path), info={})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state-3"]

@@ -10,7 +10,14 @@ def test_the_exit_code_is_the_last_jobs(tmp_path, capsys):
     config.write_text(f"model: {{name_or_path: m}}\ndata: {{train_file: t.jsonl}}\noutput_dir: {tmp_path / 'run'}\n")
     assert main([str(config)]) == 1 and "no run has started here" in capsys.readouterr().out
     (tmp_path / "run").mkdir()
-    write_status(tmp_path / "run", "stopped", step=5, total_steps=24, exit_code=75, message="stopped at step 5 of 24 (time limit)")
+    write_status(
+        tmp_path / "run",
+        "stopped",
+        step=5,
+        total_steps=24,
+        exit_code=75,
+        message="stopped at step 5 of 24 (time limit)",
+    )
     assert main([str(config)]) == 75 and "stopped at step 5 of 24 (time limit)" in capsys.readouterr().out
     write_status(tmp_path / "run", "complete", step=24, total_steps=24, exit_code=0, message="complete: 24 steps")
     assert main([str(config)]) == 0

@@ -4,7 +4,13 @@ import pytest
 
 from trainer.config import Config
 from trainer.stopping import (
-    MARGIN_FACTOR, MARGIN_SECONDS, Deadline, StopSignals, parse_duration, parse_slurm_time_left, slurm_seconds_left,
+    MARGIN_FACTOR,
+    MARGIN_SECONDS,
+    Deadline,
+    StopSignals,
+    parse_duration,
+    parse_slurm_time_left,
+    slurm_seconds_left,
 )
 
 
@@ -21,7 +27,9 @@ def test_durations():
 
 def test_a_bad_time_limit_is_a_config_error_naming_the_forms():
     with pytest.raises(ValueError, match="23h30m"):
-        Config.model_validate({"model": {"name_or_path": "m"}, "data": {"train_file": "t"}, "training": {"time_limit": "tomorrow"}})
+        Config.model_validate(
+            {"model": {"name_or_path": "m"}, "data": {"train_file": "t"}, "training": {"time_limit": "tomorrow"}}
+        )
 
 
 def test_slurm_time_left():
@@ -83,12 +91,14 @@ def test_a_time_limit_with_no_room_for_a_second_step_is_refused_with_the_numbers
     assert str(err) == (
         "training.time_limit=90s leaves this job 5 s after setup, but one step, a state save and the margin need "
         "10 s (1.2 x (no step measured yet) + 10 s): every job would train a single step. Fix: give the job more "
-        "time (training.time_limit), at least 50 s")
+        "time (training.time_limit), at least 50 s"
+    )
     deadline.record("step", 20.0)
     deadline.record("state", 5.0)
     err = deadline.too_short(970.0, None, after_first_step=True)  # the first step used the time
     assert err.seconds_needed == pytest.approx(40.0) and str(err).startswith(
         "the SLURM job's time limit leaves this job 30 s after its first step, but one step, a state save and the "
         "margin need 40 s (1.2 x (step 20.0 s, state 5.0 s) + 10 s): every job would train a single step. "
-        "The resumable state is saved. Fix: give the job more time (sbatch --time)")
+        "The resumable state is saved. Fix: give the job more time (sbatch --time)"
+    )
     assert Deadline(end=None).too_short(0.0, None, after_first_step=True) is None

@@ -64,10 +64,19 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 # --- tokenizer ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text", [
-    "Hello world", " leading space", "two  spaces\nand\ttabs", " ,x",
-    "naïve café in Zürich", "東京 and 🎉 never seen in training", "",
-])
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello world",
+        " leading space",
+        "two  spaces\nand\ttabs",
+        " ,x",
+        "naïve café in Zürich",
+        "東京 and 🎉 never seen in training",
+        "",
+    ],
+)
 def test_tokenizer_round_trips(tokenizer, text):
     ids = tokenizer(text)["input_ids"]
     assert tokenizer.decode(ids) == text
@@ -96,6 +105,7 @@ def test_tokenizer_training_is_deterministic(tokenizer):
 
 
 # --- models ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_saves_and_reloads_with_identical_logits(tmp_path, family):
@@ -154,12 +164,15 @@ def test_make_tiny_model_defaults_reproduce_the_committed_folder(tmp_path):
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
     # Everything but the version of transformers that wrote the file.
-    rebuilt_config, committed_config = (json.loads((folder / "config.json").read_text()) for folder in (tmp_path, TINY_GPT2))
+    rebuilt_config, committed_config = (
+        json.loads((folder / "config.json").read_text()) for folder in (tmp_path, TINY_GPT2)
+    )
     assert rebuilt_config.pop("transformers_version") and committed_config.pop("transformers_version")
     assert rebuilt_config == committed_config
 
 
 # --- example data ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", [TRAIN, VALID])
 def test_example_data_follows_the_format(path):
@@ -191,8 +204,9 @@ def test_splits_and_test_prompts_are_disjoint():
     tests = [t["prompt"] for t in make_example_data.TEST_PROMPTS]
     assert len(tests) == 5
     assert not set(tests) & (set(train) | set(valid))
-    counts = {t["expected"].count(",") + (t["expected"] != " No locations mentioned")
-              for t in make_example_data.TEST_PROMPTS}
+    counts = {
+        t["expected"].count(",") + (t["expected"] != " No locations mentioned") for t in make_example_data.TEST_PROMPTS
+    }
     assert counts == {0, 1, 2}  # the test prompts cover 0, 1 and 2 locations
     for t in make_example_data.TEST_PROMPTS:
         assert t["prompt"].endswith("\nLocations:") and t["expected"].startswith(" ")

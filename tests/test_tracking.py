@@ -25,7 +25,9 @@ def test_tensorboard_holds_every_step_every_eval_and_each_checkpoints_samples(tm
     logged = events.Scalars("train/loss")
     assert [e.step for e in logged] == [m["step"] for m in steps] == list(range(1, 7))
     assert all(abs(e.value - m["loss"]) <= 1e-6 * m["loss"] for e, m in zip(logged, steps))  # float32 in TB
-    assert [e.value for e in events.Scalars("train/learning_rate")] == pytest.approx([m["learning_rate"] for m in steps])
+    assert [e.value for e in events.Scalars("train/learning_rate")] == pytest.approx(
+        [m["learning_rate"] for m in steps]
+    )
     assert [e.step for e in events.Scalars("eval/loss")] == [m["step"] for m in metrics if "eval_loss" in m] == [3, 6]
     for checkpoint in checkpoint_folders(run):
         step = checkpoint.name.split("-")[1]
@@ -59,4 +61,6 @@ def test_a_missing_tracker_package_is_a_user_error(tmp_path, tiny_model_dirs, mo
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     config = write_config(tmp_path, tiny_model_dirs["gpt2"], "lora")
     assert main([str(config), "tracking.report_to=all"]) == 1
-    assert "tracking.report_to=all needs wandb: pip install -c constraints.txt -e '.[tracking]'" in capsys.readouterr().err
+    assert (
+        "tracking.report_to=all needs wandb: pip install -c constraints.txt -e '.[tracking]'" in capsys.readouterr().err
+    )

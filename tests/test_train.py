@@ -20,14 +20,16 @@ ROWS = [
 
 def recipe(tmp_path, model_dir, name, **training) -> FineTuneRecipe:
     data = write_jsonl(tmp_path / "train.jsonl", ROWS)
-    config = Config.model_validate({
-        "model": {"name_or_path": str(model_dir)},
-        "method": "full",
-        "data": {"train_file": str(data), "max_seq_len": 64, "packing": False},
-        "training": {"epochs": 1, "seed": 0, **training},
-        "checkpoints": {"count": 1},
-        "output_dir": str(tmp_path / name),
-    })
+    config = Config.model_validate(
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "method": "full",
+            "data": {"train_file": str(data), "max_seq_len": 64, "packing": False},
+            "training": {"epochs": 1, "seed": 0, **training},
+            "checkpoints": {"count": 1},
+            "output_dir": str(tmp_path / name),
+        }
+    )
     r = FineTuneRecipe(config)
     r.setup()
     return r
@@ -108,7 +110,9 @@ def test_a_step_with_a_non_finite_loss_changes_nothing_and_is_counted(tmp_path, 
     assert {int(s["step"]) for s in r.optimizer.state.values()} == {r.schedule.total_steps - 2}
 
 
-def test_too_many_bad_steps_in_a_row_save_the_state_and_stop_naming_the_step(tmp_path, tiny_model_dirs, monkeypatch, capsys):
+def test_too_many_bad_steps_in_a_row_save_the_state_and_stop_naming_the_step(
+    tmp_path, tiny_model_dirs, monkeypatch, capsys
+):
     from tests.helpers import write_config
     from trainer.errors import TrainingDiverged
     from trainer.train import main

@@ -15,7 +15,14 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import (
-    REPO, TEST_PROMPTS, load_checkpoint_plainly, plain_greedy, read_jsonl, run_command, write_config, write_jsonl,
+    REPO,
+    TEST_PROMPTS,
+    load_checkpoint_plainly,
+    plain_greedy,
+    read_jsonl,
+    run_command,
+    write_config,
+    write_jsonl,
 )
 from trainer.families import FAMILIES
 from trainer.schedule import checkpoint_steps
@@ -61,8 +68,20 @@ def check_run(run: Path, model_dir: Path, method: str, count: int = 3) -> None:
         assert plain_greedy(model, tokenizer, prompt["prompt"], prompt["max_new_tokens"]) == sample["completion"]
 
 
-ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
-                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+ACCELERATE_LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--cpu",
+    "--num_processes",
+    "1",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 
 
 def check_resolved_config(run: Path, family: str, method: str) -> None:
@@ -93,7 +112,9 @@ def test_accelerate_launch_runs_the_job(tmp_path, tiny_model_dirs):
 
 
 def test_packed_training_end_to_end(tmp_path, tiny_model_dirs, capsys):
-    config = write_config(tmp_path, tiny_model_dirs["gptj"], "full", data={"packing": True}, training={"micro_batch_size": 2})
+    config = write_config(
+        tmp_path, tiny_model_dirs["gptj"], "full", data={"packing": True}, training={"micro_batch_size": 2}
+    )
     assert main([str(config)]) == 0
     assert "packing: packed 48 examples" in capsys.readouterr().out
     check_run(tmp_path / "run", tiny_model_dirs["gptj"], "full")
@@ -101,8 +122,17 @@ def test_packed_training_end_to_end(tmp_path, tiny_model_dirs, capsys):
 
 def test_module_entry_point_with_overrides(tmp_path, tiny_model_dirs):
     config = write_config(tmp_path, tiny_model_dirs["gpt2"], "lora")
-    result = run_command([sys.executable, "-m", "trainer.train", str(config), "checkpoints.count=2", "training.epochs=1",
-                          f"output_dir={tmp_path / 'other'}"])
+    result = run_command(
+        [
+            sys.executable,
+            "-m",
+            "trainer.train",
+            str(config),
+            "checkpoints.count=2",
+            "training.epochs=1",
+            f"output_dir={tmp_path / 'other'}",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "other").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
 
@@ -112,11 +142,34 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path, tiny_model_dirs):
     Accelerator code as a multi-GPU job: each step's loss, normalized over both processes, equals
     one process running the same global batch."""
     config = write_config(tmp_path, tiny_model_dirs["gpt2"], "full")
-    assert main([str(config), "training.micro_batch_size=8", f"output_dir={tmp_path / 'one'}", "checkpoints.count=1",
-                 "training.epochs=1"]) == 0
-    double = run_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "trainer/train.py", str(config), "training.micro_batch_size=4",
-                          f"output_dir={tmp_path / 'two'}", "checkpoints.count=1", "training.epochs=1"])
+    assert (
+        main(
+            [
+                str(config),
+                "training.micro_batch_size=8",
+                f"output_dir={tmp_path / 'one'}",
+                "checkpoints.count=1",
+                "training.epochs=1",
+            ]
+        )
+        == 0
+    )
+    double = run_command(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "trainer/train.py",
+            str(config),
+            "training.micro_batch_size=4",
+            f"output_dir={tmp_path / 'two'}",
+            "checkpoints.count=1",
+            "training.epochs=1",
+        ]
+    )
     assert double.returncode == 0, double.stderr[-3000:]
     losses = lambda run: [m["loss"] for m in read_jsonl(tmp_path / run / "metrics.jsonl") if "loss" in m]
     one, two = losses("one"), losses("two")
@@ -169,7 +222,13 @@ def test_the_embedded_default_learns_the_example_task(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     assert main(["configs/tiny-gpt2.yaml", f"output_dir={tmp_path / 'run'}"]) == 0
     checkpoints = sorted((tmp_path / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    assert [p.name for p in checkpoints] == ["checkpoint-76", "checkpoint-152", "checkpoint-227", "checkpoint-303", "checkpoint-378"]
+    assert [p.name for p in checkpoints] == [
+        "checkpoint-76",
+        "checkpoint-152",
+        "checkpoint-227",
+        "checkpoint-303",
+        "checkpoint-378",
+    ]
     samples = read_jsonl(checkpoints[-1] / "samples.jsonl")
     assert [(s["prompt"], s["completion"]) for s in samples] == [(t["prompt"], t["expected"]) for t in EXPECTED]
     first = read_jsonl(checkpoints[0] / "samples.jsonl")
@@ -182,8 +241,16 @@ def test_chat_data_end_to_end(tmp_path, tiny_model_dirs, capsys):
     tokenizer carries that template, so plain `apply_chat_template` reproduces the sample."""
     system = {"role": "system", "content": "Marv."}  # short: the tiny models have 64 positions
     pairs = [("kiwi?", "green"), ("banana?", "yellow"), ("tomato?", "red"), ("lime?", "green")]
-    rows = [{"messages": [system, {"role": "user", "content": q}, {"role": "agent" if i == 0 else "assistant", "content": a}]}
-            for i, (q, a) in enumerate(pairs * 6)]
+    rows = [
+        {
+            "messages": [
+                system,
+                {"role": "user", "content": q},
+                {"role": "agent" if i == 0 else "assistant", "content": a},
+            ]
+        }
+        for i, (q, a) in enumerate(pairs * 6)
+    ]
     config = write_config(tmp_path, tiny_model_dirs["gpt_neox"], "full", data={"format": "chat", "max_seq_len": 64})
     write_jsonl(tmp_path / "train.jsonl", rows)
     write_jsonl(tmp_path / "valid.jsonl", rows[:4])
@@ -199,10 +266,14 @@ def test_chat_data_end_to_end(tmp_path, tiny_model_dirs, capsys):
     [sample] = read_jsonl(last / "samples.jsonl")
     tokenizer = AutoTokenizer.from_pretrained(last)
     model = AutoModelForCausalLM.from_pretrained(last).eval()
-    ids = tokenizer.apply_chat_template(chat_prompt["messages"], add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        chat_prompt["messages"], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     assert tokenizer.decode(ids) == sample["prompt"]
     with torch.no_grad():
-        output = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.eos_token_id)
-    new = output[0, len(ids):].tolist()
+        output = model.generate(
+            torch.tensor([ids]), do_sample=False, max_new_tokens=6, pad_token_id=tokenizer.eos_token_id
+        )
+    new = output[0, len(ids) :].tolist()
     new = new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
     assert tokenizer.decode(new) == sample["completion"]

@@ -28,13 +28,31 @@ from trainer.train import main
 UNKNOWN_FAMILIES = {
     # word_embed_proj_dim < hidden_size: OPT-350m's project_in / project_out, so the head's input
     # is not the decoder layers' output.
-    "opt": lambda ids: OPTConfig(**ids, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
-                                 max_position_embeddings=64, word_embed_proj_dim=16, dropout=0.0,
-                                 attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0),
-    "bloom": lambda ids: BloomConfig(**ids, hidden_size=32, n_layer=2, n_head=2, hidden_dropout=0.0,
-                                     attention_dropout=0.0),
-    "llama": lambda ids: LlamaConfig(**ids, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-                                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64),
+    "opt": lambda ids: OPTConfig(
+        **ids,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        word_embed_proj_dim=16,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        layerdrop=0.0,
+    ),
+    "bloom": lambda ids: BloomConfig(
+        **ids, hidden_size=32, n_layer=2, n_head=2, hidden_dropout=0.0, attention_dropout=0.0
+    ),
+    "llama": lambda ids: LlamaConfig(
+        **ids,
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    ),
 }
 
 #: What `lora.target_modules: auto` (peft's all-linear: every linear layer but the head) adapts.
@@ -82,8 +100,9 @@ def test_the_loss_equals_the_full_logits_computation(unknown_model_dirs, family)
 @pytest.mark.parametrize("family", UNKNOWN_FAMILIES)
 def test_lora_trains_with_generic_defaults(tmp_path, unknown_model_dirs, family):
     model_dir = unknown_model_dirs[family]
-    config = write_config(tmp_path, model_dir, "lora", data={"packing": "auto"},
-                          training={"epochs": 1}, checkpoints={"count": 2})
+    config = write_config(
+        tmp_path, model_dir, "lora", data={"packing": "auto"}, training={"epochs": 1}, checkpoints={"count": 2}
+    )
     assert main([str(config)]) == 0
     run = tmp_path / "run"
 
@@ -109,9 +128,16 @@ def test_lora_trains_with_generic_defaults(tmp_path, unknown_model_dirs, family)
 
 @pytest.mark.parametrize("family, isolates", [("opt", False), ("bloom", False), ("llama", True)])
 def test_forced_packing_runs_only_where_the_self_test_finds_examples_kept_apart(
-        tmp_path, unknown_model_dirs, capsys, family, isolates):
-    config = write_config(tmp_path, unknown_model_dirs[family], "lora", data={"packing": True},
-                          training={"epochs": 1, "micro_batch_size": 2}, checkpoints={"count": 1})
+    tmp_path, unknown_model_dirs, capsys, family, isolates
+):
+    config = write_config(
+        tmp_path,
+        unknown_model_dirs[family],
+        "lora",
+        data={"packing": True},
+        training={"epochs": 1, "micro_batch_size": 2},
+        checkpoints={"count": 1},
+    )
     code = main([str(config)])
     err = capsys.readouterr().err
     if isolates:

@@ -469,8 +469,11 @@ def _loss_inputs(tr: _Trace, x: _Tensor, config, d: int) -> int:
     setup = tr.setup
     hidden = tr.layer_norm(x)
     rows = setup.supervised_rows
-    tr.save(tr.new(rows * d, hidden.dtype, True), tr.new(rows, torch.int64, False),
-            tr.new(setup.micro_batch_size * (setup.seq_len - 1), torch.bool, False))
+    tr.save(
+        tr.new(rows * d, hidden.dtype, True),
+        tr.new(rows, torch.int64, False),
+        tr.new(setup.micro_batch_size * (setup.seq_len - 1), torch.bool, False),
+    )
     logits = min(rows, setup.chunk_rows) * config.vocab_size
     working = logits * LOSS_BYTES_PER_LOGIT
     if setup.full:  # the head's new float32 gradient, beside the logits' gradient, before it is added
@@ -485,8 +488,10 @@ def activation_model_of(config) -> ActivationModel:
     family = family_of(config)
     model = family.activation_model if family is not None else None
     if model is None:
-        raise ValueError(f"no activation model for model_type {getattr(config, 'model_type', None)!r}; "
-                         f"families with one: {', '.join(memory_families())}")
+        raise ValueError(
+            f"no activation model for model_type {getattr(config, 'model_type', None)!r}; "
+            f"families with one: {', '.join(memory_families())}"
+        )
     return model
 
 
@@ -517,9 +522,14 @@ def estimate_activations(setup: ActivationSetup) -> ActivationBytes:
         d, f = sizes.width, sizes.mlp_width
         block_backward += 4 * d * max(f, 3 * d)
     return ActivationBytes(
-        blocks=tuple(blocks), block_inputs=inputs, outside=outside, weight_copies=tr.weight_copies,
+        blocks=tuple(blocks),
+        block_inputs=inputs,
+        outside=outside,
+        weight_copies=tr.weight_copies,
         autocast_cache=setup.autocast_cache,
-        loss_chunk=loss_chunk, block_backward=block_backward, gradient_checkpointing=setup.gradient_checkpointing,
+        loss_chunk=loss_chunk,
+        block_backward=block_backward,
+        gradient_checkpointing=setup.gradient_checkpointing,
     )
 
 
@@ -537,7 +547,9 @@ class MeasuredActivations:
     preallocated gradients and the batch excluded (a TorchDispatchMode tracking storages)."""
 
 
-def measure_activations(model: torch.nn.Module, batch: dict, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> MeasuredActivations:
+def measure_activations(
+    model: torch.nn.Module, batch: dict, *, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> MeasuredActivations:
     """Run `trainer.loss.supervised_loss_sum` forward and backward on `model` (CPU) and measure
     what autograd saves and the peak of live tensors. Gradients are allocated first (as on the
     second micro-batch of a step), so that the peak holds activations and transient gradients only."""
@@ -599,8 +611,15 @@ def measure_activations(model: torch.nn.Module, batch: dict, *, chunk_rows: int 
     return MeasuredActivations(saved_after_forward=sum(alive.values()), peak=mode.peak)
 
 
-def packed_batch(vocab_size: int, micro_batch_size: int, seq_len: int, *, supervised: float = 1.0,
-                 examples_per_row: int = 2, seed: int = 0) -> dict:
+def packed_batch(
+    vocab_size: int,
+    micro_batch_size: int,
+    seq_len: int,
+    *,
+    supervised: float = 1.0,
+    examples_per_row: int = 2,
+    seed: int = 0,
+) -> dict:
     """A packed micro-batch as trainer/data/packing.py builds it: `examples_per_row` examples per
     row (positions restart at each), the last `supervised` share of each example labelled."""
     generator = torch.Generator().manual_seed(seed)

@@ -126,7 +126,9 @@ def choose_attention_for(model_config, dtype: torch.dtype, requested: str, devic
     """`choose_attention` from the model's config and the dtype attention computes in (the autocast
     dtype, else the weights'), before any weight loads."""
     if requested not in IMPLEMENTATIONS:
-        raise UserError(f"key 'model.attention': unknown value {requested!r}. Fix: use one of {', '.join(IMPLEMENTATIONS)}")
+        raise UserError(
+            f"key 'model.attention': unknown value {requested!r}. Fix: use one of {', '.join(IMPLEMENTATIONS)}"
+        )
     device = torch.device(device)
     dropout = _attention_dropout(model_config)
     head = _head_size(model_config)
@@ -140,20 +142,29 @@ def choose_attention_for(model_config, dtype: torch.dtype, requested: str, devic
         if device.type != "cuda":
             raise _unavailable("varlen", f"it is a CUDA kernel and this run is on {device.type}")
         if varlen_kernel() is None:
-            raise _unavailable("varlen", f"torch {torch.__version__} has no torch.nn.attention.varlen (newer versions do)")
+            raise _unavailable(
+                "varlen", f"torch {torch.__version__} has no torch.nn.attention.varlen (newer versions do)"
+            )
         if head % 8 or head > 256:
-            raise _unavailable("varlen", f"flash kernels take head sizes that are multiples of 8 up to 256, this model's is {head}")
+            raise _unavailable(
+                "varlen", f"flash kernels take head sizes that are multiples of 8 up to 256, this model's is {head}"
+            )
         if dtype not in (torch.bfloat16, torch.float16):
             # QLoRA's k-bit preparation casts the residual stream to float32: only autocast makes it 16-bit.
-            raise _unavailable("varlen", f"flash kernels take bfloat16 or float16 inputs and this run computes attention "
-                                         f"in {str(dtype).removeprefix('torch.')} (set training.mixed_precision=bf16 or auto)")
+            raise _unavailable(
+                "varlen",
+                f"flash kernels take bfloat16 or float16 inputs and this run computes attention "
+                f"in {str(dtype).removeprefix('torch.')} (set training.mixed_precision=bf16 or auto)",
+            )
     if requested == "flex":
         if device.type != "cuda":
             raise _unavailable("flex", f"torch's flex_attention has no backward pass on {device.type}")
         if not flex_available():
             raise _unavailable("flex", f"torch {torch.__version__} has no torch.nn.attention.flex_attention")
     if requested in ("varlen", "flex") and dropout > 0:
-        raise _unavailable(requested, f"the model config sets attention dropout {dropout}, which {requested} kernels do not support")
+        raise _unavailable(
+            requested, f"the model config sets attention dropout {dropout}, which {requested} kernels do not support"
+        )
     return requested
 
 
@@ -308,7 +319,9 @@ def _flash_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
             )
         half = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(half), key.to(half), value.to(half)
-    out = _VARLEN_KERNEL(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, **_CAUSAL)
+    out = _VARLEN_KERNEL(
+        query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale, **_CAUSAL
+    )
     return out.to(dtype)
 
 
@@ -338,7 +351,9 @@ def varlen_attention_forward(
     batch, heads, length, head_dim = query.shape
     if key.shape[2] != length or (attention_mask is not None and attention_mask.ndim != 2):
         # Decoding with a KV cache: the mask function gave an sdpa mask; let sdpa do it.
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if dropout:
         raise RuntimeError("model.attention=varlen does not support attention dropout; set model.attention=sdpa")
     if cu_seq_lens_q is None:
@@ -378,8 +393,14 @@ def varlen_mask(
         # GPU sync and a graph break in every forward, and an all-ones mask cuts nothing.
         return None if attention_mask is None else attention_mask[:, -kv_length:]
     return sdpa_mask(
-        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
-        mask_function=mask_function or causal_mask_function, attention_mask=attention_mask, **kwargs,
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function or causal_mask_function,
+        attention_mask=attention_mask,
+        **kwargs,
     )
 
 

@@ -41,7 +41,11 @@ def cast_floating(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> di
     out = {}
     for name, tensor in state_dict.items():
         if tensor.is_floating_point():
-            key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape))  # state_dict() gives tied weights as two views
+            key = (
+                tensor.device,
+                tensor.data_ptr(),
+                tuple(tensor.shape),
+            )  # state_dict() gives tied weights as two views
             if key not in cast:
                 cast[key] = tensor.detach().to(device="cpu", dtype=dtype)
             out[name] = cast[key]
@@ -78,8 +82,16 @@ def _record_dtype(folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(
-    output_dir: Path, step: int, *, model, tokenizer, config: Config, samples: list[dict], info: dict,
-    state_dict: dict[str, torch.Tensor] | None = None, expected_bytes: int | None = None,
+    output_dir: Path,
+    step: int,
+    *,
+    model,
+    tokenizer,
+    config: Config,
+    samples: list[dict],
+    info: dict,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    expected_bytes: int | None = None,
     predictions: list[dict] | None = None,
 ) -> Path:
     """Write weights (safetensors, sharded with an index for large models), tokenizer, resolved

@@ -119,10 +119,7 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _one_validation_source(self) -> "DataConfig":
         if self.validation_file and self.validation_split > 0:
-            raise ValueError(
-                "set either data.validation_file or data.validation_split, not both "
-                "(remove one of them)"
-            )
+            raise ValueError("set either data.validation_file or data.validation_split, not both (remove one of them)")
         return self
 
 
@@ -236,7 +233,10 @@ class TrackingConfig(_Section):
 
 
 class EvalConfig(_Section):
-    metrics: Union[Literal["auto", "none"], Annotated[list[Literal["exact_match", "f1", "item_f1", "accuracy"]], Field(min_length=1)]] = "auto"
+    metrics: Union[
+        Literal["auto", "none"],
+        Annotated[list[Literal["exact_match", "f1", "item_f1", "accuracy"]], Field(min_length=1)],
+    ] = "auto"
     """Task metrics every checkpoint is scored by on the validation data, answering each example's
     prompt greedily as its test prompts are answered. `auto` picks by what the data preflight found:
     classification -> `accuracy` (with per-class precision, recall, F1 and a confusion matrix);
@@ -397,8 +397,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         key, sep, raw = arg.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise UsageError(
-                f"override '{arg}' is not of the form section.key=value "
-                "(example: training.learning_rate=3e-4)"
+                f"override '{arg}' is not of the form section.key=value (example: training.learning_rate=3e-4)"
             )
         try:
             overrides[key] = yaml.safe_load(raw) if raw else ""
@@ -435,7 +434,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if tree is None:
         return {}
     if not isinstance(tree, dict):
-        raise UserError(f"config file {path} must be a mapping of sections (model:, data:, ...), not a {type(tree).__name__}")
+        raise UserError(
+            f"config file {path} must be a mapping of sections (model:, data:, ...), not a {type(tree).__name__}"
+        )
     return tree
 
 
@@ -496,7 +497,11 @@ def _field_path(loc: tuple) -> tuple:
             break
         path.append(part)
         annotation = fields[part].annotation
-        inner = getattr(annotation, "__args__", (annotation,))[0] if getattr(annotation, "__origin__", None) is list else annotation
+        inner = (
+            getattr(annotation, "__args__", (annotation,))[0]
+            if getattr(annotation, "__origin__", None) is list
+            else annotation
+        )
         model = inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
     return tuple(path) if path else tuple(loc)
 
@@ -521,7 +526,11 @@ def _describe_error(error: dict[str, Any], source: Path, overrides: dict[str, An
     kind = error["type"]
     if kind == "extra_forbidden":
         close = _suggest_keys(loc)
-        hint = f"did you mean {' or '.join(repr(k) for k in close)}?" if close else "remove it (see the config reference in README.md)"
+        hint = (
+            f"did you mean {' or '.join(repr(k) for k in close)}?"
+            if close
+            else "remove it (see the config reference in README.md)"
+        )
         return f"unknown key '{loc}' {where}: {hint}"
     if kind == "missing":
         return f"missing key '{loc}' {where}: add it (see the config reference in README.md)"

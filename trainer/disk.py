@@ -63,8 +63,14 @@ class RunBytes:
         return checkpoints_left * self.checkpoint + max(0, 2 - states_present) * self.state
 
 
-def run_bytes(model: torch.nn.Module, *, method: str, optimizer: str, tokenizer_size: int,
-              checkpoint_dtype: torch.dtype | None = None) -> RunBytes:
+def run_bytes(
+    model: torch.nn.Module,
+    *,
+    method: str,
+    optimizer: str,
+    tokenizer_size: int,
+    checkpoint_dtype: torch.dtype | None = None,
+) -> RunBytes:
     """A checkpoint's and a resumable state's bytes. A full checkpoint is the state dict (persistent
     buffers included, tied weights once) in `checkpoint_dtype` (the compute dtype the float32
     master weights are saved in); the state keeps the trained weights as they are."""
@@ -100,7 +106,8 @@ def check_free_space(folder: Path, sizes: RunBytes, *, checkpoints_left: int, st
             f"({checkpoints_left} checkpoint(s) of {human(sizes.checkpoint)} and a resumable state of "
             f"{human(sizes.state)}, two of them while one replaces the other). Fix: free space, choose a "
             "folder on a larger disk (output_dir=...), or save fewer checkpoints (checkpoints.count)",
-            needed=needed, free=free,
+            needed=needed,
+            free=free,
         )
 
 
@@ -108,13 +115,15 @@ def _newest(folder: Path, prefix: str) -> str | None:
     """The newest complete `<prefix><step>` folder's name (a `.partial` one is not complete)."""
     steps = []
     for path in Path(folder).glob(f"{prefix}*"):
-        suffix = path.name[len(prefix):]
+        suffix = path.name[len(prefix) :]
         if suffix.isdigit() and path.is_dir():
             steps.append(int(suffix))
     return f"{prefix}{max(steps)}" if steps else None
 
 
-def save_failure(what: str, output_dir: Path, err: BaseException, *, expected_bytes: int | None = None) -> SaveFailed | None:
+def save_failure(
+    what: str, output_dir: Path, err: BaseException, *, expected_bytes: int | None = None
+) -> SaveFailed | None:
     """The SaveFailed for a write of `what` (e.g. `checkpoint-16`) that raised `err`, or None when
     `err` is not a failed write (the caller re-raises it: a bug must not pass for a full disk).
 
@@ -130,14 +139,23 @@ def save_failure(what: str, output_dir: Path, err: BaseException, *, expected_by
         reason = f"the disk is full ({type(err).__name__})"
     else:
         return None
-    sizes = f"; it needs about {human(expected_bytes)} and {human(free)} is free" if expected_bytes else f"; {human(free)} is free"
+    sizes = (
+        f"; it needs about {human(expected_bytes)} and {human(free)} is free"
+        if expected_bytes
+        else f"; {human(free)} is free"
+    )
     checkpoint, state = _newest(output_dir, "checkpoint-"), _newest(output_dir, "state-")
-    intact = ", ".join(part for part in (
-        f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet",
-        f"the last resumable state is {state}" if state else "no resumable state was saved yet",
-    ) if part)
+    intact = ", ".join(
+        part
+        for part in (
+            f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet",
+            f"the last resumable state is {state}" if state else "no resumable state was saved yet",
+        )
+        if part
+    )
     return SaveFailed(
         f"could not save {what} in {output_dir}: {reason}{sizes}. Nothing of it was kept; {intact} (intact). "
         "Fix: free disk space (or fix the folder's permissions) and rerun the same command to continue",
-        needed=expected_bytes or 0, free=free,
+        needed=expected_bytes or 0,
+        free=free,
     )

@@ -114,12 +114,18 @@ def _truthy(value: str) -> bool:
 # only size-based wrapping reads (MIN_NUM_PARAMS, refused with it), and requests this trainer always
 # fulfils: CPU_RAM_EFFICIENT_LOADING (only the main process loads the weights) and a STATE_DICT_TYPE
 # other than LOCAL (checkpoints are whole Hugging Face folders, the resumable state is sharded).
-_LAUNCH_FLAG = {"VERSION": "fsdp_version", "RESHARD_AFTER_FORWARD": "fsdp_reshard_after_forward",
-                "OFFLOAD_PARAMS": "fsdp_offload_params", "AUTO_WRAP_POLICY": "fsdp_auto_wrap_policy",
-                "STATE_DICT_TYPE": "fsdp_state_dict_type", "FORWARD_PREFETCH": "fsdp_forward_prefetch",
-                "ACTIVATION_CHECKPOINTING": "fsdp_activation_checkpointing",
-                "ACTIVATION_CHECKPOINTING_OFFLOAD": "fsdp_activation_checkpointing_offload",
-                "IGNORED_MODULES": "fsdp_ignored_modules", "TRANSFORMER_CLS_TO_WRAP": "fsdp_transformer_layer_cls_to_wrap"}
+_LAUNCH_FLAG = {
+    "VERSION": "fsdp_version",
+    "RESHARD_AFTER_FORWARD": "fsdp_reshard_after_forward",
+    "OFFLOAD_PARAMS": "fsdp_offload_params",
+    "AUTO_WRAP_POLICY": "fsdp_auto_wrap_policy",
+    "STATE_DICT_TYPE": "fsdp_state_dict_type",
+    "FORWARD_PREFETCH": "fsdp_forward_prefetch",
+    "ACTIVATION_CHECKPOINTING": "fsdp_activation_checkpointing",
+    "ACTIVATION_CHECKPOINTING_OFFLOAD": "fsdp_activation_checkpointing_offload",
+    "IGNORED_MODULES": "fsdp_ignored_modules",
+    "TRANSFORMER_CLS_TO_WRAP": "fsdp_transformer_layer_cls_to_wrap",
+}
 
 
 def _refuse(option: str, value: str, why: str, fix: str) -> LauncherConflict:
@@ -127,7 +133,8 @@ def _refuse(option: str, value: str, why: str, fix: str) -> LauncherConflict:
     return LauncherConflict(
         f"the accelerate launcher asks for FSDP with FSDP_{option}={value} (`{key}: {value}` in the accelerate config "
         f"file, or --{key}), which {why}. Fix: {fix}",
-        setting=f"FSDP_{option}", value=value,
+        setting=f"FSDP_{option}",
+        value=value,
     )
 
 
@@ -138,7 +145,9 @@ def _take(section, key: str, value, path: str, setting: str, shown: str) -> None
             f"the accelerate launcher sets {setting}={shown} but the config sets {path}={getattr(section, key)}. "
             f"Fix: make them agree: change {path} in the config (or remove it to take the launcher's), or the "
             "launcher's setting in the accelerate config file",
-            setting=setting, value=shown, config_key=path,
+            setting=setting,
+            value=shown,
+            config_key=path,
         )
     setattr(section, key, value)
 
@@ -150,43 +159,80 @@ def _apply_fsdp(config, options: dict[str, str]) -> None:
             "the accelerate launcher asks for FSDP (ACCELERATE_USE_FSDP=true: `distributed_type: FSDP` in the accelerate "
             "config file, or --use_fsdp) but the config sets distributed.strategy=ddp. Fix: set "
             "distributed.strategy=fsdp (or auto), or launch with a config file whose distributed_type is MULTI_GPU",
-            setting="ACCELERATE_USE_FSDP", value="true", config_key="distributed.strategy",
+            setting="ACCELERATE_USE_FSDP",
+            value="true",
+            config_key="distributed.strategy",
         )
     version = options.get("VERSION", "1").strip()
     if version != "2":
-        raise _refuse("VERSION", version, "this trainer does not do: it shards with FSDP2 (fully_shard)",
-                      "set `fsdp_version: 2` in the accelerate config file (or pass --fsdp_version 2)")
+        raise _refuse(
+            "VERSION",
+            version,
+            "this trainer does not do: it shards with FSDP2 (fully_shard)",
+            "set `fsdp_version: 2` in the accelerate config file (or pass --fsdp_version 2)",
+        )
     policy = options.get("AUTO_WRAP_POLICY", "").strip().upper()
     if policy not in ("", "TRANSFORMER_BASED_WRAP"):
-        raise _refuse("AUTO_WRAP_POLICY", options["AUTO_WRAP_POLICY"],
-                      "this trainer does not do: it shards every transformer block, then the rest of the model",
-                      "set `fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP` in the accelerate config file (or remove it)")
+        raise _refuse(
+            "AUTO_WRAP_POLICY",
+            options["AUTO_WRAP_POLICY"],
+            "this trainer does not do: it shards every transformer block, then the rest of the model",
+            "set `fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP` in the accelerate config file (or remove it)",
+        )
     for option in ("FORWARD_PREFETCH", "ACTIVATION_CHECKPOINTING_OFFLOAD"):
         if _truthy(options.get(option, "false")):
-            raise _refuse(option, options[option], "this trainer does not do with FSDP2",
-                          f"set `{_LAUNCH_FLAG[option]}: false` in the accelerate config file")
+            raise _refuse(
+                option,
+                options[option],
+                "this trainer does not do with FSDP2",
+                f"set `{_LAUNCH_FLAG[option]}: false` in the accelerate config file",
+            )
     if options.get("IGNORED_MODULES", "").strip():
-        raise _refuse("IGNORED_MODULES", options["IGNORED_MODULES"], "this trainer does not do: every module is sharded",
-                      f"remove `{_LAUNCH_FLAG['IGNORED_MODULES']}` from the accelerate config file")
+        raise _refuse(
+            "IGNORED_MODULES",
+            options["IGNORED_MODULES"],
+            "this trainer does not do: every module is sharded",
+            f"remove `{_LAUNCH_FLAG['IGNORED_MODULES']}` from the accelerate config file",
+        )
     state_dict_type = options.get("STATE_DICT_TYPE", "").strip().upper()
     if state_dict_type == "LOCAL_STATE_DICT":
-        raise _refuse("STATE_DICT_TYPE", options["STATE_DICT_TYPE"], "FSDP2 does not support",
-                      "set `fsdp_state_dict_type: SHARDED_STATE_DICT` (or FULL_STATE_DICT) in the accelerate config file")
+        raise _refuse(
+            "STATE_DICT_TYPE",
+            options["STATE_DICT_TYPE"],
+            "FSDP2 does not support",
+            "set `fsdp_state_dict_type: SHARDED_STATE_DICT` (or FULL_STATE_DICT) in the accelerate config file",
+        )
     dist.strategy = "fsdp"
     if "RESHARD_AFTER_FORWARD" in options:
         value = options["RESHARD_AFTER_FORWARD"].strip()
         if value.lower() not in ("true", "false", "1", "0"):
-            raise _refuse("RESHARD_AFTER_FORWARD", value, "is not a true/false value (FSDP2)",
-                          "set `fsdp_reshard_after_forward: true` (or false) in the accelerate config file")
-        _take(dist, "reshard_after_forward", _truthy(value), "distributed.reshard_after_forward",
-              "FSDP_RESHARD_AFTER_FORWARD", value)
+            raise _refuse(
+                "RESHARD_AFTER_FORWARD",
+                value,
+                "is not a true/false value (FSDP2)",
+                "set `fsdp_reshard_after_forward: true` (or false) in the accelerate config file",
+            )
+        _take(
+            dist,
+            "reshard_after_forward",
+            _truthy(value),
+            "distributed.reshard_after_forward",
+            "FSDP_RESHARD_AFTER_FORWARD",
+            value,
+        )
     if "OFFLOAD_PARAMS" in options:
         value = options["OFFLOAD_PARAMS"].strip()
         _take(dist, "cpu_offload", _truthy(value), "distributed.cpu_offload", "FSDP_OFFLOAD_PARAMS", value)
     if _truthy(options.get("ACTIVATION_CHECKPOINTING", "false")):
         # FSDP's activation checkpointing of every block is what gradient checkpointing does here.
-        _take(config.model, "gradient_checkpointing", True, "model.gradient_checkpointing",
-              "FSDP_ACTIVATION_CHECKPOINTING", options["ACTIVATION_CHECKPOINTING"])
+        _take(
+            config.model,
+            "gradient_checkpointing",
+            True,
+            "model.gradient_checkpointing",
+            "FSDP_ACTIVATION_CHECKPOINTING",
+            options["ACTIVATION_CHECKPOINTING"],
+        )
 
 
 def launcher_wrap_classes(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -216,7 +262,8 @@ def apply_launcher_settings(config, settings: LauncherSettings) -> None:
             "its resumes exact only under its own DDP and FSDP2. Fix: launch without the DeepSpeed config "
             "(accelerate launch --multi_gpu ..., or torchrun), and for sharding set distributed.strategy=fsdp "
             "(or use an accelerate config with distributed_type: FSDP and fsdp_version: 2)",
-            setting="ACCELERATE_USE_DEEPSPEED", value="true",
+            setting="ACCELERATE_USE_DEEPSPEED",
+            value="true",
         )
     if settings.fsdp:
         _apply_fsdp(config, settings.fsdp_options)
@@ -227,7 +274,8 @@ def apply_launcher_settings(config, settings: LauncherSettings) -> None:
         raise LauncherConflict(
             f"the accelerate launcher asks for mixed_precision={launcher}, which this trainer does not do. Fix: set "
             "`mixed_precision: bf16` (or fp16, no) in the accelerate config file (or pass --mixed_precision bf16)",
-            setting="ACCELERATE_MIXED_PRECISION", value=launcher,
+            setting="ACCELERATE_MIXED_PRECISION",
+            value=launcher,
         )
     if training.mixed_precision == "auto":
         training.mixed_precision = launcher
@@ -237,7 +285,9 @@ def apply_launcher_settings(config, settings: LauncherSettings) -> None:
             f"config sets training.mixed_precision={training.mixed_precision}. Fix: make them agree: set "
             f"training.mixed_precision={launcher} (or auto, to take the launcher's), or launch with "
             f"--mixed_precision {training.mixed_precision}",
-            setting="ACCELERATE_MIXED_PRECISION", value=launcher, config_key="training.mixed_precision",
+            setting="ACCELERATE_MIXED_PRECISION",
+            value=launcher,
+            config_key="training.mixed_precision",
         )
 
 
@@ -285,8 +335,6 @@ class FolderNotShared(UserError):
         self.key, self.path, self.process, self.host = key, path, process, host
 
 
-
-
 def check_shared_folder(accelerator, folder: Path, key: str = "output_dir") -> None:
     """Every process must see the folder the main process writes to: the main process writes a
     random token into it, every process reads it back, and all agree; otherwise `FolderNotShared`
@@ -321,7 +369,10 @@ def check_shared_folder(accelerator, folder: Path, key: str = "output_dir") -> N
             f"see in {path} the file that process 0 (host {main_host}) wrote into {views[0][2]}"
             f"{f' ({len(blind)} processes in all)' if len(blind) > 1 else ''}. Fix: set {key} to a path on a shared "
             "filesystem (NFS, Lustre, GPFS...) that every node mounts at the same place, the same on every node",
-            key=key, path=path, process=process, host=host,
+            key=key,
+            path=path,
+            process=process,
+            host=host,
         )
 
 

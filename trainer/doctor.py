@@ -63,8 +63,21 @@ REPO = Path(__file__).resolve().parent.parent
 CONSTRAINTS = REPO / "constraints.txt"
 
 #: The distributions reported, in this order ("python" is the interpreter).
-PACKAGES = ("python", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "safetensors",
-            "tokenizers", "huggingface_hub", "numpy", "pyarrow", "pydantic")
+PACKAGES = (
+    "python",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "bitsandbytes",
+    "safetensors",
+    "tokenizers",
+    "huggingface_hub",
+    "numpy",
+    "pyarrow",
+    "pydantic",
+)
 
 #: On a CPU the planner's verdict is against this GPU: 80 GiB, an A100/H100 "80GB" part.
 REFERENCE_GPU_BYTES = 80 * 2**30
@@ -196,15 +209,24 @@ def check_versions(report: Report) -> None:
         report.warn("versions", f"{CONSTRAINTS} not found: versions not compared with the tested set")
     for name in PACKAGES:
         installed, tested = installed_version(name), pins.get(_normalise(name))
-        status = "not installed" if installed is None else "unpinned" if tested is None else \
-            "ok" if _same(name, installed, tested) else "differs"
+        status = (
+            "not installed"
+            if installed is None
+            else "unpinned"
+            if tested is None
+            else "ok"
+            if _same(name, installed, tested)
+            else "differs"
+        )
         rows.append({"name": name, "installed": installed, "tested": tested, "status": status})
         report.say(f"  {name:<16}{installed or '-':<18}{'tested ' + tested if tested else '':<22}{status}")
     differing = [r for r in rows if r["status"] == "differs"]
     if differing:
         listed = ", ".join(f"{r['name']} {r['installed']} (tested {r['tested']})" for r in differing)
-        report.warn("versions", f"not the tested versions: {listed}. Fix if the run misbehaves: "
-                                "pip install -c constraints.txt -e .")
+        report.warn(
+            "versions",
+            f"not the tested versions: {listed}. Fix if the run misbehaves: pip install -c constraints.txt -e .",
+        )
     report.sections["versions"] = {"constraints": str(CONSTRAINTS) if pins else None, "packages": rows}
 
 
@@ -261,20 +283,35 @@ def check_device(report: Report) -> torch.device:
     info: dict = {"type": device.type, "cuda_version": torch.version.cuda}
     if cuda:
         properties = torch.cuda.get_device_properties(device)
-        info.update(name=torch.cuda.get_device_name(device), memory_bytes=properties.total_memory,
-                    gpus_visible=torch.cuda.device_count(), bf16=torch.cuda.is_bf16_supported(),
-                    capability=".".join(map(str, torch.cuda.get_device_capability(device))))
-        report.say(f"  GPU {info['name']} ({_gb(info['memory_bytes'])}, compute capability {info['capability']}), "
-                   f"{info['gpus_visible']} visible; CUDA {info['cuda_version']}; bf16 {'yes' if info['bf16'] else 'no'}")
+        info.update(
+            name=torch.cuda.get_device_name(device),
+            memory_bytes=properties.total_memory,
+            gpus_visible=torch.cuda.device_count(),
+            bf16=torch.cuda.is_bf16_supported(),
+            capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+        )
+        report.say(
+            f"  GPU {info['name']} ({_gb(info['memory_bytes'])}, compute capability {info['capability']}), "
+            f"{info['gpus_visible']} visible; CUDA {info['cuda_version']}; bf16 {'yes' if info['bf16'] else 'no'}"
+        )
     else:
-        info.update(name=f"CPU ({_cpu_name()}, {os.cpu_count()} logical cores)", memory_bytes=_memory_total(),
-                    gpus_visible=0, bf16=None, torch_threads=torch.get_num_threads())
-        report.say(f"  {info['name']}, {_gb(info['memory_bytes'])} memory; no CUDA GPU "
-                   f"(torch {torch.__version__}, CUDA {info['cuda_version'] or 'not built in'})")
+        info.update(
+            name=f"CPU ({_cpu_name()}, {os.cpu_count()} logical cores)",
+            memory_bytes=_memory_total(),
+            gpus_visible=0,
+            bf16=None,
+            torch_threads=torch.get_num_threads(),
+        )
+        report.say(
+            f"  {info['name']}, {_gb(info['memory_bytes'])} memory; no CUDA GPU "
+            f"(torch {torch.__version__}, CUDA {info['cuda_version'] or 'not built in'})"
+        )
     info["bitsandbytes"] = bitsandbytes_info()
     bnb = info["bitsandbytes"]
-    report.say(f"  bitsandbytes: {bnb['version'] + ', backend ' + str(bnb['backend']) if bnb['installed'] else 'not installed'}"
-               + (f" ({bnb['error']})" if bnb.get("error") else ""))
+    report.say(
+        f"  bitsandbytes: {bnb['version'] + ', backend ' + str(bnb['backend']) if bnb['installed'] else 'not installed'}"
+        + (f" ({bnb['error']})" if bnb.get("error") else "")
+    )
     report.sections["device"] = info
     return device
 
@@ -285,8 +322,10 @@ def check_disk_free(report: Report, output_dir: str) -> Path:
     folder = nearest_existing(Path(output_dir))
     free = free_bytes(folder)
     report.sections["disk"] = {"output_dir": output_dir, "checked": str(folder), "free_bytes": free}
-    report.say(f"  disk: {_gb(free)} free in {folder}" + ("" if folder == Path(output_dir).absolute() else
-                                                         f" (nearest existing folder of output_dir {output_dir})"))
+    report.say(
+        f"  disk: {_gb(free)} free in {folder}"
+        + ("" if folder == Path(output_dir).absolute() else f" (nearest existing folder of output_dir {output_dir})")
+    )
     return folder
 
 
@@ -360,19 +399,32 @@ def resolve(report: Report, config, gpus: int) -> Resolved | None:
     autos = {key: value for key, value in autos.items() if value != "auto"}
     if requested.distributed.strategy == "auto":
         autos[f"distributed.strategy (on {gpus} process{'es' if gpus > 1 else ''})"] = strategy
-    report.sections["config"] = {"resolved": resolved, "auto": autos, "auto_at_run_time": later,
-                                 "model_type": model_config.model_type,
-                                 "shape_from": shape_from, "strategy": strategy, "gpus": gpus}
-    report.say(f"  {config.model.name_or_path} ({model_config.model_type}; shape from {shape_from}), method "
-               f"{config.method}, {config.training.micro_batch_size} x {config.data.max_seq_len} tokens x "
-               f"{config.training.gradient_accumulation_steps} micro-batches a step")
+    report.sections["config"] = {
+        "resolved": resolved,
+        "auto": autos,
+        "auto_at_run_time": later,
+        "model_type": model_config.model_type,
+        "shape_from": shape_from,
+        "strategy": strategy,
+        "gpus": gpus,
+    }
+    report.say(
+        f"  {config.model.name_or_path} ({model_config.model_type}; shape from {shape_from}), method "
+        f"{config.method}, {config.training.micro_batch_size} x {config.data.max_seq_len} tokens x "
+        f"{config.training.gradient_accumulation_steps} micro-batches a step"
+    )
     for key, value in autos.items():
         report.say(f"  {key}: auto -> {value}")
     for key, when in later.items():
         report.say(f"  {key}: auto, {when}")
-    fixed = {"model.dtype": config.model.dtype, "training.mixed_precision": config.training.mixed_precision,
-             "model.attention": config.model.attention, "data.packing": config.data.packing,
-             "training.epochs": config.training.epochs, "lora.target_modules": config.lora.target_modules}
+    fixed = {
+        "model.dtype": config.model.dtype,
+        "training.mixed_precision": config.training.mixed_precision,
+        "model.attention": config.model.attention,
+        "data.packing": config.data.packing,
+        "training.epochs": config.training.epochs,
+        "lora.target_modules": config.lora.target_modules,
+    }
     for key, value in fixed.items():
         if key not in autos and not (key == "lora.target_modules" and config.method == "full"):
             report.say(f"  {key}: {value}")
@@ -395,8 +447,11 @@ def check_memory_plan(report: Report, resolved: Resolved, device: torch.device, 
     # float32, which no GPU run uses).
     config = resolved.config if cuda else resolved.requested
     if family_of(resolved.model_config) is None:  # plan_run assumes a known family when given a model config
-        report.warn("memory", f"not estimated: the planner models the families {', '.join(FAMILIES)}, and "
-                              f"{config.model.name_or_path} is a {resolved.model_config.model_type!r} model")
+        report.warn(
+            "memory",
+            f"not estimated: the planner models the families {', '.join(FAMILIES)}, and "
+            f"{config.model.name_or_path} is a {resolved.model_config.model_type!r} model",
+        )
         report.sections["memory_plan"] = None
         return None
     try:
@@ -408,8 +463,10 @@ def check_memory_plan(report: Report, resolved: Resolved, device: torch.device, 
     b = plan.per_gpu
     against = "this GPU" if cuda else "a reference 80 GiB GPU (the planner models CUDA GPUs; this machine has none)"
     report.sections["memory_plan"] = {"against": against, **plan.to_json()}
-    report.say(f"  per GPU on {gpus} GPU(s), {plan.settings.strategy}: weights {_gb(b.weights)}, gradients "
-               f"{_gb(b.gradients)}, optimizer {_gb(b.optimizer)}, activations {_gb(b.activations)}; total {_gb(b.total)}")
+    report.say(
+        f"  per GPU on {gpus} GPU(s), {plan.settings.strategy}: weights {_gb(b.weights)}, gradients "
+        f"{_gb(b.gradients)}, optimizer {_gb(b.optimizer)}, activations {_gb(b.activations)}; total {_gb(b.total)}"
+    )
     report.say(f"  against {against}: {plan.verdict()}")
     if not plan.fits:
         message = plan.warning()
@@ -438,7 +495,9 @@ def weights_cached(name_or_path: str) -> bool:
         if isinstance(found, str):
             shards = set(json.loads(Path(found).read_text(encoding="utf-8"))["weight_map"].values())
             return all(isinstance(try_to_load_from_cache(name_or_path, shard), str) for shard in shards)
-    return any(isinstance(try_to_load_from_cache(name_or_path, f), str) for f in ("model.safetensors", "pytorch_model.bin"))
+    return any(
+        isinstance(try_to_load_from_cache(name_or_path, f), str) for f in ("model.safetensors", "pytorch_model.bin")
+    )
 
 
 def _load_bench():
@@ -464,19 +523,25 @@ def random_weights(model_config):
     directly on its device, instead of reading a checkpoint; every other step of the build (dtype,
     attention, QLoRA preparation, gradient checkpointing, LoRA) is training's own. trainer/model.py
     has no switch for it, so its one loading function is swapped for the duration."""
-    import trainer.model as model_module
     from transformers import AutoModelForCausalLM
 
+    import trainer.model as model_module
+
     def build(config, device: torch.device):
-        dtype = model_module.DTYPES[config.model.dtype] if config.method == "qlora" else model_module.storage_dtype(config)
+        dtype = (
+            model_module.DTYPES[config.model.dtype] if config.method == "qlora" else model_module.storage_dtype(config)
+        )
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype,
-                                                     trust_remote_code=config.model.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(
+                model_config, dtype=dtype, trust_remote_code=config.model.trust_remote_code
+            )
         if config.method == "qlora":
             bench = _load_bench()
             if bench is None:
-                raise UserError("QLoRA with random weights needs scripts/bench.py (a source checkout) to build the "
-                                "4-bit layers. Fix: run the doctor from the repository, or put the weights in the cache")
+                raise UserError(
+                    "QLoRA with random weights needs scripts/bench.py (a source checkout) to build the "
+                    "4-bit layers. Fix: run the doctor from the repository, or put the weights in the cache"
+                )
             quantization = model_module.quantization_options(config, device)["quantization_config"]
             bench.quantize_to_4bit(model, quantization, device)
         return model
@@ -526,11 +591,19 @@ def first_batch(config, tokenizer) -> tuple[list, dict]:
     examples = read_file(path, config.data.format, on_error="skip").examples[:LABEL_SAMPLE]
     # too_long=drop: this is a sample for the labels check; the data's own checks are
     # `scripts/prepare_data.py validate` and training's preflight.
-    items, _ = tokenize_examples(examples, tokenizer, max_seq_len=config.data.max_seq_len, too_long="drop",
-                                 chat_template=tokenizer.chat_template, train_on=config.data.train_on, on_error="skip")
+    items, _ = tokenize_examples(
+        examples,
+        tokenizer,
+        max_seq_len=config.data.max_seq_len,
+        too_long="drop",
+        chat_template=tokenizer.chat_template,
+        train_on=config.data.train_on,
+        on_error="skip",
+    )
     if not items:
-        raise UserError(f"none of the first {LABEL_SAMPLE} examples of {path} fits data.max_seq_len="
-                        f"{config.data.max_seq_len}")
+        raise UserError(
+            f"none of the first {LABEL_SAMPLE} examples of {path} fits data.max_seq_len={config.data.max_seq_len}"
+        )
     if config.data.packing:
         rows = pack_examples(items, config.data.max_seq_len)[: config.training.micro_batch_size]
         return rows, collate_packed(rows, tokenizer.pad_token_id)
@@ -558,8 +631,11 @@ def build_and_self_test(report: Report, resolved: Resolved, device: torch.device
     parameters = _parameter_count(resolved.model_config)
     if device.type == "cpu" and parameters > CPU_PARAMETER_LIMIT:
         section["skipped"] = f"{parameters:,} parameters: not built on a CPU"
-        report.warn("self-test", f"skipped: {name} has {parameters:,} parameters, too many to build and probe on a CPU "
-                                 "in useful time. Run the doctor on the GPU node the job will use")
+        report.warn(
+            "self-test",
+            f"skipped: {name} has {parameters:,} parameters, too many to build and probe on a CPU "
+            "in useful time. Run the doctor on the GPU node the job will use",
+        )
         return None
 
     real = weights_cached(name)
@@ -570,9 +646,11 @@ def build_and_self_test(report: Report, resolved: Resolved, device: torch.device
         else:
             why = "not in the local Hugging Face cache and the Hub cannot be reached"
             report.warn("weights", f"training cannot load them on this machine: {offline_fix(name)}")
-        report.say(f"  weights of {name}: {why}. THE WEIGHTS ARE RANDOM: the model is built from "
-                   f"{resolved.shape_from} with random weights; the self-test checks the attention kernel and "
-                   "the batch layout, which do not depend on them")
+        report.say(
+            f"  weights of {name}: {why}. THE WEIGHTS ARE RANDOM: the model is built from "
+            f"{resolved.shape_from} with random weights; the self-test checks the attention kernel and "
+            "the batch layout, which do not depend on them"
+        )
 
     set_seed(config.training.seed)
     started = time.perf_counter()
@@ -588,8 +666,10 @@ def build_and_self_test(report: Report, resolved: Resolved, device: torch.device
     section["build_seconds"] = round(time.perf_counter() - started, 2)
     trainable, total = count_parameters(model)
     section.update(parameters=total, trainable_parameters=trainable)
-    report.say(f"  built {name} ({'its weights' if real else 'random weights'}) in {section['build_seconds']:.1f} s: "
-               f"{trainable:,} of {total:,} parameters trainable, {config.model.attention} attention")
+    report.say(
+        f"  built {name} ({'its weights' if real else 'random weights'}) in {section['build_seconds']:.1f} s: "
+        f"{trainable:,} of {total:,} parameters trainable, {config.model.attention} attention"
+    )
 
     tokenizer = None
     try:
@@ -601,13 +681,19 @@ def build_and_self_test(report: Report, resolved: Resolved, device: torch.device
 
     # The disk the run will need (trainer/disk.py), as training checks it before the first step:
     # a fresh run, every checkpoint still to be written.
-    sizes = run_bytes(model, method=config.method, optimizer=config.training.optimizer,
-                      tokenizer_size=tokenizer_bytes(tokenizer) if tokenizer is not None else 0,
-                      checkpoint_dtype=getattr(torch, config.model.dtype))
+    sizes = run_bytes(
+        model,
+        method=config.method,
+        optimizer=config.training.optimizer,
+        tokenizer_size=tokenizer_bytes(tokenizer) if tokenizer is not None else 0,
+        checkpoint_dtype=getattr(torch, config.model.dtype),
+    )
     needed = sizes.needed(config.checkpoints.count, 0)
     report.sections["disk"].update(needed_bytes=needed, checkpoint_bytes=sizes.checkpoint, state_bytes=sizes.state)
-    report.say(f"  disk: the run needs about {_gb(needed)} ({config.checkpoints.count} checkpoints of "
-               f"{_gb(sizes.checkpoint)}, resumable states of {_gb(sizes.state)}); {_gb(report.sections['disk']['free_bytes'])} free")
+    report.say(
+        f"  disk: the run needs about {_gb(needed)} ({config.checkpoints.count} checkpoints of "
+        f"{_gb(sizes.checkpoint)}, resumable states of {_gb(sizes.state)}); {_gb(report.sections['disk']['free_bytes'])} free"
+    )
     try:
         check_free_space(disk_folder, sizes, checkpoints_left=config.checkpoints.count, states_present=0)
     except NotEnoughDisk as err:
@@ -622,14 +708,30 @@ def build_and_self_test(report: Report, resolved: Resolved, device: torch.device
         except UserError as err:
             report.say(f"  first batch: could not be made ({err}): the labels check is skipped")
     result = run_self_test(
-        model, attention=config.model.attention, packing=config.data.packing,
-        compute_dtype=activation_dtype(config), autocast=acc.autocast, device=acc.device,
-        first_batch=batch, tokenizer=tokenizer, data_format=config.data.format,
+        model,
+        attention=config.model.attention,
+        packing=config.data.packing,
+        compute_dtype=activation_dtype(config),
+        autocast=acc.autocast,
+        device=acc.device,
+        first_batch=batch,
+        tokenizer=tokenizer,
+        data_format=config.data.format,
     )
     section.update(
-        passed=not result.failed, seconds=round(result.seconds, 3),
-        checks=[{"name": c.name, "what": c.what, "difference": c.difference, "tolerance": c.tolerance,
-                 "passed": c.passed, "detail": c.detail} for c in result.checks],
+        passed=not result.failed,
+        seconds=round(result.seconds, 3),
+        checks=[
+            {
+                "name": c.name,
+                "what": c.what,
+                "difference": c.difference,
+                "tolerance": c.tolerance,
+                "passed": c.passed,
+                "detail": c.detail,
+            }
+            for c in result.checks
+        ],
     )
     report.say(f"  {result.summary()}")
     if result.failed:
@@ -657,8 +759,11 @@ def synthetic_rows(count: int, *, seq_len: int, vocab: int, seed: int) -> list:
         for number, length in enumerate(parts):
             ids = torch.randint(0, vocab, (length,), generator=generator).tolist()
             prompt = min(length - 1, max(1, round(0.3 * length)))
-            examples.append(TokenizedExample(ids, [IGNORE_INDEX] * prompt + ids[prompt:], "synthetic",
-                                             row * len(parts) + number + 1))
+            examples.append(
+                TokenizedExample(
+                    ids, [IGNORE_INDEX] * prompt + ids[prompt:], "synthetic", row * len(parts) + number + 1
+                )
+            )
         rows.append(PackedRow(tuple(examples)))
     return rows
 
@@ -684,8 +789,9 @@ class _PeakMemory:
         return self.memory.peak_bytes() if self.memory else None
 
 
-def check_speed(report: Report, resolved: Resolved, built: Built, device: torch.device, steps: int, plan,
-                memory: _PeakMemory) -> None:
+def check_speed(
+    report: Report, resolved: Resolved, built: Built, device: torch.device, steps: int, plan, memory: _PeakMemory
+) -> None:
     from trainer.data.packing import collate_packed
     from trainer.families import model_shape
     from trainer.flops import gpu_peak, mfu, training_flops
@@ -697,8 +803,9 @@ def check_speed(report: Report, resolved: Resolved, built: Built, device: torch.
     accumulation = config.training.gradient_accumulation_steps
     vocab = resolved.model_config.vocab_size
     pad_id = built.tokenizer.pad_token_id if built.tokenizer is not None else 0
-    rows = synthetic_rows((WARMUP_STEPS + steps) * rows_per_micro * accumulation, seq_len=seq_len, vocab=vocab,
-                          seed=config.training.seed)
+    rows = synthetic_rows(
+        (WARMUP_STEPS + steps) * rows_per_micro * accumulation, seq_len=seq_len, vocab=vocab, seed=config.training.seed
+    )
     per_step = rows_per_micro * accumulation
     step_rows = [rows[i * per_step : (i + 1) * per_step] for i in range(WARMUP_STEPS + steps)]
     built.model.train()
@@ -709,11 +816,19 @@ def check_speed(report: Report, resolved: Resolved, built: Built, device: torch.
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             started = time.perf_counter()
-        batches = [collate_packed(this_step[i : i + rows_per_micro], pad_id) for i in range(0, per_step, rows_per_micro)]
-        result = optimizer_step(built.model, built.optimizer, batches,
-                                step_tokens=sum(row.supervised_tokens for row in this_step),
-                                learning_rate=config.training.learning_rate, max_grad_norm=config.training.max_grad_norm,
-                                accelerator=acc, strategy=built.strategy)
+        batches = [
+            collate_packed(this_step[i : i + rows_per_micro], pad_id) for i in range(0, per_step, rows_per_micro)
+        ]
+        result = optimizer_step(
+            built.model,
+            built.optimizer,
+            batches,
+            step_tokens=sum(row.supervised_tokens for row in this_step),
+            learning_rate=config.training.learning_rate,
+            max_grad_norm=config.training.max_grad_norm,
+            accelerator=acc,
+            strategy=built.strategy,
+        )
         losses.append(result.loss)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -724,26 +839,40 @@ def check_speed(report: Report, resolved: Resolved, built: Built, device: torch.
     trainable = [p for p in built.model.parameters() if p.requires_grad]
     adapter = sum(p.numel() for p in trainable if p.ndim == 2) if config.method != "full" else 0
     try:
-        flops = training_flops(lengths, model_shape(resolved.model_config), method=config.method, adapter_params=adapter)
+        flops = training_flops(
+            lengths, model_shape(resolved.model_config), method=config.method, adapter_params=adapter
+        )
     except ValueError:  # a family without a FLOP formula
         flops = None
     peak = gpu_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     peak_bytes = memory.peak_bytes()
     estimate = plan.per_gpu.total if plan is not None else None
     section = {
-        "steps": steps, "warmup_steps": WARMUP_STEPS, "seq_len": seq_len, "rows_per_step": per_step,
-        "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+        "steps": steps,
+        "warmup_steps": WARMUP_STEPS,
+        "seq_len": seq_len,
+        "rows_per_step": per_step,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds,
         "model_tflops_per_second": flops / seconds / 1e12 if flops else None,
         "mfu": mfu(flops, seconds, peak.tflops) if flops and peak else None,
         "peak": None if peak is None else {"name": peak.name, "tflops": peak.tflops},
         "loss_first_last": [losses[0], losses[-1]],
-        "peak_memory_bytes": peak_bytes, "peak_memory": memory.label, "planner_estimate_bytes": estimate,
+        "peak_memory_bytes": peak_bytes,
+        "peak_memory": memory.label,
+        "planner_estimate_bytes": estimate,
     }
     report.sections["speed"] = section
-    report.say(f"  {tokens:,} tokens in {seconds:.2f} s: {section['tokens_per_second']:,.0f} tokens/s"
-               + (f", {section['model_tflops_per_second']:.3g} model TFLOP/s" if flops else "")
-               + (f", MFU {100 * section['mfu']:.1f}% of {peak.name} {peak.tflops:g} TFLOP/s" if section["mfu"] is not None
-                  else ", MFU n/a (no known peak for this device)"))
+    report.say(
+        f"  {tokens:,} tokens in {seconds:.2f} s: {section['tokens_per_second']:,.0f} tokens/s"
+        + (f", {section['model_tflops_per_second']:.3g} model TFLOP/s" if flops else "")
+        + (
+            f", MFU {100 * section['mfu']:.1f}% of {peak.name} {peak.tflops:g} TFLOP/s"
+            if section["mfu"] is not None
+            else ", MFU n/a (no known peak for this device)"
+        )
+    )
     report.say(f"  loss {losses[0]:.4f} (warm-up step) -> {losses[-1]:.4f} (last step)")
     comparison = ""
     if peak_bytes is not None and estimate:
@@ -798,9 +927,12 @@ def run(args: argparse.Namespace, report: Report) -> None:
                 try:
                     check_speed(report, resolved, built, device, args.steps, plan, memory)
                 except torch.OutOfMemoryError as err:
-                    report.fail("speed", f"out of memory during the training steps: {_first_line(err)}. Fix: "
-                                         "lower training.micro_batch_size or data.max_seq_len, or turn on "
-                                         "model.gradient_checkpointing (scripts/plan.py shows what fits)")
+                    report.fail(
+                        "speed",
+                        f"out of memory during the training steps: {_first_line(err)}. Fix: "
+                        "lower training.micro_batch_size or data.max_seq_len, or turn on "
+                        "model.gradient_checkpointing (scripts/plan.py shows what fits)",
+                    )
     finally:
         resolved.recipe.close()
 
@@ -828,8 +960,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"ok": False, "error": str(err)}))
         return err.exit_code
     except OSError as err:  # the environment: an unreadable folder, a full disk
-        print(f"error: {err.strerror or err}: {err.filename}. Fix: check that this path is readable and its disk "
-              "has free space", file=sys.stderr)
+        print(
+            f"error: {err.strerror or err}: {err.filename}. Fix: check that this path is readable and its disk "
+            "has free space",
+            file=sys.stderr,
+        )
         return EXIT_USER_ERROR
     report.sections["seconds"] = round(time.perf_counter() - started, 2)
     if as_json:
@@ -839,12 +974,18 @@ def main(argv: list[str] | None = None) -> int:
         for warning in report.warnings:
             report.say(f"  warning ({warning['item']}): {warning['message']}")
         if report.failures:
-            report.say(f"  FAILED ({len(report.failures)} item{'s' if len(report.failures) > 1 else ''}, "
-                       f"{report.sections['seconds']:.0f} s):")
+            report.say(
+                f"  FAILED ({len(report.failures)} item{'s' if len(report.failures) > 1 else ''}, "
+                f"{report.sections['seconds']:.0f} s):"
+            )
             for failed in report.failures:
                 report.say(f"  - {failed['item']}: {failed['message']}")
         else:
-            warned = f" ({len(report.warnings)} warning{'s' if len(report.warnings) > 1 else ''} above)" if report.warnings else ""
+            warned = (
+                f" ({len(report.warnings)} warning{'s' if len(report.warnings) > 1 else ''} above)"
+                if report.warnings
+                else ""
+            )
             report.say(f"  no failing item{warned}: done in {report.sections['seconds']:.0f} s")
         if (report.sections.get("self_test") or {}).get("weights") == "random":
             report.say("  (the model had random weights: its own were not on this machine)")

@@ -94,8 +94,9 @@ class TrainingDiverged(UserError):
     """`training.max_bad_steps` optimizer steps in a row had a non-finite loss or gradient norm."""
 
     @classmethod
-    def after(cls, step: int, bad_steps: int, *, learning_rate: float, mixed_precision: str,
-              data_lines: list[str]) -> "TrainingDiverged":
+    def after(
+        cls, step: int, bad_steps: int, *, learning_rate: float, mixed_precision: str, data_lines: list[str]
+    ) -> "TrainingDiverged":
         first = step - bad_steps + 1
         return cls(
             f"training stopped at step {step}: the loss or gradient norm was not finite in {bad_steps} steps "

@@ -103,19 +103,34 @@ class EvalResult:
         by_kind: dict[str, list[EvalRow]] = {}
         for row in self.rows:
             if not row.correct:
-                kind = error_kind(row.prediction, row.reference, classification=self.classification,
-                                  finish_reason=row.finish_reason)
+                kind = error_kind(
+                    row.prediction, row.reference, classification=self.classification, finish_reason=row.finish_reason
+                )
                 by_kind.setdefault(kind, []).append(row)
         ranked = sorted(by_kind.items(), key=lambda item: -len(item[1]))[:kinds]
-        return [{"kind": kind, "count": len(group), "prompt": row.prompt, "reference": row.reference,
-                 "prediction": row.prediction, "source": row.source, "line": row.line}
-                for kind, group in ranked for row in group[:per_kind]]
+        return [
+            {
+                "kind": kind,
+                "count": len(group),
+                "prompt": row.prompt,
+                "reference": row.reference,
+                "prediction": row.prediction,
+                "source": row.source,
+                "line": row.line,
+            }
+            for kind, group in ranked
+            for row in group[:per_kind]
+        ]
 
     def summary_fields(self) -> dict:
         """The fields a `CheckpointSummary` carries (trainer/report.py): metrics, examples, wrong
         answers and the classification details; small enough for the resumable state."""
-        return {"metrics": dict(self.metrics), "eval_examples": self.n, "wrong": self.wrong_examples(),
-                "metric_details": self.details}
+        return {
+            "metrics": dict(self.metrics),
+            "eval_examples": self.n,
+            "wrong": self.wrong_examples(),
+            "metric_details": self.details,
+        }
 
     def prediction_records(self) -> list[dict]:
         """One JSON object per example (for a checkpoint's eval_predictions.jsonl)."""
@@ -168,7 +183,9 @@ def eval_examples(valid_data, tokenizer, indices: Sequence[int]) -> list[EvalExa
         ended = answer[-1] == tokenizer.eos_token_id
         text = tokenizer.decode(answer[:-1] if ended else answer)
         prompt_ids = list(item.input_ids[:start])
-        examples.append(EvalExample(prompt_ids, tokenizer.decode(prompt_ids), text, len(answer), item.source, item.line))
+        examples.append(
+            EvalExample(prompt_ids, tokenizer.decode(prompt_ids), text, len(answer), item.source, item.line)
+        )
     return examples
 
 
@@ -179,15 +196,23 @@ def common_ending(references: Sequence[str], special_tokens: Sequence[str] = ())
         return None
     suffix = os.path.commonprefix([r[::-1] for r in references])[::-1]
     if suffix.strip() and not any(token and token in suffix for token in special_tokens):
-        suffix = suffix[len(suffix.rstrip()):]  # only its whitespace tail can end answers safely
+        suffix = suffix[len(suffix.rstrip()) :]  # only its whitespace tail can end answers safely
     if not suffix or any(suffix in r[: -len(suffix)] for r in references):
         return None
     stop = suffix.strip() or suffix  # "<|im_end|>\n" stops at "<|im_end|>"
     return stop
 
 
-def plan_evaluation(eval_config, valid_data, tokenizer, *, seed: int, task: str = "conditional", classes: int = 0,
-                    batch_size: int = BATCH_SIZE) -> tuple[list[EvalExample], EvalSettings]:
+def plan_evaluation(
+    eval_config,
+    valid_data,
+    tokenizer,
+    *,
+    seed: int,
+    task: str = "conditional",
+    classes: int = 0,
+    batch_size: int = BATCH_SIZE,
+) -> tuple[list[EvalExample], EvalSettings]:
     """The examples every checkpoint answers and how they are scored (`eval` section of the config)."""
     from trainer.generate import cut_completion
 
@@ -198,8 +223,10 @@ def plan_evaluation(eval_config, valid_data, tokenizer, *, seed: int, task: str 
         ending = common_ending([e.reference for e in examples], getattr(tokenizer, "all_special_tokens", []))
         stop = [ending] if ending else []
     # Predictions are cut before a stop sequence, so references are too.
-    examples = [EvalExample(e.prompt_ids, e.prompt, cut_completion(e.reference, stop)[0], e.reference_tokens, e.source,
-                            e.line) for e in examples]
+    examples = [
+        EvalExample(e.prompt_ids, e.prompt, cut_completion(e.reference, stop)[0], e.reference_tokens, e.source, e.line)
+        for e in examples
+    ]
     choice: MetricChoice = choose_metrics(eval_config.metrics, task, [e.reference for e in examples], classes)
     longest = max((e.reference_tokens for e in examples), default=1)
     budget = eval_config.max_new_tokens or longest + max(4, longest // 4)
@@ -218,8 +245,15 @@ def _shares(examples: Sequence[EvalExample], world: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def score_checkpoint(model, tokenizer, examples: Sequence[EvalExample], settings: EvalSettings, accelerator=None, *,
-                     sharded: bool = False) -> EvalResult:
+def score_checkpoint(
+    model,
+    tokenizer,
+    examples: Sequence[EvalExample],
+    settings: EvalSettings,
+    accelerator=None,
+    *,
+    sharded: bool = False,
+) -> EvalResult:
     """Answer every example greedily and score the answers; the same result on every process.
 
     Collective when `accelerator` has several processes: every process must call it. `model` is
@@ -253,12 +287,26 @@ def score_checkpoint(model, tokenizer, examples: Sequence[EvalExample], settings
     references = [e.reference for e in examples]
     scores = score(settings.metrics, predictions, references)
     rows_out = [
-        EvalRow(e.prompt, e.reference, predictions[i], normalize(predictions[i]) == normalize(e.reference),
-                by_index[i][1], e.source, e.line)
+        EvalRow(
+            e.prompt,
+            e.reference,
+            predictions[i],
+            normalize(predictions[i]) == normalize(e.reference),
+            by_index[i][1],
+            e.source,
+            e.line,
+        )
         for i, e in enumerate(examples)
     ]
-    return EvalResult(scores.values, len(examples), rows_out, time.perf_counter() - started, settings.primary,
-                      scores.details, settings.classification)
+    return EvalResult(
+        scores.values,
+        len(examples),
+        rows_out,
+        time.perf_counter() - started,
+        settings.primary,
+        scores.details,
+        settings.classification,
+    )
 
 
 @torch.no_grad()

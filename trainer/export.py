@@ -38,14 +38,31 @@ EXPORT_INFO = "export.json"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m trainer.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint-<step> folder (LoRA, QLoRA or full); with --best a run folder")
-    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="the model folder to write (must not exist, or be empty)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES,
-                        help="weights dtype of the export (default: the dtype the run trained in, else float32)")
-    parser.add_argument("--base", metavar="PATH_OR_ID", help="base model of a LoRA checkpoint (default: adapter_config.json's)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest weights file; bigger models get shards and an index (default 5GB)")
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a checkpoint-<step> folder (LoRA, QLoRA or full); with --best a run folder",
+    )
+    parser.add_argument(
+        "out_dir", metavar="OUT_DIR", type=Path, help="the model folder to write (must not exist, or be empty)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        help="weights dtype of the export (default: the dtype the run trained in, else float32)",
+    )
+    parser.add_argument(
+        "--base", metavar="PATH_OR_ID", help="base model of a LoRA checkpoint (default: adapter_config.json's)"
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest weights file; bigger models get shards and an index (default 5GB)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     add_best_argument(parser)
     return parser
@@ -57,7 +74,9 @@ def check_shard_size(size: str) -> None:
     try:
         convert_file_size_to_int(size)
     except ValueError:
-        raise UsageError(f"--max-shard-size {size!r} is not a size. Fix: give an integer with a unit, e.g. 5GB, 500MB or 2GiB") from None
+        raise UsageError(
+            f"--max-shard-size {size!r} is not a size. Fix: give an integer with a unit, e.g. 5GB, 500MB or 2GiB"
+        ) from None
 
 
 def check_out_dir(out_dir: Path, checkpoint: Path, overwrite: bool) -> None:
@@ -66,11 +85,21 @@ def check_out_dir(out_dir: Path, checkpoint: Path, overwrite: bool) -> None:
     if out_dir.is_file():
         raise UserError(f"OUT_DIR {out_dir} is a file. Fix: give a folder path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"OUT_DIR {out_dir} already exists and is not empty. Fix: choose a new folder, or pass --overwrite")
+        raise UserError(
+            f"OUT_DIR {out_dir} already exists and is not empty. Fix: choose a new folder, or pass --overwrite"
+        )
 
 
-def export(checkpoint: str | Path, out_dir: Path, *, dtype: str | None = None, base: str | None = None,
-           max_shard_size: str = "5GB", overwrite: bool = False, log=print) -> Path:
+def export(
+    checkpoint: str | Path,
+    out_dir: Path,
+    *,
+    dtype: str | None = None,
+    base: str | None = None,
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+    log=print,
+) -> Path:
     """Write the merged (LoRA) or converted (full) model to `out_dir`; returns it."""
     import torch
 
@@ -95,14 +124,21 @@ def export(checkpoint: str | Path, out_dir: Path, *, dtype: str | None = None, b
         for name in PROVENANCE_FILES:
             if (info.path / name).is_file():
                 shutil.copy2(info.path / name, partial / name)
-        record = {"source": str(info.path.resolve()), "kind": info.kind, "method": info.method,
-                  "base_model": base_name, "dtype": dtype}
+        record = {
+            "source": str(info.path.resolve()),
+            "kind": info.kind,
+            "method": info.method,
+            "base_model": base_name,
+            "dtype": dtype,
+        }
         (partial / EXPORT_INFO).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         # The umask's permissions (save_pretrained writes safetensors 0600), fsync, then the rename.
         commit_partial(partial, out_dir)
     except OSError as err:
         discard_partial(out_dir)
-        raise UserError(f"could not write {out_dir} ({err.strerror or err}). Fix: choose a folder you can write to, with free space") from None
+        raise UserError(
+            f"could not write {out_dir} ({err.strerror or err}). Fix: choose a folder you can write to, with free space"
+        ) from None
     log(f"wrote {out_dir}")
     return out_dir
 
@@ -115,8 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_shard_size(args.max_shard_size)
     checkpoint = checkpoint_from_args(args.checkpoint, args.best)
-    export(checkpoint, args.out_dir, dtype=args.dtype, base=args.base,
-           max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    export(
+        checkpoint,
+        args.out_dir,
+        dtype=args.dtype,
+        base=args.base,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
     return 0
 
 

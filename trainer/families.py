@@ -67,8 +67,16 @@ def _neox_shape(config) -> ModelShape:
 def _tiny_gpt2(token_ids: dict, *, n_layer: int, n_embd: int, n_head: int, n_positions: int, **overrides):
     from transformers import GPT2Config
 
-    sizes = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
-                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
+    sizes = dict(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_positions=n_positions,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        summary_first_dropout=0.0,
+    )
     return GPT2Config(**token_ids, **{**sizes, **overrides})
 
 
@@ -78,8 +86,16 @@ def _tiny_gptj(token_ids: dict, *, n_layer: int, n_embd: int, n_head: int, n_pos
     # GPT-J-6B rotates 64 of 256 dims per head; half the head is the tiny equivalent and keeps the
     # rotary and pass-through code paths both exercised. Must be even.
     rotary_dim = max(2, (n_embd // n_head // 2) // 2 * 2)
-    sizes = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
-                 rotary_dim=rotary_dim, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    sizes = dict(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_positions=n_positions,
+        rotary_dim=rotary_dim,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPTJConfig(**token_ids, **{**sizes, **overrides})
 
 
@@ -88,25 +104,49 @@ def _tiny_neox(token_ids: dict, *, n_layer: int, n_embd: int, n_head: int, n_pos
 
     # GPT-NeoX-20B rotates 25% of each head; keep it, but never fewer than 2 dims.
     partial = max(0.25, 2 / (n_embd // n_head))
-    sizes = dict(num_hidden_layers=n_layer, hidden_size=n_embd, num_attention_heads=n_head,
-                 max_position_embeddings=n_positions, intermediate_size=4 * n_embd,
-                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": partial},
-                 attention_dropout=0.0, hidden_dropout=0.0)
+    sizes = dict(
+        num_hidden_layers=n_layer,
+        hidden_size=n_embd,
+        num_attention_heads=n_head,
+        max_position_embeddings=n_positions,
+        intermediate_size=4 * n_embd,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": partial},
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+    )
     return GPTNeoXConfig(**token_ids, **{**sizes, **overrides})
 
 
 FAMILIES: dict[str, Family] = {
     family.model_type: family
     for family in (
-        Family(model_type="gpt2", lora_targets=("c_attn", "c_proj", "c_fc"), block_class="GPT2Block",
-               conv1d_projections=True, shape=_gpt2_like_shape, tiny_config=_tiny_gpt2,
-               activations="trainer.activations:GPT2"),
-        Family(model_type="gptj", lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"),
-               block_class="GPTJBlock", conv1d_projections=False, shape=_gpt2_like_shape, tiny_config=_tiny_gptj,
-               activations="trainer.activations:GPTJ"),
-        Family(model_type="gpt_neox", lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-               block_class="GPTNeoXLayer", conv1d_projections=False, shape=_neox_shape, tiny_config=_tiny_neox,
-               activations="trainer.activations:GPT_NEOX"),
+        Family(
+            model_type="gpt2",
+            lora_targets=("c_attn", "c_proj", "c_fc"),
+            block_class="GPT2Block",
+            conv1d_projections=True,
+            shape=_gpt2_like_shape,
+            tiny_config=_tiny_gpt2,
+            activations="trainer.activations:GPT2",
+        ),
+        Family(
+            model_type="gptj",
+            lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"),
+            block_class="GPTJBlock",
+            conv1d_projections=False,
+            shape=_gpt2_like_shape,
+            tiny_config=_tiny_gptj,
+            activations="trainer.activations:GPTJ",
+        ),
+        Family(
+            model_type="gpt_neox",
+            lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+            block_class="GPTNeoXLayer",
+            conv1d_projections=False,
+            shape=_neox_shape,
+            tiny_config=_tiny_neox,
+            activations="trainer.activations:GPT_NEOX",
+        ),
     )
 }
 
@@ -124,8 +164,9 @@ def require_family(model_or_config) -> Family:
     family = family_of(model_or_config)
     if family is None:
         config = getattr(model_or_config, "config", model_or_config)
-        raise ValueError(f"no family entry for model_type {getattr(config, 'model_type', None)!r}; "
-                         f"known: {', '.join(FAMILIES)}")
+        raise ValueError(
+            f"no family entry for model_type {getattr(config, 'model_type', None)!r}; known: {', '.join(FAMILIES)}"
+        )
     return family
 
 
@@ -145,7 +186,9 @@ def model_shape(config) -> ModelShape:
     """The FLOP shape (`trainer/flops.py`) of a GPT-2, GPT-J or GPT-NeoX config."""
     family = family_of(config)
     if family is None:
-        raise ValueError(f"no FLOP formula for model_type {getattr(config, 'model_type', None)!r}; known: {', '.join(FAMILIES)}")
+        raise ValueError(
+            f"no FLOP formula for model_type {getattr(config, 'model_type', None)!r}; known: {', '.join(FAMILIES)}"
+        )
     return family.shape(config)
 
 
@@ -165,9 +208,22 @@ def gptj_6b_config():
     from transformers import GPTJConfig
 
     return GPTJConfig(
-        vocab_size=50400, n_positions=2048, n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, n_inner=None,
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-        tie_word_embeddings=False, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256,
+        vocab_size=50400,
+        n_positions=2048,
+        n_embd=4096,
+        n_layer=28,
+        n_head=16,
+        rotary_dim=64,
+        n_inner=None,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        pad_token_id=50256,
     )
 
 
@@ -176,10 +232,21 @@ def neox_20b_config():
     from transformers import GPTNeoXConfig
 
     return GPTNeoXConfig(
-        vocab_size=50432, hidden_size=6144, num_hidden_layers=44, num_attention_heads=64, intermediate_size=24576,
-        hidden_act="gelu_fast", max_position_embeddings=2048, layer_norm_eps=1e-5, use_parallel_residual=True,
+        vocab_size=50432,
+        hidden_size=6144,
+        num_hidden_layers=44,
+        num_attention_heads=64,
+        intermediate_size=24576,
+        hidden_act="gelu_fast",
+        max_position_embeddings=2048,
+        layer_norm_eps=1e-5,
+        use_parallel_residual=True,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-        attention_dropout=0.0, hidden_dropout=0.0, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
         pad_token_id=0,
     )
 
@@ -190,9 +257,22 @@ def mid_gptj_config():
     from transformers import GPTJConfig
 
     return GPTJConfig(
-        vocab_size=50400, n_positions=2048, n_embd=256, n_layer=4, n_head=4, rotary_dim=16, n_inner=None,
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-        tie_word_embeddings=False, bos_token_id=50256, eos_token_id=50256, pad_token_id=50256,
+        vocab_size=50400,
+        n_positions=2048,
+        n_embd=256,
+        n_layer=4,
+        n_head=4,
+        rotary_dim=16,
+        n_inner=None,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        pad_token_id=50256,
     )
 
 

@@ -90,7 +90,8 @@ def prompt_row(tokenizer, test_prompt: TestPrompt, seed: int | None, chat_templa
     """A `Row` for `test_prompt`: its ids (`encode_test_prompt`) and the text they encode."""
     ids = encode_test_prompt(tokenizer, test_prompt, chat_template)
     text = (
-        test_prompt.prompt if test_prompt.messages is None
+        test_prompt.prompt
+        if test_prompt.messages is None
         else render_chat_prompt(tokenizer, _messages(test_prompt), chat_template)
     )
     return Row(test_prompt, ids, text, seed)
@@ -232,7 +233,7 @@ class RowTextStreamer(BaseStreamer):
             self.done[i] = stopped
             settled = text if stopped else settled_text(text, stops)
             if len(settled) > len(self.sent[i]) and settled.startswith(self.sent[i]):
-                self.rows[i].on_text(settled[len(self.sent[i]):])
+                self.rows[i].on_text(settled[len(self.sent[i]) :])
                 self.sent[i] = settled
 
     def end(self) -> None:
@@ -255,8 +256,12 @@ def generate_rows(model, tokenizer, rows: list[Row]) -> list[Completion]:
     width = max(len(row.prompt_ids) for row in active_rows)
     assert width + max(budgets[i] for i in active) <= limit, "batch passes the position limit: use plan_batches"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.tensor([[pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in active_rows], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in active_rows], device=device)
+    input_ids = torch.tensor(
+        [[pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in active_rows], device=device
+    )
+    attention_mask = torch.tensor(
+        [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in active_rows], device=device
+    )
 
     first = active_rows[0].test_prompt
     options = dict(do_sample=first.temperature > 0, max_new_tokens=max(budgets[i] for i in active))
@@ -266,7 +271,8 @@ def generate_rows(model, tokenizer, rows: list[Row]) -> list[Completion]:
         options.update(temperature=None, top_p=None, top_k=None)  # silence warnings from model defaults
     active_budgets = [budgets[i] for i in active]
     needs_stopping = (
-        any(r.test_prompt.stop for r in active_rows) or any(r.cancelled for r in active_rows)
+        any(r.test_prompt.stop for r in active_rows)
+        or any(r.cancelled for r in active_rows)
         or len(set(active_budgets)) > 1
     )
     stopping = _StopRows(tokenizer, width, active_rows, active_budgets) if needs_stopping else None
@@ -292,7 +298,9 @@ def generate_rows(model, tokenizer, rows: list[Row]) -> list[Completion]:
         )
     new_rows = output[:, width:].tolist()  # GPU->CPU sync, once per batch
     for n, i in enumerate(active):
-        results[i] = _finish(tokenizer, rows[i], new_rows[n][: budgets[i]], stopping.finished_at[n] if stopping else None)
+        results[i] = _finish(
+            tokenizer, rows[i], new_rows[n][: budgets[i]], stopping.finished_at[n] if stopping else None
+        )
     return results
 
 
@@ -319,31 +327,62 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "stop")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m trainer.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_EXPORT",
-                        help="a checkpoint-<step> folder (LoRA or full) or an exported model; with --best a run folder")
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT_OR_EXPORT",
+        help="a checkpoint-<step> folder (LoRA or full) or an exported model; with --best a run folder",
+    )
     add_best_argument(parser)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", metavar="TEXT", help=r"one prompt, exactly as in training (include the separator; \n is a newline)")
-    source.add_argument("--prompts", metavar="FILE.jsonl", type=Path,
-                        help='one JSON object a line: {"prompt": ...} or {"messages": [...]}, optionally with its own '
-                             "temperature, top_p, top_k, max_new_tokens, stop, seed")
+    source.add_argument(
+        "--prompt", metavar="TEXT", help=r"one prompt, exactly as in training (include the separator; \n is a newline)"
+    )
+    source.add_argument(
+        "--prompts",
+        metavar="FILE.jsonl",
+        type=Path,
+        help='one JSON object a line: {"prompt": ...} or {"messages": [...]}, optionally with its own '
+        "temperature, top_p, top_k, max_new_tokens, stop, seed",
+    )
     source.add_argument("--messages", metavar="JSON", help='a chat: [{"role": "user", "content": "..."}, ...]')
     defaults = TestPrompt(prompt="")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 (default) is greedy decoding")
+    parser.add_argument(
+        "--temperature", type=float, default=defaults.temperature, help="0 (default) is greedy decoding"
+    )
     parser.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling, in (0, 1] (default 1)")
-    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="keep the k most likely tokens; 0 (default) is off")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="longest completion in tokens (default 64)")
-    parser.add_argument("--stop", nargs="+", action="extend", default=[], metavar="TEXT",
-                        help=r"stop sequences: the completion is cut before the first (\n is a newline; --stop=-> for one starting with -)")
-    parser.add_argument("--seed", type=int, help="sampling seed (default: the run's training.seed, as the checkpoint samples)")
+    parser.add_argument(
+        "--top-k", type=int, default=defaults.top_k, help="keep the k most likely tokens; 0 (default) is off"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=defaults.max_new_tokens, help="longest completion in tokens (default 64)"
+    )
+    parser.add_argument(
+        "--stop",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="TEXT",
+        help=r"stop sequences: the completion is cut before the first (\n is a newline; --stop=-> for one starting with -)",
+    )
+    parser.add_argument(
+        "--seed", type=int, help="sampling seed (default: the run's training.seed, as the checkpoint samples)"
+    )
     parser.add_argument("--num-samples", type=int, default=1, help="completions per prompt; sample i uses seed + i")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
     parser.add_argument("--jsonl", action="store_true", help="print JSON lines also for a single prompt")
-    parser.add_argument("--base", metavar="PATH_OR_ID", help="base model of an adapter checkpoint (default: adapter_config.json's)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
-                        help="weights dtype (auto: bfloat16 on a CUDA GPU that supports it, else float32)")
+    parser.add_argument(
+        "--base", metavar="PATH_OR_ID", help="base model of an adapter checkpoint (default: adapter_config.json's)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="weights dtype (auto: bfloat16 on a CUDA GPU that supports it, else float32)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     return parser
 
@@ -351,8 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _sampling_options(args: argparse.Namespace) -> dict:
     from trainer.data.convert import unescape
 
-    return {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-            "max_new_tokens": args.max_new_tokens, "stop": [unescape(stop) for stop in args.stop]}
+    return {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "max_new_tokens": args.max_new_tokens,
+        "stop": [unescape(stop) for stop in args.stop],
+    }
 
 
 def _test_prompt(fields: dict, where: str) -> TestPrompt:
@@ -376,8 +420,10 @@ def read_prompts(args: argparse.Namespace, default_seed: int) -> list[tuple[Test
         try:
             messages = json.loads(args.messages)
         except json.JSONDecodeError as err:
-            raise UsageError(f"--messages is not valid JSON ({err.msg} at column {err.colno}). Fix: give a list like "
-                             '\'[{"role": "user", "content": "Hi?"}]\'') from None
+            raise UsageError(
+                f"--messages is not valid JSON ({err.msg} at column {err.colno}). Fix: give a list like "
+                '\'[{"role": "user", "content": "Hi?"}]\''
+            ) from None
         if isinstance(messages, dict) and "messages" in messages:
             messages = messages["messages"]
         return [(_test_prompt({"messages": messages, **options}, "--messages"), seed)]
@@ -385,7 +431,7 @@ def read_prompts(args: argparse.Namespace, default_seed: int) -> list[tuple[Test
     prompts = []
     for line, row in rows:
         if not isinstance(row, dict):
-            problems.append(f"line {line}: expected a JSON object with \"prompt\" or \"messages\"")
+            problems.append(f'line {line}: expected a JSON object with "prompt" or "messages"')
             continue
         fields = dict(row)
         line_seed = fields.pop("seed", seed)
@@ -423,8 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(info)
     model = load_model(info, resolve_dtype(args.dtype, device), base=args.base).to(device)
-    rows = [prompt_row(tokenizer, test_prompt, seed + sample)
-            for test_prompt, seed in prompts for sample in range(args.num_samples)]
+    rows = [
+        prompt_row(tokenizer, test_prompt, seed + sample)
+        for test_prompt, seed in prompts
+        for sample in range(args.num_samples)
+    ]
     completions = generate_all(model, tokenizer, rows, args.batch_size)
     if len(rows) == 1 and not args.jsonl:
         print(completions[0].text)

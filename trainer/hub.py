@@ -31,8 +31,11 @@ class ModelFolderMissing(UserError):
 
 def written_as_path(name_or_path: str) -> bool:
     """Absolute, `./`, `../` or `~`: a path, never a Hugging Face id (ids start with a letter or digit)."""
-    return name_or_path.startswith(("/", "./", "../", "~", ".\\", "..\\")) or name_or_path in (".", "..") or (
-        Path(name_or_path).is_absolute())
+    return (
+        name_or_path.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+        or name_or_path in (".", "..")
+        or (Path(name_or_path).is_absolute())
+    )
 
 
 def model_source(name_or_path: str, key: str) -> str:
@@ -50,7 +53,8 @@ def model_source(name_or_path: str, key: str) -> str:
     raise ModelFolderMissing(
         f"{key}: the folder {shown} does not exist. Fix: give the path of a model folder made by save_pretrained"
         f"{relative}, or a Hugging Face model id such as EleutherAI/gpt-j-6b",
-        key=key, path=name_or_path,
+        key=key,
+        path=name_or_path,
     )
 
 

@@ -71,7 +71,9 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     trainer_config = _read_trainer_config(path)
     if (path / ADAPTER_CONFIG).is_file():
         if not (path / ADAPTER_WEIGHTS).is_file():
-            raise UserError(f"{path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} (only safetensors weights are loaded). {fix}")
+            raise UserError(
+                f"{path} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} (only safetensors weights are loaded). {fix}"
+            )
         try:
             adapter_config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -99,7 +101,9 @@ def base_model_name(info: CheckpointInfo, override: str | None = None) -> str:
     source = "--base" if override else f"{info.path / ADAPTER_CONFIG} (base_model_name_or_path)"
     name = override or info.adapter_config.get("base_model_name_or_path")
     if not name:
-        raise UserError(f"{info.path / ADAPTER_CONFIG} names no base model. Fix: pass --base PATH_OR_ID, the model the run trained")
+        raise UserError(
+            f"{info.path / ADAPTER_CONFIG} names no base model. Fix: pass --base PATH_OR_ID, the model the run trained"
+        )
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)
@@ -133,7 +137,9 @@ def resolve_device(name: str | None = None) -> torch.device:
     except (RuntimeError, ValueError):
         raise UsageError(f"--device {name!r} is not a device. Fix: cpu, cuda, cuda:1, ... or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is visible to this process. Fix: --device cpu, or run on a GPU machine")
+        raise UserError(
+            f"--device {name}: no CUDA GPU is visible to this process. Fix: --device cpu, or run on a GPU machine"
+        )
     return device
 
 
@@ -143,8 +149,10 @@ def load_tokenizer(info: CheckpointInfo):
     try:
         tokenizer = AutoTokenizer.from_pretrained(info.path, trust_remote_code=False)
     except (OSError, ValueError) as err:
-        raise UserError(f"could not load the tokenizer from {info.path}: {_first_line(err)}. "
-                        "Fix: the folder needs the tokenizer files a checkpoint or export has (tokenizer.json, tokenizer_config.json)") from None
+        raise UserError(
+            f"could not load the tokenizer from {info.path}: {_first_line(err)}. "
+            "Fix: the folder needs the tokenizer files a checkpoint or export has (tokenizer.json, tokenizer_config.json)"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # as in training; generation masks padding by position
     return tokenizer
@@ -176,7 +184,9 @@ def _merged_adapter_model(info: CheckpointInfo, dtype: torch.dtype, base: str | 
     name = base_model_name(info, base)
     try:
         # No quantization_config: the base is loaded in `dtype` even when the run was QLoRA.
-        base_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=False, **load_options(name))
+        base_model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, trust_remote_code=False, **load_options(name)
+        )
     except (OSError, ValueError) as err:
         source = "--base" if base else f"{info.path / ADAPTER_CONFIG} (base_model_name_or_path)"
         if Path(name).expanduser().is_dir():

@@ -139,7 +139,11 @@ def supervised_loss_sum(
         name, hidden = (None, args[0]) if args else next(iter(kwargs.items()))
         device_type = hidden.device.type
         captured["hidden"] = hidden
-        captured["autocast"] = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
+        captured["autocast"] = (
+            device_type,
+            torch.get_autocast_dtype(device_type),
+            torch.is_autocast_enabled(device_type),
+        )
         # The head computes the last position of each row only (what logits_to_keep=1 would give).
         last = hidden[..., -1:, :]
         return ((last, *args[1:]), kwargs) if args else (args, {**kwargs, name: last})
@@ -157,8 +161,10 @@ def supervised_loss_sum(
     finally:
         handle.remove()
     if "hidden" not in captured:
-        raise TypeError(f"{type(transformers_model(model)).__name__} never called its output head "
-                        f"({type(head).__name__}) as a module, so its hidden states cannot be taken from there")
+        raise TypeError(
+            f"{type(transformers_model(model)).__name__} never called its output head "
+            f"({type(head).__name__}) as a module, so its hidden states cannot be taken from there"
+        )
     hidden = captured["hidden"]
 
     targets = batch["labels"][:, 1:].to(hidden.device)

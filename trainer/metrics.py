@@ -23,17 +23,36 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps({key: _finite_or_null(value) for key, value in record.items()}) + "\n")
 
-    def write_step(self, step: int, *, epoch: float, result, learning_rate: float, tokens: int,
-                   supervised_tokens: int, seconds: float) -> None:
+    def write_step(
+        self,
+        step: int,
+        *,
+        epoch: float,
+        result,
+        learning_rate: float,
+        tokens: int,
+        supervised_tokens: int,
+        seconds: float,
+    ) -> None:
         """A training step's row: `step`, `loss` and what the step did (`skipped` when its loss or
         gradient norm was not finite and nothing was updated)."""
         self.write(
-            step=step, epoch=round(epoch, 4), loss=result.loss, learning_rate=learning_rate, grad_norm=result.grad_norm,
-            tokens=tokens, supervised_tokens=supervised_tokens, tokens_per_second=round(tokens / seconds, 1),
+            step=step,
+            epoch=round(epoch, 4),
+            loss=result.loss,
+            learning_rate=learning_rate,
+            grad_norm=result.grad_norm,
+            tokens=tokens,
+            supervised_tokens=supervised_tokens,
+            tokens_per_second=round(tokens / seconds, 1),
             **({"skipped": True} if result.skipped else {}),
         )
 
     def write_eval(self, step: int, *, epoch: float, eval_loss: float | None, task_metrics: dict) -> None:
         """A checkpoint's evaluation row: `step`, `eval_loss` and each task metric as `eval_<name>`."""
-        self.write(step=step, epoch=round(epoch, 4), eval_loss=eval_loss,
-                   **{f"eval_{name}": value for name, value in task_metrics.items()})
+        self.write(
+            step=step,
+            epoch=round(epoch, 4),
+            eval_loss=eval_loss,
+            **{f"eval_{name}": value for name, value in task_metrics.items()},
+        )

@@ -44,7 +44,9 @@ def load_model_config(config: Config):
     """The model's transformers config (config.json only: cheap, no weights)."""
     source = _source(config)
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=config.model.trust_remote_code, **load_options(source))
+        return AutoConfig.from_pretrained(
+            source, trust_remote_code=config.model.trust_remote_code, **load_options(source)
+        )
     except (OSError, ValueError) as err:
         raise _load_error(config, "model config", err) from None
 
@@ -52,7 +54,9 @@ def load_model_config(config: Config):
 def load_tokenizer(config: Config):
     source = _source(config)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.model.trust_remote_code, **load_options(source))
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=config.model.trust_remote_code, **load_options(source)
+        )
     except (OSError, ValueError) as err:
         raise _load_error(config, "tokenizer", err) from None
     if tokenizer.pad_token_id is None:
@@ -95,22 +99,28 @@ def _from_pretrained(config: Config, device: torch.device) -> PreTrainedModel:
     source = _source(config)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            source, dtype=storage_dtype(config), trust_remote_code=config.model.trust_remote_code,
-            **quantization_options(config, device), **load_options(source),
+            source,
+            dtype=storage_dtype(config),
+            trust_remote_code=config.model.trust_remote_code,
+            **quantization_options(config, device),
+            **load_options(source),
         )
     except (OSError, ValueError) as err:
         raise _load_error(config, "model", err) from None
 
 
-def load_model(config: Config, device: torch.device = torch.device("cpu"), *, on_meta: bool = False) -> tuple[PreTrainedModel, str]:
+def load_model(
+    config: Config, device: torch.device = torch.device("cpu"), *, on_meta: bool = False
+) -> tuple[PreTrainedModel, str]:
     """The model, ready for `apply_method`, and the attention implementation installed in it.
 
     `on_meta`: the same model without any weights (FSDP's other processes, which receive their
     shards from the main process), built from config.json alone."""
     if on_meta:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(load_model_config(config), dtype=storage_dtype(config),
-                                                     trust_remote_code=config.model.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(
+                load_model_config(config), dtype=storage_dtype(config), trust_remote_code=config.model.trust_remote_code
+            )
     else:
         model = _from_pretrained(config, device)
     model.config.use_cache = False  # the KV cache is for generation; training only wastes memory on it
@@ -181,7 +191,9 @@ def apply_method(config: Config, model: PreTrainedModel) -> PreTrainedModel:
     try:
         return get_peft_model(model, lora)
     except ValueError as err:
-        raise UserError(f"key 'lora.target_modules': {err}. Fix: name modules that exist in this model, or use auto") from None
+        raise UserError(
+            f"key 'lora.target_modules': {err}. Fix: name modules that exist in this model, or use auto"
+        ) from None
 
 
 def parameter_count(param: torch.Tensor) -> int:

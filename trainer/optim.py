@@ -37,8 +37,10 @@ def require_bitsandbytes(what: str, device: torch.device):
         raise UserError(f"{what} needs bitsandbytes: pip install -c constraints.txt -e '.[gpu]'") from None
     version = tuple(int(part) for part in bitsandbytes.__version__.split(".")[:2] if part.isdigit())
     if device.type == "cpu" and version < CPU_BITSANDBYTES:
-        raise UserError(f"{what} on the CPU needs bitsandbytes >= 0.50 (this is {bitsandbytes.__version__}): "
-                        "pip install -U bitsandbytes")
+        raise UserError(
+            f"{what} on the CPU needs bitsandbytes >= 0.50 (this is {bitsandbytes.__version__}): "
+            "pip install -U bitsandbytes"
+        )
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"{what} runs on CUDA GPUs and the CPU (bitsandbytes), not on {device.type}")
     return bitsandbytes

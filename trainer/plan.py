@@ -86,8 +86,13 @@ class PerGpuBytes:
         return self.weights + self.gradients + self.optimizer + self.activations
 
     def to_json(self) -> dict:
-        return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
-                "activations": self.activations, "total": self.total}
+        return {
+            "weights": self.weights,
+            "gradients": self.gradients,
+            "optimizer": self.optimizer,
+            "activations": self.activations,
+            "total": self.total,
+        }
 
 
 @dataclass(frozen=True)
@@ -174,9 +179,11 @@ class Plan:
             return None
         fixes = "; ".join(f"{s.change} ({human(s.per_gpu.total)})" for s in self.suggestions[:3])
         hint = f" What would fit: {fixes}." if fixes else ""
-        return (f"memory estimate: this run {self.verdict()} (weights {human(self.per_gpu.weights)}, gradients "
-                f"{human(self.per_gpu.gradients)}, optimizer {human(self.per_gpu.optimizer)}, activations "
-                f"{human(self.per_gpu.activations)}).{hint} Details: python scripts/plan.py CONFIG --gpus N.")
+        return (
+            f"memory estimate: this run {self.verdict()} (weights {human(self.per_gpu.weights)}, gradients "
+            f"{human(self.per_gpu.gradients)}, optimizer {human(self.per_gpu.optimizer)}, activations "
+            f"{human(self.per_gpu.activations)}).{hint} Details: python scripts/plan.py CONFIG --gpus N."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +197,9 @@ def load_shape(config: Config):
 
     name = config.model.name_or_path
     try:
-        found = AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=config.model.trust_remote_code)
+        found = AutoConfig.from_pretrained(
+            name, local_files_only=True, trust_remote_code=config.model.trust_remote_code
+        )
         source = f"config.json in {name}" if Path(name).is_dir() else "config.json from the local Hugging Face cache"
     except (OSError, ValueError):
         if name not in PUBLISHED_CONFIGS:
@@ -201,8 +210,10 @@ def load_shape(config: Config):
             ) from None
         found, source = PUBLISHED_CONFIGS[name](), "the published configuration (trainer/families.py)"
     if not estimates_memory(found):
-        raise UserError(f"model.name_or_path='{name}' is a {found.model_type!r} model; the planner knows "
-                        f"{', '.join(memory_families())}")
+        raise UserError(
+            f"model.name_or_path='{name}' is a {found.model_type!r} model; the planner knows "
+            f"{', '.join(memory_families())}"
+        )
     return found, source
 
 
@@ -233,13 +244,22 @@ def resolve_settings(config: Config, model_config, gpus: int) -> Settings:
     method = config.method
     targets = lora_target_modules(config, model_config) if method != "full" else []
     return Settings(
-        method=method, base_dtype={"full": "float32", "qlora": "nf4"}.get(method, resolved.model.dtype),
-        compute_dtype=resolved.model.dtype, autocast=mixed if mixed in AUTOCAST else None,
-        gradient_checkpointing=config.model.gradient_checkpointing, attention=attention,
-        micro_batch_size=config.training.micro_batch_size, seq_len=config.data.max_seq_len, packing=packing,
-        optimizer=config.training.optimizer, strategy=strategy, gpus=gpus,
-        reshard_after_forward=config.distributed.reshard_after_forward, cpu_offload=config.distributed.cpu_offload,
-        lora_r=config.lora.r, lora_dropout=config.lora.dropout,
+        method=method,
+        base_dtype={"full": "float32", "qlora": "nf4"}.get(method, resolved.model.dtype),
+        compute_dtype=resolved.model.dtype,
+        autocast=mixed if mixed in AUTOCAST else None,
+        gradient_checkpointing=config.model.gradient_checkpointing,
+        attention=attention,
+        micro_batch_size=config.training.micro_batch_size,
+        seq_len=config.data.max_seq_len,
+        packing=packing,
+        optimizer=config.training.optimizer,
+        strategy=strategy,
+        gpus=gpus,
+        reshard_after_forward=config.distributed.reshard_after_forward,
+        cpu_offload=config.distributed.cpu_offload,
+        lora_r=config.lora.r,
+        lora_dropout=config.lora.dropout,
         lora_targets=tuple(targets) if isinstance(targets, list) else (targets,),
     )
 
@@ -298,7 +318,11 @@ def prepared_model(config: Config, model_config, method: str):
     model.dtype (QLoRA's linears are made 4-bit by `inventory_of`)."""
     from trainer.model import apply_method
 
-    dtype = torch.float32 if method == "full" else DTYPES["bfloat16" if config.model.dtype == "auto" else config.model.dtype]
+    dtype = (
+        torch.float32
+        if method == "full"
+        else DTYPES["bfloat16" if config.model.dtype == "auto" else config.model.dtype]
+    )
     model = _meta_model(model_config, dtype)
     return apply_method(config.model_copy(update={"method": "full" if method == "full" else "lora"}), model)
 
@@ -318,8 +342,15 @@ def inventory_of(model, method: str) -> Inventory:
             nbytes = nf4_bytes(parameter.numel()) if id(parameter) in quantizable else parameter.numel() * 4
         tensors.append(Tensor(tuple(parameter.shape), nbytes, parameter.requires_grad, block_of.get(id(parameter))))
     for buffer in model.buffers():
-        tensors.append(Tensor(tuple(buffer.shape), buffer.numel() * buffer.element_size(), False,
-                              block_of.get(id(buffer)), buffer=True))
+        tensors.append(
+            Tensor(
+                tuple(buffer.shape),
+                buffer.numel() * buffer.element_size(),
+                False,
+                block_of.get(id(buffer)),
+                buffer=True,
+            )
+        )
     adapted = frozenset(name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "lora_A"))
     return Inventory(tuple(tensors), adapted)
 
@@ -331,10 +362,17 @@ def _quantized_weights(model) -> set[int]:
     from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings()
-    adapters = {id(layer) for parent in model.modules() if hasattr(parent, "lora_A")
-                for layer in (*parent.lora_A.values(), *parent.lora_B.values())}
-    return {id(module.weight) for module in model.modules()
-            if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head and id(module) not in adapters}
+    adapters = {
+        id(layer)
+        for parent in model.modules()
+        if hasattr(parent, "lora_A")
+        for layer in (*parent.lora_A.values(), *parent.lora_B.values())
+    }
+    return {
+        id(module.weight)
+        for module in model.modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head and id(module) not in adapters
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,8 +417,12 @@ def state_bytes(inventory: Inventory, settings: Settings) -> tuple[dict, int]:
     optimizer = sum(optimizer_bytes(_shard(t, gpus) if fsdp else t.shape, settings.optimizer) for t in trained)
     if settings.optimizer != "adamw" and trained:
         optimizer += OPTIMIZER_8BIT_SHARED_BYTES
-    terms = {"weights_sharded" if fsdp else "weights_stored": sharded, "buffers": buffers,
-             "gradients_stored": grads, "optimizer_state": optimizer}
+    terms = {
+        "weights_sharded" if fsdp else "weights_stored": sharded,
+        "buffers": buffers,
+        "gradients_stored": grads,
+        "optimizer_state": optimizer,
+    }
     if fsdp:
         terms.update(_fsdp_gathered(inventory, settings))
     elif settings.gpus > 1:
@@ -409,8 +451,11 @@ def _fsdp_gathered(inventory: Inventory, settings: Settings) -> dict:
                 block_grads[t.block] = block_grads.get(t.block, 0) + (size + 4) * t.numel
     largest = max(blocks.values(), default=0)
     gathered = sum(blocks.values()) if not settings.reshard_after_forward else 2 * largest
-    return {"fsdp_gathered_blocks": gathered, "fsdp_gathered_root": root,
-            "fsdp_unsharded_block_gradients": max(block_grads.values(), default=0)}
+    return {
+        "fsdp_gathered_blocks": gathered,
+        "fsdp_gathered_root": root,
+        "fsdp_unsharded_block_gradients": max(block_grads.values(), default=0),
+    }
 
 
 def activation_setup(settings: Settings, model_config, inventory: Inventory) -> ActivationSetup:
@@ -426,20 +471,35 @@ def activation_setup(settings: Settings, model_config, inventory: Inventory) -> 
         weight = other = compute
     rows = settings.micro_batch_size * (settings.seq_len - 1)  # every position supervised: the worst case
     return ActivationSetup(
-        model_config=model_config, micro_batch_size=settings.micro_batch_size, seq_len=settings.seq_len,
-        supervised_rows=rows, weight_dtype=weight, other_dtype=other, autocast=autocast,
-        full=settings.method == "full", lora_targets=inventory.adapted, lora_r=settings.lora_r,
-        lora_dropout=settings.lora_dropout > 0, quantized=settings.method == "qlora",
-        inputs_require_grad=settings.method == "qlora" or (settings.method == "lora" and settings.gradient_checkpointing),
-        gradient_checkpointing=settings.gradient_checkpointing, attention=settings.attention, kernels=CUDA,
+        model_config=model_config,
+        micro_batch_size=settings.micro_batch_size,
+        seq_len=settings.seq_len,
+        supervised_rows=rows,
+        weight_dtype=weight,
+        other_dtype=other,
+        autocast=autocast,
+        full=settings.method == "full",
+        lora_targets=inventory.adapted,
+        lora_r=settings.lora_r,
+        lora_dropout=settings.lora_dropout > 0,
+        quantized=settings.method == "qlora",
+        inputs_require_grad=settings.method == "qlora"
+        or (settings.method == "lora" and settings.gradient_checkpointing),
+        gradient_checkpointing=settings.gradient_checkpointing,
+        attention=settings.attention,
+        kernels=CUDA,
         autocast_cache=autocast_caches_weights(settings.method, settings.gradient_checkpointing),
     )
 
 
 def _activation_details(acts: ActivationBytes) -> dict:
-    return {"activations_kept_by_forward": acts.forward, "activations_backward_working_set": acts.backward,
-            "activations_per_block": max(acts.blocks), "activations_loss_chunk": acts.loss_chunk,
-            "activations_autocast_weight_copies": acts.weight_copies}
+    return {
+        "activations_kept_by_forward": acts.forward,
+        "activations_backward_working_set": acts.backward,
+        "activations_per_block": max(acts.blocks),
+        "activations_loss_chunk": acts.loss_chunk,
+        "activations_autocast_weight_copies": acts.weight_copies,
+    }
 
 
 def per_gpu_bytes(settings: Settings, model_config, inventory: Inventory) -> tuple[PerGpuBytes, dict, int]:
@@ -474,8 +534,12 @@ class _Planner:
         if key not in self.inventories:
             # QLoRA's and LoRA's adapters are the same: one peft build serves both.
             dtype = "float32" if method == "full" else config.model.dtype
-            model_key = (method == "full", "bfloat16" if dtype == "auto" else dtype, config.lora.r,
-                         str(config.lora.target_modules))
+            model_key = (
+                method == "full",
+                "bfloat16" if dtype == "auto" else dtype,
+                config.lora.r,
+                str(config.lora.target_modules),
+            )
             if model_key not in self.models:
                 self.models[model_key] = prepared_model(config, self.model_config, method)
             self.inventories[key] = inventory_of(self.models[model_key], method)
@@ -504,14 +568,24 @@ def plan_run(config: Config, *, gpus: int, gpu_memory_bytes: int, model_config=N
     settings, per_gpu, details, cpu = planner.evaluate(config, gpus)
     held = planner.inventory(config)
     model = {
-        "name_or_path": config.model.name_or_path, "model_type": model_config.model_type, "shape_from": source,
+        "name_or_path": config.model.name_or_path,
+        "model_type": model_config.model_type,
+        "shape_from": source,
         "parameters": sum(t.numel for t in held.tensors if not t.buffer and not _is_lora_shape(t, settings)),
         "trained_parameters": sum(t.numel for t in held.trained),
     }
     plan = Plan(settings, model, per_gpu, details, cpu, gpu_memory_bytes, notes=_notes(settings, source))
     if suggest and not plan.fits:
-        plan = Plan(settings, model, per_gpu, details, cpu, gpu_memory_bytes,
-                    suggestions=tuple(_suggestions(planner, config, gpus, plan.usable_bytes)), notes=plan.notes)
+        plan = Plan(
+            settings,
+            model,
+            per_gpu,
+            details,
+            cpu,
+            gpu_memory_bytes,
+            suggestions=tuple(_suggestions(planner, config, gpus, plan.usable_bytes)),
+            notes=plan.notes,
+        )
     return plan
 
 
@@ -521,8 +595,11 @@ def _is_lora_shape(tensor: Tensor, settings: Settings) -> bool:
 
 
 def _notes(settings: Settings, source: str) -> tuple[str, ...]:
-    rows = ("packing fills each row" if settings.packing else
-            "without data.packing a micro-batch is padded to its longest example, at most this")
+    rows = (
+        "packing fills each row"
+        if settings.packing
+        else "without data.packing a micro-batch is padded to its longest example, at most this"
+    )
     plural = "s" if settings.micro_batch_size > 1 else ""
     return (
         f"shape: {source}",
@@ -549,8 +626,10 @@ def _candidates(config: Config, gpus: int, settings: Settings) -> dict[str, list
         kinds["qlora"] = [({"method": "qlora", **adamw}, gpus, "method=qlora" + adamw_label)]
     if config.method != "qlora":  # trainer/strategy.py: FSDP shards neither 4-bit weights nor 8-bit state
         sizes = [k for k in FSDP_SIZES if (k > gpus if settings.strategy == "fsdp" else k >= max(2, gpus))]
-        kinds["fsdp"] = [({"distributed.strategy": "fsdp", **adamw}, k, f"distributed.strategy=fsdp{adamw_label} --gpus {k}")
-                         for k in sizes]
+        kinds["fsdp"] = [
+            ({"distributed.strategy": "fsdp", **adamw}, k, f"distributed.strategy=fsdp{adamw_label} --gpus {k}")
+            for k in sizes
+        ]
     batch, accumulation = config.training.micro_batch_size, config.training.gradient_accumulation_steps
     smaller = []
     for size in range(batch - 1, 0, -1):
@@ -600,8 +679,13 @@ def _suggestions(planner: _Planner, config: Config, gpus: int, usable: int, most
     found: dict[frozenset, Suggestion] = {}
     for kind in kinds:
         for size in range(1, most + 1):
-            fitting = {frozenset(chosen): fit for chosen in itertools.combinations(kinds, size) if kind in chosen
-                       for fit in [first_fit(chosen)] if fit is not None}
+            fitting = {
+                frozenset(chosen): fit
+                for chosen in itertools.combinations(kinds, size)
+                if kind in chosen
+                for fit in [first_fit(chosen)]
+                if fit is not None
+            }
             if fitting:
                 best = min(fitting, key=lambda chosen: fitting[chosen].per_gpu.total)
                 found.setdefault(best, fitting[best])
@@ -610,7 +694,9 @@ def _suggestions(planner: _Planner, config: Config, gpus: int, usable: int, most
     return [minimal[c] for c in sorted(minimal, key=lambda c: (len(c), minimal[c].per_gpu.total))]
 
 
-def _first_fit(planner: _Planner, config: Config, kinds: dict, chosen: tuple[str, ...], usable: int) -> Suggestion | None:
+def _first_fit(
+    planner: _Planner, config: Config, kinds: dict, chosen: tuple[str, ...], usable: int
+) -> Suggestion | None:
     """The first combination of the chosen kinds' variants (in their order of preference) that fits."""
     for variants in itertools.product(*(kinds[k] for k in chosen)):
         changed = _with(config, {key: value for v in variants for key, value in v[0].items()})
@@ -635,12 +721,19 @@ def format_plan(plan: Plan, config_path: str = "") -> str:
     lines = [
         f"{config_path + ': ' if config_path else ''}{m['name_or_path']} ({m['model_type']}, {m['parameters']:,} "
         f"parameters; shape from {m['shape_from']})",
-        f"  method {s.method}" + (f" (r {s.lora_r} on {', '.join(s.lora_targets)}; {m['trained_parameters']:,} trained "
-                                  f"parameters)" if s.method != "full" else f" ({m['trained_parameters']:,} trained parameters)")
+        f"  method {s.method}"
+        + (
+            f" (r {s.lora_r} on {', '.join(s.lora_targets)}; {m['trained_parameters']:,} trained parameters)"
+            if s.method != "full"
+            else f" ({m['trained_parameters']:,} trained parameters)"
+        )
         + f", base weights {s.base_dtype}, autocast {s.autocast or 'off'}, optimizer {s.optimizer}",
         f"  {s.gpus} GPU{'s' if s.gpus > 1 else ''}, {s.strategy}"
-        + (f" (reshard_after_forward {str(s.reshard_after_forward).lower()}, cpu_offload {str(s.cpu_offload).lower()})"
-           if s.strategy == "fsdp" else "")
+        + (
+            f" (reshard_after_forward {str(s.reshard_after_forward).lower()}, cpu_offload {str(s.cpu_offload).lower()})"
+            if s.strategy == "fsdp"
+            else ""
+        )
         + f"; micro-batch {s.micro_batch_size} x {s.seq_len} tokens; gradient checkpointing "
         f"{'on' if s.gradient_checkpointing else 'off'}; attention {s.attention}",
         "",
@@ -671,8 +764,10 @@ def format_plan(plan: Plan, config_path: str = "") -> str:
 def _weights_note(plan: Plan) -> str:
     d = plan.details
     if "fsdp_gathered_blocks" in d:
-        return (f"{human(d.get('weights_sharded', 0))} shard + gathered in {plan.settings.compute_dtype}: "
-                f"{human(d['fsdp_gathered_blocks'])} blocks, {human(d['fsdp_gathered_root'])} root")
+        return (
+            f"{human(d.get('weights_sharded', 0))} shard + gathered in {plan.settings.compute_dtype}: "
+            f"{human(d['fsdp_gathered_blocks'])} blocks, {human(d['fsdp_gathered_root'])} root"
+        )
     return ""
 
 
@@ -681,12 +776,16 @@ def _gradients_note(plan: Plan) -> str:
     if "ddp_gradient_buckets" in d:
         return "and DDP's gradient buckets (a second copy)"
     if "fsdp_unsharded_block_gradients" in d:
-        return (f"shard + one block's unsharded gradients, in {plan.settings.compute_dtype} and float32 "
-                f"({human(d['fsdp_unsharded_block_gradients'])})")
+        return (
+            f"shard + one block's unsharded gradients, in {plan.settings.compute_dtype} and float32 "
+            f"({human(d['fsdp_unsharded_block_gradients'])})"
+        )
     return ""
 
 
 def _activations_note(plan: Plan) -> str:
     d = plan.details
-    return (f"{human(d['activations_kept_by_forward'])} kept by the forward pass + "
-            f"{human(d['activations_backward_working_set'])} backward working set")
+    return (
+        f"{human(d['activations_kept_by_forward'])} kept by the forward pass + "
+        f"{human(d['activations_backward_working_set'])} backward working set"
+    )

@@ -94,13 +94,17 @@ class TrainingProgress:
     KEYS = ("loss_since_checkpoint", "tokens_since_checkpoint", "bad_steps_in_a_row", "skipped_steps", "checkpoints")
 
     def state_info(self) -> dict:
-        return {key: getattr(self, key) for key in self.KEYS[:-1]} | \
-            {"checkpoints": [asdict(summary) for summary in self.checkpoints]}
+        return {key: getattr(self, key) for key in self.KEYS[:-1]} | {
+            "checkpoints": [asdict(summary) for summary in self.checkpoints]
+        }
 
     @classmethod
     def from_state(cls, step: int, info: dict) -> "TrainingProgress":
-        return cls(step, *(info[key] for key in cls.KEYS[:-1]),
-                   [CheckpointSummary(**summary) for summary in info["checkpoints"]])
+        return cls(
+            step,
+            *(info[key] for key in cls.KEYS[:-1]),
+            [CheckpointSummary(**summary) for summary in info["checkpoints"]],
+        )
 
     def record_step(self, result, step_tokens: int) -> None:
         """A finished optimizer step (trainer/step.py's result): a non-finite one changed nothing."""
@@ -118,8 +122,13 @@ class TrainingProgress:
 
 
 class FineTuneRecipe:
-    def __init__(self, config: Config, stop: StopSignals | None = None, started: float | None = None,
-                 data_reports: list | None = None):
+    def __init__(
+        self,
+        config: Config,
+        stop: StopSignals | None = None,
+        started: float | None = None,
+        data_reports: list | None = None,
+    ):
         """`data_reports`: the data preflight's reports when the command line ran it already
         (before the heavy imports, trainer/train.py); otherwise the main process runs it in setup."""
         self.config, self.stop = config, stop
@@ -198,17 +207,28 @@ class FineTuneRecipe:
             encode_test_prompt(self.tokenizer, test_prompt, cfg.data.chat_template)
         task, classes = detected_task(self.data_reports)
         self.eval_examples, self.eval_settings = plan_evaluation(
-            cfg.eval, self.valid_data, self.tokenizer, seed=cfg.training.seed, task=task, classes=classes,
-            batch_size=cfg.training.micro_batch_size)
+            cfg.eval,
+            self.valid_data,
+            self.tokenizer,
+            seed=cfg.training.seed,
+            task=task,
+            classes=classes,
+            batch_size=cfg.training.micro_batch_size,
+        )
         if self.eval_examples and self.eval_settings.metrics:
-            self.log(f"task metrics: {', '.join(self.eval_settings.metrics)} on {len(self.eval_examples)} validation "
-                     f"examples ({self.eval_settings.why})")
+            self.log(
+                f"task metrics: {', '.join(self.eval_settings.metrics)} on {len(self.eval_examples)} validation "
+                f"examples ({self.eval_settings.why})"
+            )
         self.train_data, self.collate_train = training_rows(data.train, cfg.data, self.log)
         if self.is_main and acc.device.type == "cuda":
             self.warn_about_memory(self.model_config)
         self.data_schedule = DataSchedule(
-            len(self.train_data), micro_batch_size=cfg.training.micro_batch_size,
-            accumulation=cfg.training.gradient_accumulation_steps, world_size=acc.num_processes, seed=cfg.training.seed,
+            len(self.train_data),
+            micro_batch_size=cfg.training.micro_batch_size,
+            accumulation=cfg.training.gradient_accumulation_steps,
+            world_size=acc.num_processes,
+            seed=cfg.training.seed,
         )
         self.train_tokens, self.train_supervised = item_sizes(self.train_data)
         self.schedule = RunSchedule.of(cfg.training, cfg.checkpoints, self.data_schedule)
@@ -229,14 +249,20 @@ class FineTuneRecipe:
         self.strategy = make_strategy(acc, cfg)
         model = self.strategy.build_model()
         self.parameters = count_parameters(model)
-        self.run_sizes = run_bytes(model, method=cfg.method, optimizer=cfg.training.optimizer,
-                                   tokenizer_size=tokenizer_bytes(self.tokenizer),
-                                   checkpoint_dtype=getattr(torch, cfg.model.dtype))
+        self.run_sizes = run_bytes(
+            model,
+            method=cfg.method,
+            optimizer=cfg.training.optimizer,
+            tokenizer_size=tokenizer_bytes(self.tokenizer),
+            checkpoint_dtype=getattr(torch, cfg.model.dtype),
+        )
         decide_on_main(acc, self.check_disk)
         if self.strategy.sharded:
             held = self.strategy.held_parameters(model)
-            print(f"[rank {acc.process_index}] FSDP: this process holds {held:,} of {self.parameters[1]:,} parameters",
-                  flush=True)
+            print(
+                f"[rank {acc.process_index}] FSDP: this process holds {held:,} of {self.parameters[1]:,} parameters",
+                flush=True,
+            )
         optimizer = build_optimizer(cfg, model, acc.device)
         self.model, self.optimizer = self.strategy.prepare(model, optimizer)
 
@@ -246,11 +272,16 @@ class FineTuneRecipe:
         cfg, acc = self.config, self.accelerator
         if self.is_main:
             save_config(cfg, self.output_dir / CONFIG_FILE)
-            write_status(self.output_dir, "running", step=self.decision.state.step if self.decision.state else 0,
-                         total_steps=self.schedule.total_steps)
+            write_status(
+                self.output_dir,
+                "running",
+                step=self.decision.state.step if self.decision.state else 0,
+                total_steps=self.schedule.total_steps,
+            )
         self.metrics = MetricsLog(self.output_dir / METRICS_FILE, enabled=self.is_main)
-        self.tracker_run_id = (self.decision.state.info.get("tracker_run_id") if self.decision.action == "resume"
-                               else None) or tracking.new_run_id()
+        self.tracker_run_id = (
+            self.decision.state.info.get("tracker_run_id") if self.decision.action == "resume" else None
+        ) or tracking.new_run_id()
         tracking.start(acc, cfg, self.tracker_run_id)
         trainable, total = self.parameters
         self.log(
@@ -282,8 +313,10 @@ class FineTuneRecipe:
             if self.is_main:
                 self.write_reports()
             restore_rng_of(acc, state)
-            self.log(f"resumed from step {state.step} of {self.schedule.total_steps} (state saved at "
-                     f"{info['saved_at']}, reason: {info['reason']})")
+            self.log(
+                f"resumed from step {state.step} of {self.schedule.total_steps} (state saved at "
+                f"{info['saved_at']}, reason: {info['reason']})"
+            )
         decide_on_main(acc, lambda: self.refuse_a_time_limit_too_short(after_first_step=False))
 
     def _setup_self_test(self) -> None:
@@ -292,9 +325,15 @@ class FineTuneRecipe:
         cfg, acc = self.config, self.accelerator
         items, batch, real = self.first_micro_batch()
         result = run_self_test(
-            self.model, attention=cfg.model.attention, packing=cfg.data.packing,
-            compute_dtype=activation_dtype(cfg), autocast=acc.autocast, device=acc.device,
-            first_batch=(items, batch) if real else None, tokenizer=self.tokenizer, data_format=cfg.data.format,
+            self.model,
+            attention=cfg.model.attention,
+            packing=cfg.data.packing,
+            compute_dtype=activation_dtype(cfg),
+            autocast=acc.autocast,
+            device=acc.device,
+            first_batch=(items, batch) if real else None,
+            tokenizer=self.tokenizer,
+            data_format=cfg.data.format,
         )
         if result.failed:
             raise selftest_failure(result)
@@ -311,12 +350,15 @@ class FineTuneRecipe:
     def warn_about_memory(self, model_config, gpu_memory_bytes: int | None = None) -> str | None:
         """Log (and return) the planner's warning when the run's estimate exceeds the GPU."""
         if not estimates_memory(model_config):  # the planner models the families it has entries for
-            self.log(f"note: no memory estimate for model_type {model_config.model_type!r} (the planner knows "
-                     f"{', '.join(memory_families())}); training goes on without one")
+            self.log(
+                f"note: no memory estimate for model_type {model_config.model_type!r} (the planner knows "
+                f"{', '.join(memory_families())}); training goes on without one"
+            )
             return None
         memory = gpu_memory_bytes or torch.cuda.get_device_properties(self.accelerator.device).total_memory
-        warning = estimate_memory(self.config, gpus=self.accelerator.num_processes, gpu_memory_bytes=memory,
-                                  model_config=model_config).warning()
+        warning = estimate_memory(
+            self.config, gpus=self.accelerator.num_processes, gpu_memory_bytes=memory, model_config=model_config
+        ).warning()
         if warning:
             self.log(f"warning: {warning}")
         return warning
@@ -345,9 +387,12 @@ class FineTuneRecipe:
 
     def check_disk(self) -> None:
         done = self.decision.state.step if self.decision.action == "resume" else 0
-        check_free_space(self.output_dir, self.run_sizes,
-                         checkpoints_left=sum(s > done for s in self.schedule.checkpoint_steps),
-                         states_present=1 if self.decision.action == "resume" else 0)
+        check_free_space(
+            self.output_dir,
+            self.run_sizes,
+            checkpoints_left=sum(s > done for s in self.schedule.checkpoint_steps),
+            states_present=1 if self.decision.action == "resume" else 0,
+        )
 
     # ------------------------------------------------------------------------------------------
     # The loop
@@ -357,8 +402,14 @@ class FineTuneRecipe:
         cfg, total = self.config, self.schedule.total_steps
         self.model.train()
         # In a batch job's log file, a bar redrawn ten times a second is noise: redraw every 30 s.
-        bar = tqdm(total=total, initial=self.start_step, disable=not self.is_main, desc="training", unit="step",
-                   mininterval=0.1 if sys.stderr.isatty() else 30)
+        bar = tqdm(
+            total=total,
+            initial=self.start_step,
+            disable=not self.is_main,
+            desc="training",
+            unit="step",
+            mininterval=0.1 if sys.stderr.isatty() else 30,
+        )
         self.last_state_time = time.time()
         try:
             for step in range(self.start_step + 1, total + 1):
@@ -399,13 +450,20 @@ class FineTuneRecipe:
         cfg = self.config.checkpoints
         now = time.time()
         signalled = bool(self.stop and self.stop.requested)
-        interval_due = self.is_main and bool(cfg.state_every_minutes) and \
-            now - self.last_state_time >= 60 * cfg.state_every_minutes
+        interval_due = (
+            self.is_main
+            and bool(cfg.state_every_minutes)
+            and now - self.last_state_time >= 60 * cfg.state_every_minutes
+        )
         out_of_time = self.is_main and self.deadline.must_stop(now, step + 1 in self.schedule.checkpoint_steps)
         flags = [flag > 0 for flag in sum_over_processes(self.accelerator, [signalled, interval_due, out_of_time])]
-        return boundary_decision(step, *flags, checkpoint_steps=self.schedule.checkpoint_steps,
-                                 state_every_steps=cfg.state_every_steps,
-                                 own_signal=self.stop.requested if self.stop else None)
+        return boundary_decision(
+            step,
+            *flags,
+            checkpoint_steps=self.schedule.checkpoint_steps,
+            state_every_steps=cfg.state_every_steps,
+            own_signal=self.stop.requested if self.stop else None,
+        )
 
     def first_micro_batch(self) -> tuple[list, dict, bool]:
         """This process's first micro-batch of the next step: its items, the collated batch, and
@@ -427,7 +485,9 @@ class FineTuneRecipe:
         batches = []
         for global_micro_batch in plan.micro_batches:
             mine, real = shard(global_micro_batch, acc.process_index, acc.num_processes)
-            batches.append(self.collate_train([self.train_data[i] for i in mine], self.tokenizer.pad_token_id, supervise=real))
+            batches.append(
+                self.collate_train([self.train_data[i] for i in mine], self.tokenizer.pad_token_id, supervise=real)
+            )
         return batches, step_items, step_tokens
 
     # ------------------------------------------------------------------------------------------
@@ -442,8 +502,14 @@ class FineTuneRecipe:
         learning_rate = self.schedule.learning_rate(step)
         batches, step_items, step_tokens = self.micro_batches(step)
         result = optimizer_step(
-            self.model, self.optimizer, batches, step_tokens=step_tokens, learning_rate=learning_rate,
-            max_grad_norm=cfg.training.max_grad_norm, accelerator=acc, strategy=self.strategy,
+            self.model,
+            self.optimizer,
+            batches,
+            step_tokens=step_tokens,
+            learning_rate=learning_rate,
+            max_grad_norm=cfg.training.max_grad_norm,
+            accelerator=acc,
+            strategy=self.strategy,
             on_micro_batch=lambda: crash_point("mid_step", step, acc.process_index),
         )
         self.progress.record_step(result, step_tokens)
@@ -451,19 +517,33 @@ class FineTuneRecipe:
         seconds = time.perf_counter() - started
         self.deadline.record("step", seconds)
         tokens = int(self.train_tokens[step_items].sum())
-        self.metrics.write_step(step, epoch=step / self.data_schedule.steps_per_epoch, result=result,
-                                learning_rate=learning_rate, tokens=tokens, supervised_tokens=step_tokens,
-                                seconds=seconds)
+        self.metrics.write_step(
+            step,
+            epoch=step / self.data_schedule.steps_per_epoch,
+            result=result,
+            learning_rate=learning_rate,
+            tokens=tokens,
+            supervised_tokens=step_tokens,
+            seconds=seconds,
+        )
         if acc.trackers:
-            acc.log({"train/loss": result.loss, "train/learning_rate": learning_rate, "train/grad_norm": result.grad_norm,
-                     "train/tokens_per_second": tokens / seconds}, step=step)
+            acc.log(
+                {
+                    "train/loss": result.loss,
+                    "train/learning_rate": learning_rate,
+                    "train/grad_norm": result.grad_norm,
+                    "train/tokens_per_second": tokens / seconds,
+                },
+                step=step,
+            )
         return result.loss
 
     def diverged(self, step: int) -> TrainingDiverged:
         cfg, bad = self.config.training, self.progress.bad_steps_in_a_row
         lines = [line for item in self.bad_step_items[:3] for line in data_lines(self.train_data[item])][:5]
-        return TrainingDiverged.after(step, bad, learning_rate=cfg.learning_rate, mixed_precision=cfg.mixed_precision,
-                                      data_lines=lines)
+        return TrainingDiverged.after(
+            step, bad, learning_rate=cfg.learning_rate, mixed_precision=cfg.mixed_precision, data_lines=lines
+        )
 
     # ------------------------------------------------------------------------------------------
     # A checkpoint
@@ -474,32 +554,64 @@ class FineTuneRecipe:
         cfg, acc = self.config, self.accelerator
         started = time.perf_counter()
         train_loss = self.progress.take_train_loss()
-        eval_loss = validation_loss(self.model, self.valid_data, self.tokenizer.pad_token_id,
-                                    micro_batch_size=cfg.training.micro_batch_size, accelerator=acc)
+        eval_loss = validation_loss(
+            self.model,
+            self.valid_data,
+            self.tokenizer.pad_token_id,
+            micro_batch_size=cfg.training.micro_batch_size,
+            accelerator=acc,
+        )
         scored = None
         if self.eval_examples and self.eval_settings.metrics:
-            scored = score_checkpoint(self.unwrapped_model, self.tokenizer, self.eval_examples, self.eval_settings,
-                                      acc, sharded=self.strategy.sharded)  # collective
+            scored = score_checkpoint(
+                self.unwrapped_model,
+                self.tokenizer,
+                self.eval_examples,
+                self.eval_settings,
+                acc,
+                sharded=self.strategy.sharded,
+            )  # collective
         task_metrics = scored.metrics if scored else {}
         epoch = step / self.data_schedule.steps_per_epoch
         if eval_loss is not None or task_metrics:
             self.metrics.write_eval(step, epoch=epoch, eval_loss=eval_loss, task_metrics=task_metrics)
-            acc.log({f"eval/{name}": value for name, value in {"loss": eval_loss, **task_metrics}.items()
-                     if value is not None}, step=step)
+            acc.log(
+                {
+                    f"eval/{name}": value
+                    for name, value in {"loss": eval_loss, **task_metrics}.items()
+                    if value is not None
+                },
+                step=step,
+            )
         weights = self.strategy.full_state_dict(self.model)  # collective under FSDP
         samples = self.test_prompt_samples() if self.is_main or self.strategy.sharded else []
         if self.is_main:
-            info = {"step": step, "epoch": epoch, "train_loss": train_loss, "eval_loss": eval_loss,
-                    **({"metrics": task_metrics, "eval_examples": scored.n} if scored else {})}
+            info = {
+                "step": step,
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "eval_loss": eval_loss,
+                **({"metrics": task_metrics, "eval_examples": scored.n} if scored else {}),
+            }
             if cfg.method == "full":  # float32 master weights are saved in the compute dtype
                 weights = cast_floating(weights, getattr(torch, cfg.model.dtype))
             path = save_checkpoint(
-                self.output_dir, step, model=self.unwrapped_model, tokenizer=self.tokenizer, config=cfg,
-                samples=samples, info=info, state_dict=weights, expected_bytes=self.run_sizes.checkpoint,
+                self.output_dir,
+                step,
+                model=self.unwrapped_model,
+                tokenizer=self.tokenizer,
+                config=cfg,
+                samples=samples,
+                info=info,
+                state_dict=weights,
+                expected_bytes=self.run_sizes.checkpoint,
                 predictions=scored.prediction_records() if scored else None,
             )
-            self.progress.checkpoints.append(CheckpointSummary(step, epoch, train_loss, eval_loss, samples,
-                                                               **(scored.summary_fields() if scored else {})))
+            self.progress.checkpoints.append(
+                CheckpointSummary(
+                    step, epoch, train_loss, eval_loss, samples, **(scored.summary_fields() if scored else {})
+                )
+            )
             write_status(self.output_dir, "running", step=step, total_steps=self.schedule.total_steps)
             self.write_reports()
             tracking.log_samples(acc, cfg, step, samples)
@@ -517,7 +629,13 @@ class FineTuneRecipe:
         model.eval()
         with self.accelerator.autocast():
             samples = [
-                complete(model, self.tokenizer, p, seed=self.config.training.seed, chat_template=self.config.data.chat_template)
+                complete(
+                    model,
+                    self.tokenizer,
+                    p,
+                    seed=self.config.training.seed,
+                    chat_template=self.config.data.chat_template,
+                )
                 for p in self.config.test_prompts
             ]
         model.train()
@@ -529,8 +647,13 @@ class FineTuneRecipe:
         title = f"Run report: {self.output_dir}"
         checkpoints = self.progress.checkpoints
         recommendation = recommend(checkpoints, self.eval_settings.primary)
-        self.report_text = write_report(self.output_dir / REPORT_FILE, title, [p.label for p in self.config.test_prompts],
-                                        checkpoints, recommendation)
+        self.report_text = write_report(
+            self.output_dir / REPORT_FILE,
+            title,
+            [p.label for p in self.config.test_prompts],
+            checkpoints,
+            recommendation,
+        )
         write_html_report(self.output_dir, title, self.config.test_prompts, checkpoints, recommendation)
         write_recommendation(self.output_dir, recommendation)
 
@@ -540,12 +663,26 @@ class FineTuneRecipe:
     def save_resumable_state(self, step: int, reason: str, final: bool = False) -> None:
         """The resumable state of `step` (collective: every process calls it at the same step)."""
         started = time.perf_counter()
-        info = {"total_steps": self.schedule.total_steps, "reason": reason, **self.progress.state_info(),
-                "longest_seconds": self.deadline.longest, "data_files": self.data_digests,
-                "tracker_run_id": self.tracker_run_id}
-        save_state(self.accelerator, self.output_dir, step, model=self.unwrapped_model, optimizer=self.optimizer,
-                   config=self.config, info=info, final=final, sharded=self.strategy.sharded,
-                   expected_bytes=self.run_sizes.state)
+        info = {
+            "total_steps": self.schedule.total_steps,
+            "reason": reason,
+            **self.progress.state_info(),
+            "longest_seconds": self.deadline.longest,
+            "data_files": self.data_digests,
+            "tracker_run_id": self.tracker_run_id,
+        }
+        save_state(
+            self.accelerator,
+            self.output_dir,
+            step,
+            model=self.unwrapped_model,
+            optimizer=self.optimizer,
+            config=self.config,
+            info=info,
+            final=final,
+            sharded=self.strategy.sharded,
+            expected_bytes=self.run_sizes.state,
+        )
         self.deadline.record("state", time.perf_counter() - started)
         self.last_state_time = time.time()
 
@@ -557,19 +694,29 @@ class FineTuneRecipe:
 
         if self.is_main:
             code = EXIT_DONE if status == "complete" else EXIT_STOPPED_RESUMABLE
-            write_status(self.output_dir, status, step=step, total_steps=self.schedule.total_steps, exit_code=code,
-                         message=message)
+            write_status(
+                self.output_dir,
+                status,
+                step=step,
+                total_steps=self.schedule.total_steps,
+                exit_code=code,
+                message=message,
+            )
             self.write_reports()  # report.html shows how the run ended
             if status == "stopped":
-                self.log(f"{message}: the resumable state is saved in {self.output_dir}; run the same command to "
-                         f"continue (exit code {EXIT_STOPPED_RESUMABLE})")
+                self.log(
+                    f"{message}: the resumable state is saved in {self.output_dir}; run the same command to "
+                    f"continue (exit code {EXIT_STOPPED_RESUMABLE})"
+                )
 
     def run(self) -> str:
         """Setup and train: "complete" (now, or already before), or "stopped" (resumable)."""
         decision = self.setup()
         if decision.action == "complete":
-            self.log(f"the run in {self.output_dir} is already complete (step {decision.state.step}): nothing to do. "
-                     "To train it again set overwrite_output_dir=true, or choose another output_dir")
+            self.log(
+                f"the run in {self.output_dir} is already complete (step {decision.state.step}): nothing to do. "
+                "To train it again set overwrite_output_dir=true, or choose another output_dir"
+            )
             return "complete"
         return self.train()
 
@@ -584,8 +731,13 @@ class FineTuneRecipe:
         if self.is_main and self.owns_folder:
             message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
             try:
-                write_status(self.output_dir, "failed", exit_code=exit_code, message=message,
-                             **({"step": self.progress.step} if hasattr(self, "model") else {}))
+                write_status(
+                    self.output_dir,
+                    "failed",
+                    exit_code=exit_code,
+                    message=message,
+                    **({"step": self.progress.step} if hasattr(self, "model") else {}),
+                )
             except OSError:
                 pass
 

@@ -102,24 +102,32 @@ def read_recommendation(run_dir: str | Path) -> Recommendation:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        why = ("a run writes it at its first checkpoint when it has validation data to rank them by"
-               if checkpoints else "it holds no checkpoint yet")
+        why = (
+            "a run writes it at its first checkpoint when it has validation data to rank them by"
+            if checkpoints
+            else "it holds no checkpoint yet"
+        )
         raise UserError(f"{run_dir} has no {RECOMMENDATION_FILE}: {why}. {fix}") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise UserError(f"{path} cannot be read ({type(err).__name__}: {err}). {fix}") from None
     try:
-        return Recommendation(str(record["checkpoint"]), str(record["metric"]), float(record["value"]), str(record["why"]))
+        return Recommendation(
+            str(record["checkpoint"]), str(record["metric"]), float(record["value"]), str(record["why"])
+        )
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{path} is not a recommendation (it needs checkpoint, metric, value and why). {fix}") from None
 
 
 def _checkpoint_names(folder: Path) -> list[str]:
     try:
-        found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-                 and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+        found = [
+            p
+            for p in folder.iterdir()
+            if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        ]
     except OSError:
         return []
-    return [p.name for p in sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))]
+    return [p.name for p in sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))]
 
 
 def _is_model_folder(folder: Path) -> bool:
@@ -142,29 +150,40 @@ def resolve_checkpoint_arg(path: str | Path, best: bool) -> tuple[Path, Recommen
                     hint = f" (recommended: {read_recommendation(path).checkpoint})"
                 except UserError:
                     pass
-            raise UsageError(f"{path} is a run folder, not a checkpoint. Fix: give one of its checkpoints "
-                             f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}), or add --best for the "
-                             f"recommended one{hint}")
+            raise UsageError(
+                f"{path} is a run folder, not a checkpoint. Fix: give one of its checkpoints "
+                f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}), or add --best for the "
+                f"recommended one{hint}"
+            )
         return path, None
     if not path.is_dir():
-        raise UserError(f"{path} is not a run folder (it {'is a file' if path.exists() else 'does not exist'}). "
-                        "Fix: with --best give the run's output_dir")
+        raise UserError(
+            f"{path} is not a run folder (it {'is a file' if path.exists() else 'does not exist'}). "
+            "Fix: with --best give the run's output_dir"
+        )
     if _is_model_folder(path) and not _checkpoint_names(path):
-        raise UsageError(f"--best takes a run folder, and {path} is a checkpoint. Fix: drop --best to use it, or give "
-                         f"its run folder ({path.parent}) with --best")
+        raise UsageError(
+            f"--best takes a run folder, and {path} is a checkpoint. Fix: drop --best to use it, or give "
+            f"its run folder ({path.parent}) with --best"
+        )
     recommendation = read_recommendation(path)
     chosen = path / recommendation.checkpoint
     if not chosen.is_dir():
-        raise UserError(f"{path / RECOMMENDATION_FILE} recommends {recommendation.checkpoint}, which is not in {path}. "
-                        "Fix: give one of its checkpoint folders instead of --best")
+        raise UserError(
+            f"{path / RECOMMENDATION_FILE} recommends {recommendation.checkpoint}, which is not in {path}. "
+            "Fix: give one of its checkpoint folders instead of --best"
+        )
     return chosen, recommendation
 
 
 def add_best_argument(parser) -> None:
     """`--best` for a command whose first argument is a checkpoint (export, generate, serve)."""
-    parser.add_argument("--best", action="store_true",
-                        help=f"the first argument is a run folder: use its recommended checkpoint ({RECOMMENDATION_FILE}: "
-                             "the best task metric on the validation data, else the lowest eval loss)")
+    parser.add_argument(
+        "--best",
+        action="store_true",
+        help=f"the first argument is a run folder: use its recommended checkpoint ({RECOMMENDATION_FILE}: "
+        "the best task metric on the validation data, else the lowest eval loss)",
+    )
 
 
 def checkpoint_from_args(checkpoint: str | Path, best: bool, log=None) -> Path:

@@ -46,7 +46,7 @@ def metric_names(checkpoints: list) -> list[str]:
     """Every task metric any checkpoint has, in the order first seen (the primary one first)."""
     names: list[str] = []
     for checkpoint in checkpoints:
-        for name in (getattr(checkpoint, "metrics", None) or {}):
+        for name in getattr(checkpoint, "metrics", None) or {}:
             if name not in names:
                 names.append(name)
     return names
@@ -59,8 +59,9 @@ def recommendation_line(recommendation: Recommendation | None) -> str:
     return f"Recommended: **{recommendation.checkpoint}**: {recommendation.why}."
 
 
-def render_report(title: str, prompts: list[str], checkpoints: list[CheckpointSummary],
-                  recommendation: Recommendation | None = None) -> str:
+def render_report(
+    title: str, prompts: list[str], checkpoints: list[CheckpointSummary], recommendation: Recommendation | None = None
+) -> str:
     """The markdown report; `recommendation` defaults to `recommend(checkpoints)`."""
     lines = [f"# {title}", ""]
     if checkpoints:
@@ -71,7 +72,9 @@ def render_report(title: str, prompts: list[str], checkpoints: list[CheckpointSu
         lines += [f"{i}. `{json.dumps(p, ensure_ascii=False)}`" for i, p in enumerate(prompts, start=1)]
         lines.append("")
     names = metric_names(checkpoints)
-    header = ["checkpoint", "epoch", "train loss", "eval loss"] + names + [f"prompt {i}" for i in range(1, len(prompts) + 1)]
+    header = (
+        ["checkpoint", "epoch", "train loss", "eval loss"] + names + [f"prompt {i}" for i in range(1, len(prompts) + 1)]
+    )
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for ckpt in checkpoints:
@@ -82,8 +85,13 @@ def render_report(title: str, prompts: list[str], checkpoints: list[CheckpointSu
     return "\n".join(lines) + "\n"
 
 
-def write_report(path: Path, title: str, prompts: list[str], checkpoints: list[CheckpointSummary],
-                 recommendation: Recommendation | None = None) -> str:
+def write_report(
+    path: Path,
+    title: str,
+    prompts: list[str],
+    checkpoints: list[CheckpointSummary],
+    recommendation: Recommendation | None = None,
+) -> str:
     text = render_report(title, prompts, checkpoints, recommendation)
     write_text_atomically(path, text)
     return text

@@ -147,14 +147,19 @@ def _rows(checkpoints: list) -> list[Row]:
         metrics = {str(k): _finite(v) for k, v in metrics.items()} if isinstance(metrics, dict) else {}
         wrong = _get(checkpoint, "wrong")
         details = _get(checkpoint, "metric_details")
-        rows.append(Row(
-            _step(_get(checkpoint, "step")), _finite(_get(checkpoint, "epoch")),
-            _finite(_get(checkpoint, "train_loss")), _finite(_get(checkpoint, "eval_loss")),
-            list(samples) if isinstance(samples, (list, tuple)) else [],
-            {k: v for k, v in metrics.items() if v is not None}, _step(_get(checkpoint, "eval_examples")),
-            [w for w in wrong if isinstance(w, dict)] if isinstance(wrong, (list, tuple)) else [],
-            details if isinstance(details, dict) else {},
-        ))
+        rows.append(
+            Row(
+                _step(_get(checkpoint, "step")),
+                _finite(_get(checkpoint, "epoch")),
+                _finite(_get(checkpoint, "train_loss")),
+                _finite(_get(checkpoint, "eval_loss")),
+                list(samples) if isinstance(samples, (list, tuple)) else [],
+                {k: v for k, v in metrics.items() if v is not None},
+                _step(_get(checkpoint, "eval_examples")),
+                [w for w in wrong if isinstance(w, dict)] if isinstance(wrong, (list, tuple)) else [],
+                details if isinstance(details, dict) else {},
+            )
+        )
     return rows
 
 
@@ -238,33 +243,75 @@ def render_loss_plot(history: LossHistory, rows: list[Row], best: int | None) ->
     checkpoint_steps = sorted({row.step for row in rows if row.step is not None})
 
     for index, step in enumerate(checkpoint_steps):
-        axes.axvline(step, color="#b8b8b8", linewidth=0.8, linestyle=":", zorder=0,
-                     label="checkpoints" if index == 0 else None)
+        axes.axvline(
+            step, color="#b8b8b8", linewidth=0.8, linestyle=":", zorder=0, label="checkpoints" if index == 0 else None
+        )
     if train_steps:
         few = len(train_steps) <= 60
-        axes.plot(train_steps, train_losses, color="#4c78a8", linewidth=1.0, alpha=0.45 if not few else 0.9,
-                  marker="o" if few else None, markersize=3, label="train loss (each step)")
+        axes.plot(
+            train_steps,
+            train_losses,
+            color="#4c78a8",
+            linewidth=1.0,
+            alpha=0.45 if not few else 0.9,
+            marker="o" if few else None,
+            markersize=3,
+            label="train loss (each step)",
+        )
         if not few:
             window = max(5, len(train_steps) // 40) | 1  # odd: centred
             smoothed = _running_mean(train_losses, window)
-            axes.plot(train_steps, smoothed, color="#1f4e79", linewidth=1.8,
-                      label=f"train loss (mean of {window} steps)")
+            axes.plot(
+                train_steps, smoothed, color="#1f4e79", linewidth=1.8, label=f"train loss (mean of {window} steps)"
+            )
     if history.skipped:
         low = min(train_losses + [evals[s] for s in eval_steps], default=0.0)
-        axes.plot(history.skipped, [low] * len(history.skipped), linestyle="none", marker="x", color="#c0392b",
-                  markersize=6, label=f"skipped steps (loss not finite): {len(history.skipped)}")
+        axes.plot(
+            history.skipped,
+            [low] * len(history.skipped),
+            linestyle="none",
+            marker="x",
+            color="#c0392b",
+            markersize=6,
+            label=f"skipped steps (loss not finite): {len(history.skipped)}",
+        )
     if eval_steps:
-        axes.plot(eval_steps, [evals[s] for s in eval_steps], color="#e45756", linewidth=1.8, marker="o",
-                  markersize=6, label="eval loss (each checkpoint)", zorder=3)
+        axes.plot(
+            eval_steps,
+            [evals[s] for s in eval_steps],
+            color="#e45756",
+            linewidth=1.8,
+            marker="o",
+            markersize=6,
+            label="eval loss (each checkpoint)",
+            zorder=3,
+        )
     if best is not None and rows[best].eval_loss is not None:
         row = rows[best]
         x = row.step if row.step is not None else (eval_steps[0] if eval_steps else 0)
-        axes.plot([x], [row.eval_loss], linestyle="none", marker="*", markersize=20, color="#f2b701",
-                  markeredgecolor="#5a4500", markeredgewidth=1.2, zorder=4,
-                  label=f"recommended: {_checkpoint_name(row)} (eval loss {row.eval_loss:.4f})")
+        axes.plot(
+            [x],
+            [row.eval_loss],
+            linestyle="none",
+            marker="*",
+            markersize=20,
+            color="#f2b701",
+            markeredgecolor="#5a4500",
+            markeredgewidth=1.2,
+            zorder=4,
+            label=f"recommended: {_checkpoint_name(row)} (eval loss {row.eval_loss:.4f})",
+        )
     if not (train_steps or eval_steps or history.skipped):
-        axes.text(0.5, 0.5, "no losses recorded yet", transform=axes.transAxes, ha="center", va="center",
-                  fontsize=14, color="#777777")
+        axes.text(
+            0.5,
+            0.5,
+            "no losses recorded yet",
+            transform=axes.transAxes,
+            ha="center",
+            va="center",
+            fontsize=14,
+            color="#777777",
+        )
         axes.set_yticks([])
     axes.set_xlabel("optimizer step")
     shown = train_losses + [evals[s] for s in eval_steps]
@@ -308,14 +355,29 @@ def render_metrics_plot(rows: list[Row], best: int | None) -> bytes:
     for number, name in enumerate(names):
         points = sorted((row.step, row.metrics[name]) for row in rows if row.step is not None and name in row.metrics)
         if points:
-            axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=5, linewidth=1.8,
-                      color=METRIC_COLOURS[number % len(METRIC_COLOURS)],
-                      label=f"{name}{' (ranks the checkpoints)' if number == 0 else ''}")
+            axes.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                marker="o",
+                markersize=5,
+                linewidth=1.8,
+                color=METRIC_COLOURS[number % len(METRIC_COLOURS)],
+                label=f"{name}{' (ranks the checkpoints)' if number == 0 else ''}",
+            )
     if best is not None and names and names[0] in rows[best].metrics and rows[best].step is not None:
         row = rows[best]
-        axes.plot([row.step], [row.metrics[names[0]]], linestyle="none", marker="*", markersize=20, color="#f2b701",
-                  markeredgecolor="#5a4500", markeredgewidth=1.2, zorder=4,
-                  label=f"recommended: {_checkpoint_name(row)} ({row.metrics[names[0]]:.4f})")
+        axes.plot(
+            [row.step],
+            [row.metrics[names[0]]],
+            linestyle="none",
+            marker="*",
+            markersize=20,
+            color="#f2b701",
+            markeredgecolor="#5a4500",
+            markeredgewidth=1.2,
+            zorder=4,
+            label=f"recommended: {_checkpoint_name(row)} ({row.metrics[names[0]]:.4f})",
+        )
     axes.set_ylim(-0.03, 1.03)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("on the validation data")
@@ -430,9 +492,7 @@ def _parameters_html(parameters: dict) -> str:
     names = [n for n in PARAMETER_NAMES if n in parameters] + [n for n in parameters if n not in PARAMETER_NAMES]
     if not names:
         return '<span class="muted">parameters not recorded</span>'
-    return " ".join(
-        f'<span class="param">{_e(n)}: {_format_parameter(n, parameters[n])}</span>' for n in names
-    )
+    return " ".join(f'<span class="param">{_e(n)}: {_format_parameter(n, parameters[n])}</span>' for n in names)
 
 
 def _tail(text: str, limit: int = 90) -> str:
@@ -459,8 +519,10 @@ def _summary_html(rows: list[Row], best: int | None, recommendation: Recommendat
         epoch = f", epoch {row.epoch:.2f}" if row.epoch is not None else ""
         shown = [f"{name} {value:.4f}" for name, value in row.metrics.items()]
         shown += [f"eval loss {row.eval_loss:.4f}"] if row.eval_loss is not None else []
-        return (f'<div class="summary">{BADGE} <strong>{_e(_checkpoint_name(row))}</strong>: {_e(", ".join(shown))}{epoch}'
-                f'<div class="why">Why: {_e(recommendation.why)}.</div></div>')
+        return (
+            f'<div class="summary">{BADGE} <strong>{_e(_checkpoint_name(row))}</strong>: {_e(", ".join(shown))}{epoch}'
+            f'<div class="why">Why: {_e(recommendation.why)}.</div></div>'
+        )
     if not rows:
         why = "No checkpoint yet."
     else:
@@ -472,8 +534,10 @@ def _checkpoints_table(rows: list[Row], best: int | None) -> str:
     if not rows:
         return '<p class="empty">No checkpoint yet: the first one appears here when it is saved.</p>'
     names = _metric_names(rows)
-    out = ['<table class="losses"><thead><tr><th class="ckpt">checkpoint</th><th>step</th><th>epoch</th>'
-           "<th>train loss</th><th>eval loss</th>" + "".join(f"<th>{_e(n)}</th>" for n in names) + "</tr></thead><tbody>"]
+    out = [
+        '<table class="losses"><thead><tr><th class="ckpt">checkpoint</th><th>step</th><th>epoch</th>'
+        "<th>train loss</th><th>eval loss</th>" + "".join(f"<th>{_e(n)}</th>" for n in names) + "</tr></thead><tbody>"
+    ]
     for index, row in enumerate(rows):
         best_row = index == best
         badge = f" {BADGE}" if best_row else ""
@@ -482,7 +546,8 @@ def _checkpoints_table(rows: list[Row], best: int | None) -> str:
             f'<td class="num">{"&ndash;" if row.step is None else row.step}</td>'
             f'<td class="num">{_number(row.epoch, 2)}</td><td class="num">{_number(row.train_loss)}</td>'
             f'<td class="num">{_number(row.eval_loss)}</td>'
-            + "".join(f'<td class="num">{_number(row.metrics.get(n))}</td>' for n in names) + "</tr>"
+            + "".join(f'<td class="num">{_number(row.metrics.get(n))}</td>' for n in names)
+            + "</tr>"
         )
     out.append("</tbody></table>")
     return "\n".join(out)
@@ -495,13 +560,19 @@ def _confusion_html(details: dict) -> str:
         return ""
     columns = labels + [str(details.get("other_label", "(other)"))]
     per_class = details.get("per_class") if isinstance(details.get("per_class"), dict) else {}
-    out = ['<table class="confusion"><thead><tr><th>expected \\ answered</th>'
-           + "".join(f"<th>{_e(c)}</th>" for c in columns) + "<th>precision</th><th>recall</th><th>F1</th></tr></thead><tbody>"]
+    out = [
+        '<table class="confusion"><thead><tr><th>expected \\ answered</th>'
+        + "".join(f"<th>{_e(c)}</th>" for c in columns)
+        + "<th>precision</th><th>recall</th><th>F1</th></tr></thead><tbody>"
+    ]
     for label, counts in zip(labels, matrix):
         stats = per_class.get(label) if isinstance(per_class.get(label), dict) else {}
         cells = "".join(f'<td class="num">{_e(n)}</td>' for n in counts) if isinstance(counts, list) else ""
-        out.append(f"<tr><th>{_e(label)}</th>{cells}" + "".join(
-            f'<td class="num">{_number(_finite(stats.get(k)))}</td>' for k in ("precision", "recall", "f1")) + "</tr>")
+        out.append(
+            f"<tr><th>{_e(label)}</th>{cells}"
+            + "".join(f'<td class="num">{_number(_finite(stats.get(k)))}</td>' for k in ("precision", "recall", "f1"))
+            + "</tr>"
+        )
     out.append("</tbody></table>")
     return "\n".join(out)
 
@@ -528,12 +599,18 @@ def _wrong_answers_section(rows: list[Row], best: int | None) -> str:
             count = _step(group[0].get("count"))
             counted = f" ({count}{_e(over)})" if count is not None else ""
             out.append(f'<div class="wrong-kind">{_e(kind)}{counted}</div>')
-            out.append('<table class="wrong"><thead><tr><th>prompt (end)</th><th>expected</th><th>answered</th></tr></thead><tbody>')
+            out.append(
+                '<table class="wrong"><thead><tr><th>prompt (end)</th><th>expected</th><th>answered</th></tr></thead><tbody>'
+            )
             for example in group:
                 prompt, expected, answered = (str(example.get(k, "")) for k in ("prompt", "reference", "prediction"))
-                answered_html = f'<div class="text">{_e(answered)}</div>' if answered else '<span class="empty">(empty)</span>'
-                out.append(f'<tr><td><div class="text">{_e(_tail(prompt))}</div></td><td><div class="text">{_e(expected)}</div></td>'
-                           f"<td>{answered_html}</td></tr>")
+                answered_html = (
+                    f'<div class="text">{_e(answered)}</div>' if answered else '<span class="empty">(empty)</span>'
+                )
+                out.append(
+                    f'<tr><td><div class="text">{_e(_tail(prompt))}</div></td><td><div class="text">{_e(expected)}</div></td>'
+                    f"<td>{answered_html}</td></tr>"
+                )
             out.append("</tbody></table>")
     return "\n".join(out)
 
@@ -608,7 +685,9 @@ def _findings_html(findings: list, unit: str, css_class: str) -> str:
         lines = [n for n in lines if n is not None]
         where = ""
         if lines:
-            listed = ", ".join(str(n) for n in lines[:LINES_PER_KIND]) + (", \u2026" if len(lines) > LINES_PER_KIND else "")
+            listed = ", ".join(str(n) for n in lines[:LINES_PER_KIND]) + (
+                ", \u2026" if len(lines) > LINES_PER_KIND else ""
+            )
             where = f' <span class="muted">({len(lines)} {unit}{"s" if len(lines) != 1 else ""}: {_e(listed)})</span>'
         title = WARNING_TITLES.get(kind, kind)
         out.append(f'<div class="warn-kind {css_class}">[{_e(kind)}] {_e(title)}{where}</div><ul class="warn-list">')
@@ -617,7 +696,9 @@ def _findings_html(findings: list, unit: str, css_class: str) -> str:
             prefix = f"{unit} {line}: " if line is not None else ""
             out.append(f"<li>{_e(prefix)}{_e(finding.get('message', ''))}</li>")
         if len(group) > FINDINGS_PER_KIND:
-            out.append(f'<li class="muted">\u2026 and {len(group) - FINDINGS_PER_KIND} more (all in data_report.json)</li>')
+            out.append(
+                f'<li class="muted">\u2026 and {len(group) - FINDINGS_PER_KIND} more (all in data_report.json)</li>'
+            )
         out.append("</ul>")
         fix = group[0].get("fix")
         if fix:
@@ -663,10 +744,17 @@ def _data_section(output_dir: Path) -> str:
     return "\n".join(out) or f'<p class="empty">{DATA_REPORT_FILE} lists no data file.</p>'
 
 
-def render_html_report(output_dir: Path, title: str, test_prompts: list, checkpoints: list,
-                       plot_png: bytes | None = None, history: LossHistory | None = None,
-                       plot_error: str | None = None, recommendation: Recommendation | None = None,
-                       metrics_png: bytes | None = None) -> str:
+def render_html_report(
+    output_dir: Path,
+    title: str,
+    test_prompts: list,
+    checkpoints: list,
+    plot_png: bytes | None = None,
+    history: LossHistory | None = None,
+    plot_error: str | None = None,
+    recommendation: Recommendation | None = None,
+    metrics_png: bytes | None = None,
+) -> str:
     """The page as text (`write_html_report` writes it). `recommendation` defaults to
     `recommend(checkpoints)`; the metrics plot is drawn when a checkpoint has task metrics."""
     output_dir = Path(output_dir)
@@ -688,7 +776,10 @@ def render_html_report(output_dir: Path, title: str, test_prompts: list, checkpo
         plot_png = render_loss_plot(history, rows, best)
 
     train_steps = len(history.train) + len(history.skipped)
-    facts = [f"{len(rows)} checkpoint{'s' if len(rows) != 1 else ''}", f"{train_steps} logged step{'s' if train_steps != 1 else ''}"]
+    facts = [
+        f"{len(rows)} checkpoint{'s' if len(rows) != 1 else ''}",
+        f"{train_steps} logged step{'s' if train_steps != 1 else ''}",
+    ]
     if history.skipped:
         facts.append(f"{len(history.skipped)} skipped (loss not finite)")
     status = _status_line(output_dir)
@@ -704,8 +795,10 @@ def render_html_report(output_dir: Path, title: str, test_prompts: list, checkpo
         metrics_png = render_metrics_plot(rows, best)
     if metrics_png:
         image = base64.b64encode(metrics_png).decode("ascii")
-        plot = (f'<div class="plots">{plot}<img class="plot metrics" alt="task metrics per checkpoint" '
-                f'src="data:image/png;base64,{image}"></div>')
+        plot = (
+            f'<div class="plots">{plot}<img class="plot metrics" alt="task metrics per checkpoint" '
+            f'src="data:image/png;base64,{image}"></div>'
+        )
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -719,8 +812,11 @@ def render_html_report(output_dir: Path, title: str, test_prompts: list, checkpo
         _checkpoints_table(rows, best),
         "<h2>Answers to the test prompts</h2>",
         _answers_tables(rows, prompts, parameters, best),
-        *(["<h2>Validation answers each checkpoint got wrong</h2>", _wrong_answers_section(rows, best)]
-          if _metric_names(rows) else []),
+        *(
+            ["<h2>Validation answers each checkpoint got wrong</h2>", _wrong_answers_section(rows, best)]
+            if _metric_names(rows)
+            else []
+        ),
         "<h2>Test prompts</h2>",
         _prompts_section(prompts, parameters),
         "<h2>Data report</h2>",
@@ -730,8 +826,9 @@ def render_html_report(output_dir: Path, title: str, test_prompts: list, checkpo
     return "\n".join(parts) + "\n"
 
 
-def write_html_report(output_dir: Path, title: str, test_prompts: list, checkpoints: list,
-                      recommendation: Recommendation | None = None) -> Path:
+def write_html_report(
+    output_dir: Path, title: str, test_prompts: list, checkpoints: list, recommendation: Recommendation | None = None
+) -> Path:
     """Write `loss.png`, `metrics.png` (when a checkpoint has task metrics) and `report.html` into
     `output_dir` (each atomically, with the umask's permissions) from its metrics.jsonl and
     data_report.json and the checkpoints so far; returns the path of report.html. `test_prompts`
@@ -749,9 +846,17 @@ def write_html_report(output_dir: Path, title: str, test_prompts: list, checkpoi
         plot_png, metrics_png, plot_error = b"", b"", f"{type(error).__name__}: {error}"
     else:
         plot_error = None
-    page = render_html_report(output_dir, title, list(test_prompts or []), list(checkpoints or []),
-                              plot_png=plot_png, history=history, plot_error=plot_error,
-                              recommendation=recommendation, metrics_png=metrics_png)
+    page = render_html_report(
+        output_dir,
+        title,
+        list(test_prompts or []),
+        list(checkpoints or []),
+        plot_png=plot_png,
+        history=history,
+        plot_error=plot_error,
+        recommendation=recommendation,
+        metrics_png=metrics_png,
+    )
     if plot_png:
         write_bytes_atomically(output_dir / PLOT_FILE, plot_png)
     if metrics_png:

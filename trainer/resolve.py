@@ -62,7 +62,9 @@ def resolve_config(config: Config, *, device: torch.device, model_config) -> Con
     resolve_precision(config, device)
     if config.training.epochs == "auto":
         config.training.epochs = float(auto_epochs(train_file_bytes(config)))
-    config.model.attention = choose_attention_for(model_config, activation_dtype(config), config.model.attention, device)
+    config.model.attention = choose_attention_for(
+        model_config, activation_dtype(config), config.model.attention, device
+    )
     if config.method in ("lora", "qlora"):
         config.lora.target_modules = lora_target_modules(config, model_config)
     if config.data.packing == "auto":  # exact where the family's attention keeps packed examples apart

@@ -20,15 +20,27 @@ from trainer.run_folder import RunFolder
 from trainer.state import SavedState, newest_state, read_state
 
 #: Keys that cannot change the trained weights, checkpoints or samples: a resumed run may differ in them.
-RESULT_NEUTRAL_KEYS = frozenset({
-    "checkpoints.state_every_minutes", "checkpoints.state_every_steps", "training.time_limit",
-    "training.max_bad_steps", "training.self_test", "resume", "overwrite_output_dir", "data.cache_dir", "data.num_proc",
-    "output_dir",  # the folder itself is what is being resumed, however its path is spelled
-    "tracking.report_to", "tracking.project",  # where the run is reported, not what it trains
-})
+RESULT_NEUTRAL_KEYS = frozenset(
+    {
+        "checkpoints.state_every_minutes",
+        "checkpoints.state_every_steps",
+        "training.time_limit",
+        "training.max_bad_steps",
+        "training.self_test",
+        "resume",
+        "overwrite_output_dir",
+        "data.cache_dir",
+        "data.num_proc",
+        "output_dir",  # the folder itself is what is being resumed, however its path is spelled
+        "tracking.report_to",
+        "tracking.project",  # where the run is reported, not what it trains
+    }
+)
 
-FIX = ("Fix: rerun with the config that run used to continue it; or start a new run in another folder "
-       "(output_dir=runs/another resume=never), or replace it (overwrite_output_dir=true)")
+FIX = (
+    "Fix: rerun with the config that run used to continue it; or start a new run in another folder "
+    "(output_dir=runs/another resume=never), or replace it (overwrite_output_dir=true)"
+)
 
 
 @dataclass
@@ -52,9 +64,14 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict, current: dict, ignore: frozenset[str] = RESULT_NEUTRAL_KEYS) -> dict[str, str]:
     """{key: 'key (X there, Y now)'} for every key whose values differ, except `ignore`d ones."""
     old, new = flatten(saved), flatten(current)
-    shown = lambda value: "missing" if value is None else repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "...'"
-    return {key: f"{key} ({shown(old.get(key))} there, {shown(new.get(key))} now)"
-            for key in sorted(old.keys() | new.keys()) if key not in ignore and old.get(key) != new.get(key)}
+    shown = lambda value: (
+        "missing" if value is None else repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "...'"
+    )
+    return {
+        key: f"{key} ({shown(old.get(key))} there, {shown(new.get(key))} now)"
+        for key in sorted(old.keys() | new.keys())
+        if key not in ignore and old.get(key) != new.get(key)
+    }
 
 
 def data_digests(config) -> dict[str, str]:
@@ -62,24 +79,36 @@ def data_digests(config) -> dict[str, str]:
     return {path: file_digest(path) for path in data_paths(config)}
 
 
-def _compare(folder: Path, saved_config: dict, state: SavedState | None, config, world_size: int,
-             ignore: frozenset[str] = RESULT_NEUTRAL_KEYS) -> None:
+def _compare(
+    folder: Path,
+    saved_config: dict,
+    state: SavedState | None,
+    config,
+    world_size: int,
+    ignore: frozenset[str] = RESULT_NEUTRAL_KEYS,
+) -> None:
     current = config.model_dump(mode="json")
     differences = config_differences(saved_config, current, ignore)
     if state is not None:
         saved_data = state.info.get("data_files", {})
-        differences |= {path: f"the content of {path} (changed since the run started)"
-                        for path, digest in data_digests(config).items() if path in saved_data and saved_data[path] != digest}
+        differences |= {
+            path: f"the content of {path} (changed since the run started)"
+            for path, digest in data_digests(config).items()
+            if path in saved_data and saved_data[path] != digest
+        }
     if differences:
         listed = "; ".join(differences.values())
-        raise ConfigChanged(f"output_dir {folder} holds a run with another config: {listed}. {FIX}", keys=list(differences))
+        raise ConfigChanged(
+            f"output_dir {folder} holds a run with another config: {listed}. {FIX}", keys=list(differences)
+        )
     if state is not None and not state.complete and state.world_size != world_size:
         raise ProcessCountChanged(
             f"the run in {folder} was started with {state.world_size} process(es) and this job has {world_size}: "
             "resuming with another number of processes is not supported (each step's batch depends on it). "
             f"Fix: launch it with {state.world_size} processes (accelerate launch --num_processes {state.world_size}), "
             "or start a new run (output_dir=runs/another)",
-            saved=state.world_size, current=world_size,
+            saved=state.world_size,
+            current=world_size,
         )
 
 
@@ -94,14 +123,20 @@ def decide_run(config, world_size: int) -> RunDecision:
     if not folder.is_run or config.overwrite_output_dir:
         return RunDecision("fresh")
     if config.resume == "never" or not (folder.state or folder.has_status):  # never, or a pre-resume version's run
-        held = [f"checkpoint-{s}" for s in folder.checkpoint_steps[:3]] + ([folder.state.path.name] if folder.state else [])
+        held = [f"checkpoint-{s}" for s in folder.checkpoint_steps[:3]] + (
+            [folder.state.path.name] if folder.state else []
+        )
         why = "" if config.resume == "never" else " that this version cannot resume (it has no resumable state)"
-        raise UserError(f"output_dir {output_dir} already holds a run{why} ({', '.join(held)}). "
-                        "Fix: choose a new folder (output_dir=runs/another) or set overwrite_output_dir=true")
+        raise UserError(
+            f"output_dir {output_dir} already holds a run{why} ({', '.join(held)}). "
+            "Fix: choose a new folder (output_dir=runs/another) or set overwrite_output_dir=true"
+        )
     saved = folder.saved_config()
     if saved is None:
-        raise UserError(f"output_dir {output_dir} holds checkpoints but no config.yaml, so it cannot be resumed. "
-                        "Fix: choose a new folder (output_dir=runs/another) or set overwrite_output_dir=true")
+        raise UserError(
+            f"output_dir {output_dir} holds checkpoints but no config.yaml, so it cannot be resumed. "
+            "Fix: choose a new folder (output_dir=runs/another) or set overwrite_output_dir=true"
+        )
     _compare(output_dir, saved, folder.state, config, world_size)
     if folder.state is None:  # killed before its first state was saved: nothing to continue from
         return RunDecision("fresh")
@@ -111,15 +146,21 @@ def decide_run(config, world_size: int) -> RunDecision:
 def _decide_from_path(config, folder: RunFolder, path: Path, world_size: int) -> RunDecision:
     """`resume=PATH`: a state folder, or a run folder whose newest state is used."""
     if not path.exists():
-        raise UserError(f"key 'resume': {path} does not exist. Fix: give a state-<step> folder, a run folder, auto or never")
+        raise UserError(
+            f"key 'resume': {path} does not exist. Fix: give a state-<step> folder, a run folder, auto or never"
+        )
     state = read_state(path) if (path / "state.json").exists() else newest_state(path)
     if state is None:
-        raise UserError(f"key 'resume': {path} holds no complete resumable state. Fix: give a state-<step> folder or a run folder that has one")
+        raise UserError(
+            f"key 'resume': {path} holds no complete resumable state. Fix: give a state-<step> folder or a run folder that has one"
+        )
     source_run = state.path.parent.resolve()
     same_folder = source_run == folder.path.resolve()
     if folder.is_run and not same_folder and not config.overwrite_output_dir:
-        raise UserError(f"output_dir {folder.path} already holds a run, and resume={path} continues another one. "
-                        "Fix: choose a new output_dir, or set overwrite_output_dir=true to replace it")
+        raise UserError(
+            f"output_dir {folder.path} already holds a run, and resume={path} continues another one. "
+            "Fix: choose a new output_dir, or set overwrite_output_dir=true to replace it"
+        )
     _compare(state.path, state.config, state, config, world_size)
     if state.complete:
         return RunDecision("complete", state)

@@ -49,8 +49,10 @@ from trainer.state import SavedState, newest_state, step_of
 
 
 def _folder_error(folder: Path, err: OSError) -> UserError:
-    return UserError(f"cannot write to output_dir {folder} ({err.strerror or err}). "
-                     "Fix: choose a folder you can write to (output_dir=runs/another) or fix its permissions")
+    return UserError(
+        f"cannot write to output_dir {folder} ({err.strerror or err}). "
+        "Fix: choose a folder you can write to (output_dir=runs/another) or fix its permissions"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,8 +89,12 @@ def _pid_alive(pid: int) -> bool:
 def this_process(environ=os.environ) -> dict:
     pid = os.getpid()
     return {
-        "host": socket.gethostname(), "pid": pid, "process_start": process_start(pid), "boot_id": _boot_id(),
-        "slurm_job_id": environ.get("SLURM_JOB_ID"), "slurm_restart_count": int(environ.get("SLURM_RESTART_COUNT", 0) or 0),
+        "host": socket.gethostname(),
+        "pid": pid,
+        "process_start": process_start(pid),
+        "boot_id": _boot_id(),
+        "slurm_job_id": environ.get("SLURM_JOB_ID"),
+        "slurm_restart_count": int(environ.get("SLURM_RESTART_COUNT", 0) or 0),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -141,8 +147,10 @@ class RunLock:
             self._thread = threading.Thread(target=self._heartbeat, name="run-lock-heartbeat", daemon=True)
             self._thread.start()
             return self
-        raise RunFolderBusy(f"output_dir {self.folder} is being taken by several jobs at once. Fix: start one job per run folder",
-                            holder={})
+        raise RunFolderBusy(
+            f"output_dir {self.folder} is being taken by several jobs at once. Fix: start one job per run folder",
+            holder={},
+        )
 
     def _take_over_or_refuse(self) -> None:
         try:
@@ -213,7 +221,9 @@ class RunFolder:
         path = Path(path)
         if not path.is_dir():
             return cls(path)
-        steps = sorted(s for p in path.glob(f"{CHECKPOINT_PREFIX}*") if (s := step_of(p, CHECKPOINT_PREFIX)) is not None)
+        steps = sorted(
+            s for p in path.glob(f"{CHECKPOINT_PREFIX}*") if (s := step_of(p, CHECKPOINT_PREFIX)) is not None
+        )
         return cls(path, steps, newest_state(path), (path / STATUS_FILE).is_file())
 
     @property
@@ -254,8 +264,10 @@ def rewind_to(folder: Path, step: int) -> None:
     for path in folder.iterdir():
         checkpoint = step_of(path, CHECKPOINT_PREFIX)
         state = step_of(path, STATE_PREFIX)
-        if (checkpoint is not None and checkpoint > step) or (state is not None and state != step) or (
-            path.name.startswith(".") and path.name.endswith(".partial")
+        if (
+            (checkpoint is not None and checkpoint > step)
+            or (state is not None and state != step)
+            or (path.name.startswith(".") and path.name.endswith(".partial"))
         ):
             shutil.rmtree(path, ignore_errors=True)
     metrics = folder / METRICS_FILE

@@ -70,9 +70,19 @@ class RunSchedule:
         """From the config's `training` and `checkpoints` sections and the data's `DataSchedule`
         (a bad checkpoints.count fails here, before anything is written)."""
         total = steps_per_epoch_schedule.total_steps(training.epochs)
-        return cls(total, warmup_steps(total, training.warmup_ratio), checkpoint_steps(total, checkpoints.count),
-                   training.learning_rate, training.lr_scheduler)
+        return cls(
+            total,
+            warmup_steps(total, training.warmup_ratio),
+            checkpoint_steps(total, checkpoints.count),
+            training.learning_rate,
+            training.lr_scheduler,
+        )
 
     def learning_rate(self, step: int) -> float:
-        return learning_rate_at(step, peak=self.peak_learning_rate, total_steps=self.total_steps,
-                                warmup=self.warmup_steps, schedule=self.lr_scheduler)
+        return learning_rate_at(
+            step,
+            peak=self.peak_learning_rate,
+            total_steps=self.total_steps,
+            warmup=self.warmup_steps,
+            schedule=self.lr_scheduler,
+        )

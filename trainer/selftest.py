@@ -100,17 +100,19 @@ def library_versions() -> str:
     import peft
     import transformers
 
-    return f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, " \
-           f"accelerate {accelerate.__version__}"
+    return (
+        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+        f"accelerate {accelerate.__version__}"
+    )
 
 
 FIXES = {
     "attention": "set model.attention=eager (transformers' reference attention), or install the tested versions: "
-                 "pip install -c constraints.txt -e .",
+    "pip install -c constraints.txt -e .",
     "layout": "set data.packing=false (if packing is on), or model.attention=eager, or install the tested versions: "
-              "pip install -c constraints.txt -e .",
+    "pip install -c constraints.txt -e .",
     "labels": "this is a bug in the trainer's data path for this tokenizer: report it with the data line named above; "
-              "training.self_test=false skips the check",
+    "training.self_test=false skips the check",
 }
 
 
@@ -120,8 +122,10 @@ def failure(result: SelfTestResult) -> SelfTestFailed:
         if check.name == "labels":
             lines.append(f"{check.what}: {check.detail}")
         else:
-            lines.append(f"{check.what}: relative difference {check.difference:.3g} > tolerance {check.tolerance:g}"
-                         + (f" ({check.detail})" if check.detail else ""))
+            lines.append(
+                f"{check.what}: relative difference {check.difference:.3g} > tolerance {check.tolerance:g}"
+                + (f" ({check.detail})" if check.detail else "")
+            )
     fixes = "; ".join(f"{c.name}: {FIXES[c.name]}" for c in result.failed)
     return SelfTestFailed(
         f"training.self_test failed before step 1 (nothing was trained): {'; '.join(lines)}. "
@@ -197,7 +201,10 @@ class _Probe:
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="sum")
             loss.backward()
             logits_per_example += [logits[row, positions].detach().float() for row, positions in members]
-        grads = [_local(p.grad).detach().float().clone() if p.grad is not None else torch.zeros(()) for _, p in self.parameters]
+        grads = [
+            _local(p.grad).detach().float().clone() if p.grad is not None else torch.zeros(())
+            for _, p in self.parameters
+        ]
         for p in self.model.parameters():
             p.grad = None
         return logits_per_example, grads
@@ -234,8 +241,9 @@ def _over_processes(value: float) -> float:
     return float(tensor.item())
 
 
-def check_model(model: torch.nn.Module, *, attention: str, packing: bool, compute_dtype: torch.dtype,
-                autocast, device: torch.device) -> list[Check]:
+def check_model(
+    model: torch.nn.Module, *, attention: str, packing: bool, compute_dtype: torch.dtype, autocast, device: torch.device
+) -> list[Check]:
     """The `attention` and `layout` checks on `model` (prepared, any wrapper), which is left with
     `attention` installed, its mode and gradients as they were, and the random generators untouched."""
     inner = transformers_model(model)
@@ -264,8 +272,15 @@ def check_model(model: torch.nn.Module, *, attention: str, packing: bool, comput
         checks.append(Check("attention", f"{attention} vs eager", _over_processes(difference), tolerance))
     layout = "packed rows vs one by one" if packing else "padded rows vs one by one"
     difference = max(_relative(zip(trained[0], alone[0])), _relative(zip(trained[1], alone[1])))
-    checks.append(Check("layout", layout, _over_processes(difference), tolerance,
-                        "packed examples attend to each other" if packing else "rows attend to their padding"))
+    checks.append(
+        Check(
+            "layout",
+            layout,
+            _over_processes(difference),
+            tolerance,
+            "packed examples attend to each other" if packing else "rows attend to their padding",
+        )
+    )
     return checks
 
 
@@ -335,25 +350,44 @@ def check_labels(items, batch: dict, tokenizer, data_format: str) -> Check:
             continue
         want_ids, want_labels = (part[: len(ids)] for part in expected)  # data.too_long=truncate keeps a prefix
         if ids != want_ids:
-            problems.append(f"{member.source} line {member.line}: the tokens differ from prompt and completion "
-                            "encoded separately (a tokenization boundary)")
+            problems.append(
+                f"{member.source} line {member.line}: the tokens differ from prompt and completion "
+                "encoded separately (a tokenization boundary)"
+            )
         elif labels != want_labels:
-            problems.append(f"{member.source} line {member.line}: supervised positions are not exactly the "
-                            "completion and its EOS")
+            problems.append(
+                f"{member.source} line {member.line}: supervised positions are not exactly the completion and its EOS"
+            )
         else:
             exact += 1
-    detail = (f"{exact} examples supervise exactly their completion and EOS"
-              + (f", {consistent} chat examples consistent" if consistent else "")) if not problems else problems[0]
+    detail = (
+        (
+            f"{exact} examples supervise exactly their completion and EOS"
+            + (f", {consistent} chat examples consistent" if consistent else "")
+        )
+        if not problems
+        else problems[0]
+    )
     return Check("labels", "first batch's labels", float(len(problems)), 0.0, detail)
 
 
-def run_self_test(model: torch.nn.Module, *, attention: str, packing: bool, compute_dtype: torch.dtype,
-                  autocast, device: torch.device, first_batch: tuple | None = None, tokenizer=None,
-                  data_format: str = "auto") -> SelfTestResult:
+def run_self_test(
+    model: torch.nn.Module,
+    *,
+    attention: str,
+    packing: bool,
+    compute_dtype: torch.dtype,
+    autocast,
+    device: torch.device,
+    first_batch: tuple | None = None,
+    tokenizer=None,
+    data_format: str = "auto",
+) -> SelfTestResult:
     """Every check; `first_batch` is (items, collated batch) of this process's first micro-batch."""
     started = time.perf_counter()
-    checks = check_model(model, attention=attention, packing=packing, compute_dtype=compute_dtype,
-                         autocast=autocast, device=device)
+    checks = check_model(
+        model, attention=attention, packing=packing, compute_dtype=compute_dtype, autocast=autocast, device=device
+    )
     if first_batch is not None:
         checks.append(check_labels(*first_batch, tokenizer, data_format))
     return SelfTestResult(tuple(checks), time.perf_counter() - started)

@@ -43,25 +43,45 @@ API_KEY_VARIABLE = "TRAINER_API_KEY"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m trainer.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT_OR_EXPORT",
-                        help="a checkpoint-<step> folder (LoRA or full) or an exported model; with --best a run folder")
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT_OR_EXPORT",
+        help="a checkpoint-<step> folder (LoRA or full) or an exported model; with --best a run folder",
+    )
     add_best_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--model-name", help="the name clients use (default: RUN/checkpoint-STEP, or the folder's name)")
+    parser.add_argument(
+        "--model-name", help="the name clients use (default: RUN/checkpoint-STEP, or the folder's name)"
+    )
     parser.add_argument("--api-key-file", type=Path, help=f"a file holding the API key (default: ${API_KEY_VARIABLE})")
     parser.add_argument("--max-batch-size", type=int, default=8, help="most rows generated together (default 8)")
-    parser.add_argument("--max-rows-per-request", type=int, default=64,
-                        help="most completions (prompts x n) or embedding inputs in one request; more is refused with 422 "
-                             "(default 64)")
-    parser.add_argument("--embedding-pooling", default="mean", choices=("mean", "last"),
-                        help="/v1/embeddings' vector: the mean of the input's last hidden states, or the last token's "
-                             "(default mean; a request's \"pooling\" field overrides it)")
-    parser.add_argument("--base", metavar="PATH_OR_ID", help="base model of an adapter checkpoint (default: adapter_config.json's)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
-                        help="weights dtype (auto: bfloat16 on a CUDA GPU that supports it, else float32)")
+    parser.add_argument(
+        "--max-rows-per-request",
+        type=int,
+        default=64,
+        help="most completions (prompts x n) or embedding inputs in one request; more is refused with 422 (default 64)",
+    )
+    parser.add_argument(
+        "--embedding-pooling",
+        default="mean",
+        choices=("mean", "last"),
+        help="/v1/embeddings' vector: the mean of the input's last hidden states, or the last token's "
+        '(default mean; a request\'s "pooling" field overrides it)',
+    )
+    parser.add_argument(
+        "--base", metavar="PATH_OR_ID", help="base model of an adapter checkpoint (default: adapter_config.json's)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="weights dtype (auto: bfloat16 on a CUDA GPU that supports it, else float32)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return parser
@@ -73,8 +93,10 @@ def read_api_key(key_file: Path | None) -> str | None:
         try:
             key = key_file.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"--api-key-file {key_file} cannot be read ({getattr(err, 'strerror', None) or err}). "
-                            "Fix: give a readable text file that holds the key") from None
+            raise UserError(
+                f"--api-key-file {key_file} cannot be read ({getattr(err, 'strerror', None) or err}). "
+                "Fix: give a readable text file that holds the key"
+            ) from None
         if not key:
             raise UserError(f"--api-key-file {key_file} is empty. Fix: write the key into it")
         return key
@@ -108,7 +130,9 @@ def open_socket(host: str, port: int) -> socket.socket:
         sock.bind((host.strip("[]"), port))
     except OSError as err:
         sock.close()
-        raise UserError(f"cannot listen on {host}:{port} ({err.strerror or err}). Fix: choose another --port or --host") from None
+        raise UserError(
+            f"cannot listen on {host}:{port} ({err.strerror or err}). Fix: choose another --port or --host"
+        ) from None
     return sock
 
 
@@ -138,13 +162,26 @@ def build_server(args: argparse.Namespace, key: str | None):
     model = load_model(info, resolve_dtype(args.dtype, device), base=args.base).to(device)
     # The worker thread uses `tokenizer`; the app encodes requests with its own copy (create_app).
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    worker = GenerationWorker(lambda rows: generate_all(model, tokenizer, rows, args.max_batch_size), args.max_batch_size,
-                              embed_batch=lambda rows: embed_rows(model, rows, pad_id or 0))
+    worker = GenerationWorker(
+        lambda rows: generate_all(model, tokenizer, rows, args.max_batch_size),
+        args.max_batch_size,
+        embed_batch=lambda rows: embed_rows(model, rows, pad_id or 0),
+    )
     name = args.model_name or default_model_name(info.path)
-    served = ServedModel(name, tokenizer, position_limit(model), hidden_size=model.config.hidden_size,
-                         vocab_size=model.get_input_embeddings().num_embeddings)
-    app = create_app(served, worker, token=key, max_rows_per_request=args.max_rows_per_request,
-                     embedding_pooling=args.embedding_pooling)
+    served = ServedModel(
+        name,
+        tokenizer,
+        position_limit(model),
+        hidden_size=model.config.hidden_size,
+        vocab_size=model.get_input_embeddings().num_embeddings,
+    )
+    app = create_app(
+        served,
+        worker,
+        token=key,
+        max_rows_per_request=args.max_rows_per_request,
+        embedding_pooling=args.embedding_pooling,
+    )
     return app, name
 
 
@@ -179,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
-        raise UserError(f"serving needs {' and '.join(missing)}, not installed here. Fix: pip install -c constraints.txt -e \".[serve]\"")
+        raise UserError(
+            f'serving needs {" and ".join(missing)}, not installed here. Fix: pip install -c constraints.txt -e ".[serve]"'
+        )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -194,8 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         raise
     host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
     access = "API key required" if key else "no API key (loopback only)"
-    print(f"serving {name} at http://{host}:{sock.getsockname()[1]} ({access}); POST /completions, /v1/completions, "
-          "/v1/chat/completions, /v1/embeddings; GET /v1/models, /health", file=sys.stderr, flush=True)
+    print(
+        f"serving {name} at http://{host}:{sock.getsockname()[1]} ({access}); POST /completions, /v1/completions, "
+        "/v1/chat/completions, /v1/embeddings; GET /v1/models, /health",
+        file=sys.stderr,
+        flush=True,
+    )
     serve_forever(app, sock, args.log_level)
     return 0
 

@@ -61,8 +61,11 @@ def step_of(path: Path, prefix: str) -> int | None:
 
 def complete_states(output_dir: Path) -> list[Path]:
     """Complete state folders in `output_dir`, oldest first."""
-    found = [p for p in Path(output_dir).glob(f"{STATE_PREFIX}*")
-             if step_of(p, STATE_PREFIX) is not None and (p / COMPLETE_MARKER).is_file()]
+    found = [
+        p
+        for p in Path(output_dir).glob(f"{STATE_PREFIX}*")
+        if step_of(p, STATE_PREFIX) is not None and (p / COMPLETE_MARKER).is_file()
+    ]
     return sorted(found, key=lambda p: step_of(p, STATE_PREFIX))
 
 
@@ -93,17 +96,23 @@ def read_state(path: Path) -> SavedState:
     """Read a complete state folder's metadata; raises UserError for anything else."""
     path = Path(path)
     if not (path / COMPLETE_MARKER).is_file():
-        raise UserError(f"{path} is not a complete resumable state (no {COMPLETE_MARKER} marker). "
-                        "Fix: give a state-<step> folder of a run, or the run folder itself (resume=auto)")
+        raise UserError(
+            f"{path} is not a complete resumable state (no {COMPLETE_MARKER} marker). "
+            "Fix: give a state-<step> folder of a run, or the run folder itself (resume=auto)"
+        )
     try:
         info = json.loads((path / INFO_FILE).read_text(encoding="utf-8"))
         config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError) as err:
-        raise UserError(f"the resumable state {path} cannot be read ({err}). Fix: resume from another state "
-                        "or start over (overwrite_output_dir=true)") from None
+        raise UserError(
+            f"the resumable state {path} cannot be read ({err}). Fix: resume from another state "
+            "or start over (overwrite_output_dir=true)"
+        ) from None
     if info.get("format") != STATE_FORMAT:
-        raise UserError(f"the resumable state {path} was written by another version of the trainer "
-                        f"(format {info.get('format')}, this one reads {STATE_FORMAT}). Fix: start over (overwrite_output_dir=true)")
+        raise UserError(
+            f"the resumable state {path} was written by another version of the trainer "
+            f"(format {info.get('format')}, this one reads {STATE_FORMAT}). Fix: start over (overwrite_output_dir=true)"
+        )
     return SavedState(path, info, config)
 
 
@@ -126,7 +135,13 @@ def capture_rng() -> dict:
     kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": keys.tolist(), "position": position, "has_gauss": has_gauss, "cached_gauss": cached_gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": keys.tolist(),
+            "position": position,
+            "has_gauss": has_gauss,
+            "cached_gauss": cached_gauss,
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -137,8 +152,15 @@ def capture_rng() -> dict:
 def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
     numpy = state["numpy"]
-    np.random.set_state((numpy["kind"], np.array(numpy["keys"], dtype=np.uint32), numpy["position"],
-                         numpy["has_gauss"], numpy["cached_gauss"]))
+    np.random.set_state(
+        (
+            numpy["kind"],
+            np.array(numpy["keys"], dtype=np.uint32),
+            numpy["position"],
+            numpy["has_gauss"],
+            numpy["cached_gauss"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -152,8 +174,19 @@ def _rng_file(rank: int) -> str:
 # Save and load (collective: every process calls them)
 
 
-def save_state(accelerator, output_dir: Path, step: int, *, model, optimizer, config: Config, info: dict,
-               final: bool = False, sharded: bool = False, expected_bytes: int | None = None) -> Path:
+def save_state(
+    accelerator,
+    output_dir: Path,
+    step: int,
+    *,
+    model,
+    optimizer,
+    config: Config,
+    info: dict,
+    final: bool = False,
+    sharded: bool = False,
+    expected_bytes: int | None = None,
+) -> Path:
     """Write `state-<step>` atomically and remove older states. `model` is the unwrapped model.
 
     Every process writes its RNG file; the main process writes the rest, marks it complete and
@@ -178,8 +211,13 @@ def save_state(accelerator, output_dir: Path, step: int, *, model, optimizer, co
         if not final:
             torch.save(capture_rng(), partial / _rng_file(acc.process_index))
         if acc.is_main_process:
-            record = {"format": STATE_FORMAT, "step": step, "world_size": acc.num_processes, "complete": final,
-                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")} | info
+            record = {
+                "format": STATE_FORMAT,
+                "step": step,
+                "world_size": acc.num_processes,
+                "complete": final,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            } | info
             (partial / INFO_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
             save_config(config, partial / "config.yaml")
             if not final and not sharded:
@@ -223,7 +261,9 @@ def _save_failed(output_dir: Path, step: int, err: SaveFailed | OSError | None) 
         return err
     previous = [p.name for p in complete_states(output_dir)]
     kept = f"the previous state ({previous[-1]}) is intact" if previous else "no earlier state exists"
-    reason = f"{err.strerror or err} ({err.filename})" if err is not None else "another process could not write its part"
+    reason = (
+        f"{err.strerror or err} ({err.filename})" if err is not None else "another process could not write its part"
+    )
     return SaveFailed(
         f"could not save the resumable state of step {step} in {output_dir}: {reason}; {kept}. "
         "Fix: free disk space (or fix the folder's permissions) and rerun the same command to continue"
@@ -237,16 +277,20 @@ def load_state(accelerator, state: SavedState, *, model, optimizer, sharded: boo
         from trainer.strategy import load_sharded_training_state
 
         if not (state.path / SHARDED_DIR).is_dir():
-            raise UserError(f"the resumable state {state.path} was saved without FSDP; this run shards the model. "
-                            "Fix: resume with the strategy the run used (distributed.strategy)")
+            raise UserError(
+                f"the resumable state {state.path} was saved without FSDP; this run shards the model. "
+                "Fix: resume with the strategy the run used (distributed.strategy)"
+            )
         load_sharded_training_state(model, optimizer, state.path / SHARDED_DIR)
         return
     weights = load_file(state.path / WEIGHTS_FILE)
     params = trainable_parameters(model)
     if weights.keys() != params.keys():
         missing, extra = sorted(params.keys() - weights.keys()), sorted(weights.keys() - params.keys())
-        raise UserError(f"the resumable state {state.path} does not match this model (missing {missing[:3]}, "
-                        f"unexpected {extra[:3]}). Fix: start over (overwrite_output_dir=true)")
+        raise UserError(
+            f"the resumable state {state.path} does not match this model (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}). Fix: start over (overwrite_output_dir=true)"
+        )
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(weights[name])

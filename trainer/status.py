@@ -46,7 +46,9 @@ def describe(folder: Path) -> tuple[str, int]:
             return f"{folder}: killed (pid {holder.get('pid')} on {holder.get('host')} is gone)", EXIT_USER_ERROR
         return f"{folder}: running (pid {holder.get('pid')} on {holder.get('host')})", EXIT_USER_ERROR
     message = status.get("message", "")
-    return f"{folder}: {status['status']} at {status.get('updated')}: {message}", int(status.get("exit_code", EXIT_USER_ERROR))
+    return f"{folder}: {status['status']} at {status.get('updated')}: {message}", int(
+        status.get("exit_code", EXIT_USER_ERROR)
+    )
 
 
 @command

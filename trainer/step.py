@@ -29,8 +29,15 @@ class StepResult:
     """No update was made (a bad step, or the fp16 grad scaler skipped an overflowing one)."""
 
 
-def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], *, step_tokens: int, accelerator,
-                         strategy, on_micro_batch: Callable[[], None] | None = None) -> torch.Tensor:
+def accumulate_gradients(
+    model,
+    micro_batches: list[dict[str, torch.Tensor]],
+    *,
+    step_tokens: int,
+    accelerator,
+    strategy,
+    on_micro_batch: Callable[[], None] | None = None,
+) -> torch.Tensor:
     """Forward and backward over `micro_batches` (this process's share of the step, on the CPU);
     leaves (sum of the step's token losses over all processes) / `step_tokens` in `.grad` and
     returns this process's loss sum."""
@@ -51,14 +58,29 @@ def accumulate_gradients(model, micro_batches: list[dict[str, torch.Tensor]], *,
     return loss_sum
 
 
-def optimizer_step(model, optimizer, micro_batches: list[dict[str, torch.Tensor]], *, step_tokens: int,
-                   learning_rate: float, max_grad_norm: float | None, accelerator, strategy,
-                   on_micro_batch: Callable[[], None] | None = None) -> StepResult:
+def optimizer_step(
+    model,
+    optimizer,
+    micro_batches: list[dict[str, torch.Tensor]],
+    *,
+    step_tokens: int,
+    learning_rate: float,
+    max_grad_norm: float | None,
+    accelerator,
+    strategy,
+    on_micro_batch: Callable[[], None] | None = None,
+) -> StepResult:
     """One optimizer step over `micro_batches` at `learning_rate` (see the module docstring)."""
     for group in optimizer.param_groups:
         group["lr"] = learning_rate
-    loss_sum = accumulate_gradients(model, micro_batches, step_tokens=step_tokens, accelerator=accelerator,
-                                    strategy=strategy, on_micro_batch=on_micro_batch)
+    loss_sum = accumulate_gradients(
+        model,
+        micro_batches,
+        step_tokens=step_tokens,
+        accelerator=accelerator,
+        strategy=strategy,
+        on_micro_batch=on_micro_batch,
+    )
     grad_norm = strategy.clip_grad_norm(model, max_grad_norm or math.inf)
     # .item() waits for the GPU: once per step, to decide on the update and to log.
     loss = accelerator.reduce(loss_sum, reduction="sum").item() / step_tokens
@@ -75,4 +97,3 @@ def optimizer_step(model, optimizer, micro_batches: list[dict[str, torch.Tensor]
         skipped = bad
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, grad_norm, bad, skipped)
-

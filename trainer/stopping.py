@@ -149,7 +149,8 @@ class Deadline:
             f"every job would train a single step.{' The resumable state is saved.' if after_first_step else ''} "
             f"Fix: give the job more time "
             f"({'training.time_limit' if time_limit else 'sbatch --time'}), at least {needed * 5:.0f} s",
-            seconds_left=left, seconds_needed=needed,
+            seconds_left=left,
+            seconds_needed=needed,
         )
 
     def must_stop(self, now: float, next_step_has_checkpoint: bool) -> bool:
@@ -157,9 +158,16 @@ class Deadline:
         return self.end is not None and now + self.margin(next_step_has_checkpoint) > self.end
 
 
-def boundary_decision(step: int, signalled: bool, interval_due: bool, out_of_time: bool, *,
-                      checkpoint_steps: list[int], state_every_steps: int | None,
-                      own_signal: str | None) -> tuple[bool, bool, str]:
+def boundary_decision(
+    step: int,
+    signalled: bool,
+    interval_due: bool,
+    out_of_time: bool,
+    *,
+    checkpoint_steps: list[int],
+    state_every_steps: int | None,
+    own_signal: str | None,
+) -> tuple[bool, bool, str]:
     """(stop now, save the state now, why) at the boundary after `step`, from the flags every
     process agreed on: a stop signal on any process, the time limit, the state interval."""
     every_steps = bool(state_every_steps) and step % state_every_steps == 0

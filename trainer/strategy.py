@@ -45,13 +45,19 @@ def strategy_name(config: Config, num_processes: int) -> str:
 def check_fsdp_config(config: Config) -> None:
     """What FSDP here cannot do, refused before anything loads."""
     if config.method == "qlora":
-        raise UserError("distributed.strategy=fsdp cannot shard QLoRA's 4-bit weights. Fix: set distributed.strategy=ddp "
-                        "(QLoRA's frozen 4-bit model fits on one GPU) or method=lora/full")
+        raise UserError(
+            "distributed.strategy=fsdp cannot shard QLoRA's 4-bit weights. Fix: set distributed.strategy=ddp "
+            "(QLoRA's frozen 4-bit model fits on one GPU) or method=lora/full"
+        )
     if config.training.optimizer != "adamw":
-        raise UserError(f"training.optimizer={config.training.optimizer} keeps 8-bit state that FSDP cannot shard. "
-                        "Fix: set training.optimizer=adamw (FSDP already divides the optimizer state by the number of GPUs)")
+        raise UserError(
+            f"training.optimizer={config.training.optimizer} keeps 8-bit state that FSDP cannot shard. "
+            "Fix: set training.optimizer=adamw (FSDP already divides the optimizer state by the number of GPUs)"
+        )
     if config.training.compile:
-        raise UserError("training.compile is not supported with distributed.strategy=fsdp yet. Fix: set training.compile=false")
+        raise UserError(
+            "training.compile is not supported with distributed.strategy=fsdp yet. Fix: set training.compile=false"
+        )
 
 
 class Replicated:
@@ -117,12 +123,17 @@ class Sharded:
         model, _ = load_model(config, torch.device("cpu"), on_meta=not main)
         model = apply_method(config, model)
         if family_of(model) is None:
-            raise UserError(f"distributed.strategy=fsdp needs to know the model's transformer blocks, and "
-                            f"{type(transformers_model(model)).__name__} has no entry in trainer/families.py. Fix: use "
-                            "distributed.strategy=ddp, or add the family (README: one place per model family)")
+            raise UserError(
+                f"distributed.strategy=fsdp needs to know the model's transformer blocks, and "
+                f"{type(transformers_model(model)).__name__} has no entry in trainer/families.py. Fix: use "
+                "distributed.strategy=ddp, or add the family (README: one place per model family)"
+            )
         full = model.state_dict() if main else {}
         buffers = {name: buffer.clone() for name, buffer in model.named_buffers()} if main else {}
-        options = dict(mp_policy=self._mixed_precision(), offload_policy=CPUOffloadPolicy() if config.distributed.cpu_offload else None)
+        options = dict(
+            mp_policy=self._mixed_precision(),
+            offload_policy=CPUOffloadPolicy() if config.distributed.cpu_offload else None,
+        )
         options = {key: value for key, value in options.items() if value is not None}
         inner = transformers_model(model)
         for block in transformer_blocks(inner):
@@ -159,7 +170,8 @@ class Sharded:
                 f"blocks, which are sharded one by one, are {', '.join(sorted(blocks))}. Fix: set "
                 f"`fsdp_transformer_layer_cls_to_wrap: {','.join(sorted(blocks))}` in the accelerate config file "
                 "(or remove it)",
-                setting="FSDP_TRANSFORMER_CLS_TO_WRAP", value=",".join(named),
+                setting="FSDP_TRANSFORMER_CLS_TO_WRAP",
+                value=",".join(named),
             )
 
     def prepare(self, model, optimizer):
@@ -196,7 +208,11 @@ class Sharded:
 
 
 def make_strategy(accelerator, config: Config):
-    return Sharded(accelerator, config) if strategy_name(config, accelerator.num_processes) == "fsdp" else Replicated(accelerator, config)
+    return (
+        Sharded(accelerator, config)
+        if strategy_name(config, accelerator.num_processes) == "fsdp"
+        else Replicated(accelerator, config)
+    )
 
 
 def sharded_training_state(model, optimizer) -> dict:
@@ -218,4 +234,3 @@ def load_sharded_training_state(model, optimizer, checkpoint_id) -> None:
     dcp.load(state, checkpoint_id=str(checkpoint_id))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
-

@@ -116,8 +116,13 @@ class ClassificationReport:
     macro_f1: float
 
     def to_dict(self) -> dict:
-        return {"labels": self.labels, "other_label": OTHER_LABEL, "per_class": self.per_class,
-                "confusion": self.confusion, "macro_f1": self.macro_f1}
+        return {
+            "labels": self.labels,
+            "other_label": OTHER_LABEL,
+            "per_class": self.per_class,
+            "confusion": self.confusion,
+            "macro_f1": self.macro_f1,
+        }
 
 
 def classification_report(predictions: Sequence[str], references: Sequence[str]) -> ClassificationReport:
@@ -170,7 +175,9 @@ def looks_like_lists(references: Sequence[str]) -> bool:
     return all(len(part.split()) <= LIST_ITEM_WORDS for r in with_separator for part in _LIST_SEPARATORS.split(r))
 
 
-def choose_metrics(setting: str | Sequence[str], task: str, references: Sequence[str], classes: int = 0) -> MetricChoice:
+def choose_metrics(
+    setting: str | Sequence[str], task: str, references: Sequence[str], classes: int = 0
+) -> MetricChoice:
     """The metrics for `eval.metrics` (`auto`, `none` or a list of names). `task` is what the
     preflight detected (`classification`, `conditional`, `open_ended`), `classes` how many classes."""
     if setting == "none":
@@ -182,7 +189,9 @@ def choose_metrics(setting: str | Sequence[str], task: str, references: Sequence
     if task == "open_ended":
         return MetricChoice((), "auto: open-ended text has no reference answer to compare with")
     if looks_like_lists(references):
-        return MetricChoice(("exact_match", "item_f1"), "auto: the references are lists (comma- or semicolon-separated items)")
+        return MetricChoice(
+            ("exact_match", "item_f1"), "auto: the references are lists (comma- or semicolon-separated items)"
+        )
     # Free text rarely matches exactly, so exact match would tie across checkpoints: F1 leads.
     return MetricChoice(("f1", "exact_match"), "auto: short generation (references are neither classes nor lists)")
 
@@ -212,7 +221,9 @@ def score(names: Sequence[str], predictions: Sequence[str], references: Sequence
             details["classification"] = report.to_dict()
         elif name in _PER_EXAMPLE:
             measure = _PER_EXAMPLE[name]
-            values[name] = sum(measure(p, r) for p, r in zip(predictions, references)) / len(references) if references else 0.0
+            values[name] = (
+                sum(measure(p, r) for p, r in zip(predictions, references)) / len(references) if references else 0.0
+            )
         else:
             raise ValueError(f"unknown metric {name!r}: known are {', '.join(METRIC_NAMES)}")
     return Scores(values, details)

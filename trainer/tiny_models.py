@@ -72,20 +72,37 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
     )
 
 
-def _config_for(family: str, tokenizer: PreTrainedTokenizerFast, *, n_layer: int, n_embd: int,
-                n_head: int, n_positions: int, **overrides):
+def _config_for(
+    family: str,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    n_layer: int,
+    n_embd: int,
+    n_head: int,
+    n_positions: int,
+    **overrides,
+):
     """A config for `family` sized to `tokenizer`, with dropout off so runs are deterministic."""
     if family not in FAMILY_ENTRIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     if n_embd % n_head:
         raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-    return FAMILY_ENTRIES[family].tiny_config(token_ids(tokenizer), n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-                                               n_positions=n_positions, **overrides)
+    return FAMILY_ENTRIES[family].tiny_config(
+        token_ids(tokenizer), n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, **overrides
+    )
 
 
-def build_tiny_model(family: str, tokenizer: PreTrainedTokenizerFast, *, seed: int = 0,
-                     n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 256,
-                     **overrides) -> PreTrainedModel:
+def build_tiny_model(
+    family: str,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    seed: int = 0,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_positions: int = 256,
+    **overrides,
+) -> PreTrainedModel:
     """Build a randomly initialised float32 causal LM of `family` for `tokenizer`.
 
     `family` is a key of `trainer.families.FAMILIES` ("gpt2", "gptj", "gpt_neox"). The sizes use
@@ -93,8 +110,9 @@ def build_tiny_model(family: str, tokenizer: PreTrainedTokenizerFast, *, seed: i
     (e.g. ``activation_function="gelu"`` for gpt2, ``intermediate_size=96`` for gpt_neox).
     The same seed gives the same weights.
     """
-    config = _config_for(family, tokenizer, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-                         n_positions=n_positions, **overrides)
+    config = _config_for(
+        family, tokenizer, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, **overrides
+    )
     return build_model_from_config(config, tokenizer, seed=seed)
 
 
@@ -125,8 +143,9 @@ def build_model_from_config(config, tokenizer: PreTrainedTokenizerFast, *, seed:
     return model
 
 
-def save_tiny_model(out_dir: str | Path, family: str, texts: Iterable[str], *,
-                    vocab_size: int = 1024, seed: int = 0, **model_kwargs) -> Path:
+def save_tiny_model(
+    out_dir: str | Path, family: str, texts: Iterable[str], *, vocab_size: int = 1024, seed: int = 0, **model_kwargs
+) -> Path:
     """Train a tokenizer on `texts`, build a tiny `family` model, save both to `out_dir`.
 
     The folder holds safetensors weights, config, generation config and tokenizer

@@ -31,8 +31,10 @@ def check_installed(config: Config) -> None:
     """A missing tracker package is a user error before anything loads."""
     missing = [PACKAGES[name] for name in trackers(config) if importlib.util.find_spec(PACKAGES[name]) is None]
     if missing:
-        raise UserError(f"tracking.report_to={config.tracking.report_to} needs {' and '.join(missing)}: "
-                        f"pip install -c constraints.txt -e '.[tracking]' (or pip install {' '.join(missing)}), or set tracking.report_to=none")
+        raise UserError(
+            f"tracking.report_to={config.tracking.report_to} needs {' and '.join(missing)}: "
+            f"pip install -c constraints.txt -e '.[tracking]' (or pip install {' '.join(missing)}), or set tracking.report_to=none"
+        )
 
 
 def accelerator_options(config: Config) -> dict:
@@ -43,8 +45,10 @@ def accelerator_options(config: Config) -> dict:
     from accelerate.utils import ProjectConfiguration
 
     output_dir = Path(config.output_dir)
-    return {"log_with": names,
-            "project_config": ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / LOG_DIR))}
+    return {
+        "log_with": names,
+        "project_config": ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / LOG_DIR)),
+    }
 
 
 def new_run_id() -> str:
@@ -57,8 +61,10 @@ def flat_config(config: Config) -> dict:
     """The resolved config as `section.key` -> bool/int/float/str (what TensorBoard's hparams take)."""
     from trainer.resume import flatten
 
-    return {key: value if isinstance(value, (bool, int, float, str)) else str(value)
-            for key, value in flatten(config.model_dump(mode="json")).items()}
+    return {
+        key: value if isinstance(value, (bool, int, float, str)) else str(value)
+        for key, value in flatten(config.model_dump(mode="json")).items()
+    }
 
 
 def start(accelerator, config: Config, run_id: str) -> None:
@@ -69,7 +75,8 @@ def start(accelerator, config: Config, run_id: str) -> None:
     if "wandb" in trackers(config) and accelerator.is_main_process:
         (output_dir / WANDB_DIR).mkdir(parents=True, exist_ok=True)  # wandb.init's `dir` must exist
     accelerator.init_trackers(
-        config.tracking.project, config=flat_config(config),
+        config.tracking.project,
+        config=flat_config(config),
         init_kwargs={"wandb": {"dir": str(output_dir), "id": run_id, "resume": "allow", "name": output_dir.name}},
     )
 

@@ -37,9 +37,11 @@ from trainer.stopping import StopSignals
 
 USAGE = "usage: accelerate launch trainer/train.py CONFIG.yaml [section.key=value ...]"
 
-OUT_OF_MEMORY_FIX = ("Fix: lower training.micro_batch_size (raise gradient_accumulation_steps to keep the batch), "
-                     "set model.gradient_checkpointing=true, or lower data.max_seq_len; "
-                     "`python scripts/plan.py CONFIG` estimates the memory a config needs")
+OUT_OF_MEMORY_FIX = (
+    "Fix: lower training.micro_batch_size (raise gradient_accumulation_steps to keep the batch), "
+    "set model.gradient_checkpointing=true, or lower data.max_seq_len; "
+    "`python scripts/plan.py CONFIG` estimates the memory a config needs"
+)
 
 
 def __getattr__(name: str):
@@ -97,16 +99,21 @@ def main(argv: list[str] | None = None) -> int:
                 recipe.failed(err, err.exit_code)
             return err.exit_code
         except OSError as err:  # the environment: a folder that is not writable, a full disk
-            err = UserError(f"{err.strerror or err}: {err.filename}. Fix: check that this path is writable and its "
-                            "disk has free space")
+            err = UserError(
+                f"{err.strerror or err}: {err.filename}. Fix: check that this path is writable and its "
+                "disk has free space"
+            )
             print(f"{prefix}error: {err}", file=sys.stderr)
             if recipe is not None:
                 recipe.failed(err, EXIT_USER_ERROR)
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
             if rank == "0":
-                print("\ninterrupted by a second Ctrl-C: stopped at once, without saving. Rerun the same command to "
-                      "continue from the newest resumable state", file=sys.stderr)
+                print(
+                    "\ninterrupted by a second Ctrl-C: stopped at once, without saving. Rerun the same command to "
+                    "continue from the newest resumable state",
+                    file=sys.stderr,
+                )
             return EXIT_INTERRUPTED
         except Exception as err:
             where = recipe.where() if recipe is not None else " while starting"
@@ -115,9 +122,13 @@ def main(argv: list[str] | None = None) -> int:
                 err = UserError(f"out of {'GPU ' if gpu else ''}memory{where}. {OUT_OF_MEMORY_FIX}")
                 print(f"{prefix}error: {err}", file=sys.stderr)
             else:  # not the user's: a library's error, or a bug of ours
-                print(f"{prefix}error: the run failed{where} with {type(err).__name__}: {err}. This is a bug in the "
-                      "trainer or a library, not in your config or data: the traceback follows; report it with the "
-                      "output of `python -m trainer.doctor CONFIG`", file=sys.stderr, flush=True)
+                print(
+                    f"{prefix}error: the run failed{where} with {type(err).__name__}: {err}. This is a bug in the "
+                    "trainer or a library, not in your config or data: the traceback follows; report it with the "
+                    "output of `python -m trainer.doctor CONFIG`",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 traceback.print_exc()
             if recipe is not None:
                 recipe.failed(err, EXIT_USER_ERROR)

@@ -14,10 +14,12 @@ from trainer.errors import UserError
 
 
 def make_config(tmp_path, train_file, **data):
-    return Config.model_validate({
-        "model": {"name_or_path": "unused"},
-        "data": {"train_file": str(train_file), "cache_dir": str(tmp_path / "cache"), **data},
-    })
+    return Config.model_validate(
+        {
+            "model": {"name_or_path": "unused"},
+            "data": {"train_file": str(train_file), "cache_dir": str(tmp_path / "cache"), **data},
+        }
+    )
 
 
 @pytest.fixture
@@ -85,7 +87,10 @@ def test_a_changed_tokenizer_misses(tmp_path, tokenizer, counted):
 TAGGED_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
 
 
-@pytest.mark.parametrize("setting", [{"train_on": "last_assistant"}, {"chat_template": TAGGED_TEMPLATE}, {"format": "chat"}, {"on_error": "skip"}])
+@pytest.mark.parametrize(
+    "setting",
+    [{"train_on": "last_assistant"}, {"chat_template": TAGGED_TEMPLATE}, {"format": "chat"}, {"on_error": "skip"}],
+)
 def test_a_changed_setting_misses(tmp_path, tokenizer, counted, setting):
     rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}] * 3
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
@@ -139,7 +144,9 @@ def test_fingerprints(tmp_path, tokenizer, tiny_model_dirs):
     again = AutoTokenizer.from_pretrained(tiny_model_dirs["gpt2"])
     assert tokenizer_digest(again) == tokenizer_digest(tokenizer)
     again.backend_tokenizer.enable_truncation(8)  # call-time state is not identity
-    assert tokenizer_digest(again) == tokenizer_digest(tokenizer) and again.backend_tokenizer.truncation["max_length"] == 8
+    assert (
+        tokenizer_digest(again) == tokenizer_digest(tokenizer) and again.backend_tokenizer.truncation["max_length"] == 8
+    )
     neox = AutoTokenizer.from_pretrained(tiny_model_dirs["gpt_neox"])  # same texts, same vocabulary
     assert tokenizer_digest(neox) == tokenizer_digest(tokenizer)
     (tmp_path / "a").write_bytes(b"abc")

@@ -106,20 +106,27 @@ def test_config_template_overrides_the_tokenizers(templated_tokenizer):
 
 def test_agent_role_is_read_as_assistant_with_a_warning(tmp_path, tokenizer):
     path = tmp_path / "chat.jsonl"
-    rows = [{"messages": [{"role": "user", "content": "Hi?"}, {"role": role, "content": "Hello."}]} for role in ("agent", "assistant", "agent")]
+    rows = [
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": role, "content": "Hello."}]}
+        for role in ("agent", "assistant", "agent")
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     file = read_file(path)
     assert [e.messages[-1] for e in file.examples] == [("assistant", "Hello.")] * 3
     assert file.alias_lines == [1, 3]
-    assert file.warnings == [f"{path}: lines 1, 3 use the role 'agent', read as 'assistant'. "
-                             "Fix: write \"assistant\" (the role chat templates know)"]
+    assert file.warnings == [
+        f"{path}: lines 1, 3 use the role 'agent', read as 'assistant'. "
+        'Fix: write "assistant" (the role chat templates know)'
+    ]
 
 
 def test_a_template_that_does_not_continue_the_generation_prompt_names_the_line(tokenizer):
     # The generation prompt says "Bot:" but assistant turns render as "Assistant:": training could
     # never match inference, so the row is an error (or skipped with on_error=skip).
-    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                "{% if add_generation_prompt %}Bot:{% endif %}")
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}Bot:{% endif %}"
+    )
     with pytest.raises(UserError) as info:
         tokenize(tokenizer, [chat(ONE_TURN, line=7)], chat_template=template)
     assert "chat.jsonl line 7: the chat template renders the conversation before assistant turn 1" in str(info.value)
@@ -129,7 +136,9 @@ def test_a_template_that_does_not_continue_the_generation_prompt_names_the_line(
 
 def test_a_template_error_is_the_rows_problem(tokenizer):
     template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('start with a user') }}{% endif %}"
-    with pytest.raises(UserError, match=r"chat.jsonl line 1: the chat template cannot render this conversation: start with a user"):
+    with pytest.raises(
+        UserError, match=r"chat.jsonl line 1: the chat template cannot render this conversation: start with a user"
+    ):
         tokenize(tokenizer, [chat(ONE_TURN)], chat_template=template)
 
 
@@ -141,9 +150,18 @@ def test_an_invalid_template_is_a_config_error(tokenizer):
 def test_context_that_tokenizes_differently_in_one_piece_is_warned_about_by_line(tokenizer):
     # No special token between a reply and the next turn: "-" + ">" merge into " ->" when the
     # context is tokenized in one piece, but not turn by turn.
-    template = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
-                "{% endfor %}")
-    conversation = (("user", "kiwi -"), ("assistant", "green"), ("user", "lime -"), ("assistant", "> green"), ("user", "x"), ("assistant", "y"))
+    template = (
+        "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+        "{% endfor %}"
+    )
+    conversation = (
+        ("user", "kiwi -"),
+        ("assistant", "green"),
+        ("user", "lime -"),
+        ("assistant", "> green"),
+        ("user", "x"),
+        ("assistant", "y"),
+    )
     rows, report = tokenize(tokenizer, [chat(conversation, line=4), chat(ONE_TURN, line=5)], chat_template=template)
     assert len(rows) == 2
     [warning] = report.warnings
@@ -153,4 +171,7 @@ def test_context_that_tokenizes_differently_in_one_piece_is_warned_about_by_line
 def test_a_reply_without_an_end_token_is_warned_about(tokenizer):
     template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
     _, report = tokenize(tokenizer, [chat(ONE_TURN, line=2)], chat_template=template)
-    assert any(w.startswith("chat.jsonl: in line 2, an assistant turn does not end with an end-of-turn token") for w in report.warnings)
+    assert any(
+        w.startswith("chat.jsonl: in line 2, an assistant turn does not end with an end-of-turn token")
+        for w in report.warnings
+    )

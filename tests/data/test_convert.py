@@ -31,11 +31,17 @@ def test_quotes_commas_and_newlines_round_trip(tmp_path, name, delimiter):
 
 
 def test_columns_separator_eos_and_leading_space(tmp_path):
-    path = write_table(tmp_path / "data.csv", ["id", "question", "answer"], [
-        ["1", "banana", "yellow"],
-        ["2", "lime ->", " green<|endoftext|>"],  # already has them: nothing doubled
-    ])
-    options = ConvertOptions(prompt_column="question", completion_column="answer", separator=" ->", add_eos=True, leading_space=True)
+    path = write_table(
+        tmp_path / "data.csv",
+        ["id", "question", "answer"],
+        [
+            ["1", "banana", "yellow"],
+            ["2", "lime ->", " green<|endoftext|>"],  # already has them: nothing doubled
+        ],
+    )
+    options = ConvertOptions(
+        prompt_column="question", completion_column="answer", separator=" ->", add_eos=True, leading_space=True
+    )
     assert convert_table(path, options) == [
         {"prompt": "banana ->", "completion": " yellow<|endoftext|>"},
         {"prompt": "lime ->", "completion": " green<|endoftext|>"},
@@ -45,11 +51,15 @@ def test_columns_separator_eos_and_leading_space(tmp_path):
 def test_chat_columns_with_a_fixed_system_message(tmp_path):
     path = write_table(tmp_path / "data.csv", ["q", "a"], [["What's the capital of France?", "Paris, obviously."]])
     options = ConvertOptions(user_column="q", assistant_column="a", system="Marv is sarcastic.")
-    assert convert_table(path, options) == [{"messages": [
-        {"role": "system", "content": "Marv is sarcastic."},
-        {"role": "user", "content": "What's the capital of France?"},
-        {"role": "assistant", "content": "Paris, obviously."},
-    ]}]
+    assert convert_table(path, options) == [
+        {
+            "messages": [
+                {"role": "system", "content": "Marv is sarcastic."},
+                {"role": "user", "content": "What's the capital of France?"},
+                {"role": "assistant", "content": "Paris, obviously."},
+            ]
+        }
+    ]
 
 
 def test_system_column_and_missing_assistant_column(tmp_path):

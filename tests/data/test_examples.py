@@ -28,7 +28,10 @@ def test_good_file_reads_with_line_numbers_and_skips_blank_lines(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_bytes(lines(GOOD, "", GOOD))
     examples = read_examples(path)
-    assert [(e.line, e.prompt, e.completion) for e in examples] == [(1, "banana ->", " yellow<|endoftext|>"), (3, "banana ->", " yellow<|endoftext|>")]
+    assert [(e.line, e.prompt, e.completion) for e in examples] == [
+        (1, "banana ->", " yellow<|endoftext|>"),
+        (3, "banana ->", " yellow<|endoftext|>"),
+    ]
 
 
 def test_invalid_json(tmp_path):
@@ -47,11 +50,15 @@ def test_missing_key(tmp_path):
 
 
 def test_unknown_key(tmp_path):
-    assert "line 1: unknown key 'label'" in problems_of(tmp_path, lines('{"prompt": "a", "completion": " b", "label": 1}'))
+    assert "line 1: unknown key 'label'" in problems_of(
+        tmp_path, lines('{"prompt": "a", "completion": " b", "label": 1}')
+    )
 
 
 def test_wrong_type(tmp_path):
-    assert "line 1: 'completion' must be a string, got int" in problems_of(tmp_path, lines('{"prompt": "a", "completion": 5}'))
+    assert "line 1: 'completion' must be a string, got int" in problems_of(
+        tmp_path, lines('{"prompt": "a", "completion": 5}')
+    )
 
 
 def test_not_an_object(tmp_path):
@@ -92,9 +99,19 @@ def test_validation_split_is_deterministic_and_disjoint(tmp_path):
 
 def test_chat_and_text_rows(tmp_path):
     path = tmp_path / "chat.jsonl"
-    path.write_bytes(lines(
-        json.dumps({"messages": [{"role": "system", "content": "Marv."}, {"role": "user", "content": "Hi?"}, {"role": "agent", "content": "Hello."}]}),
-    ))
+    path.write_bytes(
+        lines(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "system", "content": "Marv."},
+                        {"role": "user", "content": "Hi?"},
+                        {"role": "agent", "content": "Hello."},
+                    ]
+                }
+            ),
+        )
+    )
     [chat] = read_examples(path)
     assert chat.format == "chat" and chat.messages == (("system", "Marv."), ("user", "Hi?"), ("assistant", "Hello."))
     path.write_bytes(lines(json.dumps({"text": "Once upon a time."})))
@@ -104,7 +121,10 @@ def test_chat_and_text_rows(tmp_path):
 
 def test_a_file_that_mixes_formats_names_the_first_line_that_differs(tmp_path):
     message = problems_of(tmp_path, lines(GOOD, GOOD, json.dumps({"text": "x"}), GOOD))
-    assert "1 problem:" in message and "line 3: this line is in text format but the file is in prompt_completion format" in message
+    assert (
+        "1 problem:" in message
+        and "line 3: this line is in text format but the file is in prompt_completion format" in message
+    )
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,10 @@ import pytest
 from trainer.data.jsonl import NotUtf8File, read_jsonl
 from trainer.errors import UserError
 
-ROWS = [{"prompt": "banana ->", "completion": " yellow<|endoftext|>"}, {"prompt": "lime ->", "completion": " green<|endoftext|>"}]
+ROWS = [
+    {"prompt": "banana ->", "completion": " yellow<|endoftext|>"},
+    {"prompt": "lime ->", "completion": " green<|endoftext|>"},
+]
 
 
 @pytest.mark.parametrize("indent", [2, None], ids=["pretty-printed", "one-line"])

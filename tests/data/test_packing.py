@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from trainer.attention import install_attention
-from trainer.data.boundaries import BOUNDARY_KEYS
 from trainer.data.batching import collate
+from trainer.data.boundaries import BOUNDARY_KEYS
 from trainer.data.packing import PackedRow, collate_packed, pack_examples, packing_stats
 from trainer.data.tokenize import IGNORE_INDEX, TokenizedExample
 from trainer.loss import supervised_loss_sum
@@ -98,8 +98,13 @@ def test_packing_stats_padding_fraction():
 def fruit_examples(tokenizer) -> list[TokenizedExample]:
     from trainer.data.tokenize import encode_completion, encode_prompt
 
-    pairs = [("banana ->", " yellow"), ("kiwi ->", " green and sweet"), ("", "Hello world, the quick brown fox."),
-             ("lemon ->", " yellow"), ("tomato ->", " red")]
+    pairs = [
+        ("banana ->", " yellow"),
+        ("kiwi ->", " green and sweet"),
+        ("", "Hello world, the quick brown fox."),
+        ("lemon ->", " yellow"),
+        ("tomato ->", " red"),
+    ]
     examples = []
     for line, (prompt, completion) in enumerate(pairs, 1):
         p, c = encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion)

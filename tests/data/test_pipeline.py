@@ -84,8 +84,14 @@ def test_a_list_of_files_of_different_kinds(tmp_path, tokenizer):
 def test_missing_files_are_named_before_anything_is_read(tmp_path, tokenizer):
     good = write_jsonl(tmp_path / "a.jsonl", fruit_rows(2))
     with pytest.raises(UserError, match=r"data file .*nope1.jsonl does not exist; .*nope2.jsonl does not exist"):
-        prepare(make_config(tmp_path, train_file=[str(good), str(tmp_path / "nope1.jsonl")],
-                            validation_file=str(tmp_path / "nope2.jsonl")), tokenizer)
+        prepare(
+            make_config(
+                tmp_path,
+                train_file=[str(good), str(tmp_path / "nope1.jsonl")],
+                validation_file=str(tmp_path / "nope2.jsonl"),
+            ),
+            tokenizer,
+        )
 
 
 def bad_file(tmp_path):
@@ -120,7 +126,10 @@ def test_a_file_with_no_valid_line_is_an_error_even_when_skipping(tmp_path):
 
 
 def test_prepared_data_equals_the_in_memory_path(tmp_path, tokenizer):
-    rows = fruit_rows(20) + [{"prompt": "kiwi ->", "completion": " green" * 30}, {"prompt": "", "completion": "Hello world"}]
+    rows = fruit_rows(20) + [
+        {"prompt": "kiwi ->", "completion": " green" * 30},
+        {"prompt": "", "completion": "Hello world"},
+    ]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     config = make_config(tmp_path, train_file=str(path), validation_split=0.2, max_seq_len=24, too_long="truncate")
     prepared, messages = prepare(config, tokenizer)
@@ -138,7 +147,9 @@ def test_prepared_data_equals_the_in_memory_path(tmp_path, tokenizer):
 
 def test_too_long_error_names_the_lines(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", fruit_rows(3) + [{"prompt": "kiwi ->", "completion": " green" * 30}])
-    with pytest.raises(UserError, match=r"1 examples are longer than data.max_seq_len=16:\n  .*train.jsonl line 4 \(\d+ tokens\)"):
+    with pytest.raises(
+        UserError, match=r"1 examples are longer than data.max_seq_len=16:\n  .*train.jsonl line 4 \(\d+ tokens\)"
+    ):
         prepare(make_config(tmp_path, train_file=str(path), max_seq_len=16), tokenizer)
 
 
@@ -163,13 +174,15 @@ def test_the_benchmark_data_is_deterministic_and_valid(tmp_path):
     bench_data.generate(tmp_path / "b.jsonl", 0.05)
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     examples = read_examples(tmp_path / "a.jsonl")
-    assert len(examples) == rows and all(e.prompt.endswith("\n\n###\n\n") and e.completion.startswith(" ") for e in examples)
+    assert len(examples) == rows and all(
+        e.prompt.endswith("\n\n###\n\n") and e.completion.startswith(" ") for e in examples
+    )
 
 
 def test_a_start_reads_each_file_once_the_preflight_read(tmp_path, tokenizer, monkeypatch):
     """The preflight parses and hashes every file; the data stage then neither parses nor hashes it
     again, on a cold cache (it tokenizes the preflight's rows) or a warm one (a resume)."""
-    from trainer.data import reads, readers
+    from trainer.data import readers, reads
     from trainer.data.preflight import preflight_data
 
     path = write_jsonl(tmp_path / "train.jsonl", fruit_rows(40))

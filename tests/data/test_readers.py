@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trainer.data import reads, readers
+from trainer.data import readers, reads
 from trainer.data.problems import EmptyDataFile
 from trainer.data.readers import read_rows, row_unit
 
@@ -20,25 +20,41 @@ def test_jsonl_rows_are_numbered_by_line_and_broken_lines_are_problems(tmp_path)
     rows, problems = read_rows(path)
     assert rows == [(1, GOOD), (5, GOOD)]
     assert [(p.kind, p.file, p.line) for p in problems] == [("invalid_json", str(path), 3), ("not_utf8", str(path), 4)]
-    assert problems[0].text() == ("line 3: invalid JSON (Expecting property name enclosed in double quotes at column 2). "
-                                  "Fix: each line must be one complete JSON object; check quotes, commas and escaped newlines (\\n)")
+    assert problems[0].text() == (
+        "line 3: invalid JSON (Expecting property name enclosed in double quotes at column 2). "
+        "Fix: each line must be one complete JSON object; check quotes, commas and escaped newlines (\\n)"
+    )
     assert problems[1].message == "byte 0xe9 at column 4 is not UTF-8 (the file looks like Windows-1252 (or Latin-1))"
 
 
 def test_a_table_gives_every_row_and_nulls_are_missing_keys(tmp_path):
     path = tmp_path / "train.parquet"
-    pq.write_table(pa.table({"prompt": [GOOD["prompt"], None], "completion": [GOOD["completion"], None],
-                             "text": [None, "open"]}), path)
+    pq.write_table(
+        pa.table({"prompt": [GOOD["prompt"], None], "completion": [GOOD["completion"], None], "text": [None, "open"]}),
+        path,
+    )
     assert read_rows(path) == ([(1, GOOD), (2, {"text": "open"})], [])
     assert (row_unit(path), row_unit(tmp_path / "a.jsonl"), row_unit("b.ARROW")) == ("row", "line", "row")
 
 
-@pytest.mark.parametrize("name, write, message, problem", [
-    ("empty.jsonl", lambda p: p.write_text("\n \n"), "is empty: it needs one JSON object per line, e.g. "
-     '{"prompt": "banana ->", "completion": " yellow<|endoftext|>"}', "the file is empty"),
-    ("empty.parquet", lambda p: pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), p),
-     "has no rows: it needs one example a row, with columns prompt and completion, or messages, or text", "the file has no rows"),
-])
+@pytest.mark.parametrize(
+    "name, write, message, problem",
+    [
+        (
+            "empty.jsonl",
+            lambda p: p.write_text("\n \n"),
+            "is empty: it needs one JSON object per line, e.g. "
+            '{"prompt": "banana ->", "completion": " yellow<|endoftext|>"}',
+            "the file is empty",
+        ),
+        (
+            "empty.parquet",
+            lambda p: pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), p),
+            "has no rows: it needs one example a row, with columns prompt and completion, or messages, or text",
+            "the file has no rows",
+        ),
+    ],
+)
 def test_a_file_without_rows_raises_with_its_problem(tmp_path, name, write, message, problem):
     path = tmp_path / name
     write(path)
@@ -52,12 +68,14 @@ def test_a_file_without_rows_raises_with_its_problem(tmp_path, name, write, mess
 @pytest.fixture
 def no_second_read(monkeypatch):
     """Makes any further read of a data file fail, so a test shows it was not read again."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the file was read again")
 
     def arm():
         monkeypatch.setattr(readers, "read_jsonl", refuse)
         monkeypatch.setattr(reads, "open", refuse, raising=False)  # file_digest's own read
+
     return arm
 
 

@@ -5,9 +5,9 @@ from collections import Counter
 
 import pytest
 
+from tests.helpers import write_jsonl
 from trainer.data.split import held_out_counts, split_file, split_lines, split_output_paths
 from trainer.errors import UsageError, UserError
-from tests.helpers import write_jsonl
 
 EOS = "<|endoftext|>"
 
@@ -15,7 +15,11 @@ EOS = "<|endoftext|>"
 def classification_rows() -> list[dict]:
     """Unbalanced classes: 40 yellow, 25 green, 7 red (distinct prompts)."""
     sizes = {"yellow": 40, "green": 25, "red": 7}
-    return [{"prompt": f"{label} item {i} ->", "completion": f" {label}{EOS}"} for label, n in sizes.items() for i in range(n)]
+    return [
+        {"prompt": f"{label} item {i} ->", "completion": f" {label}{EOS}"}
+        for label, n in sizes.items()
+        for i in range(n)
+    ]
 
 
 def parts(path, fraction=0.2, seed=0):
@@ -76,5 +80,8 @@ def test_a_file_with_errors_is_not_split(tmp_path):
 
 
 def test_output_paths_beside_the_input_or_in_a_folder(tmp_path):
-    assert split_output_paths(tmp_path / "my.data.jsonl") == (tmp_path / "my.data-train.jsonl", tmp_path / "my.data-test.jsonl")
+    assert split_output_paths(tmp_path / "my.data.jsonl") == (
+        tmp_path / "my.data-train.jsonl",
+        tmp_path / "my.data-test.jsonl",
+    )
     assert split_output_paths("x.jsonl", tmp_path / "out")[1] == tmp_path / "out" / "x-test.jsonl"

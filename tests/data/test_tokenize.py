@@ -31,7 +31,9 @@ def test_prompt_tokens_are_exactly_the_inference_tokens_across_a_merging_boundar
 
 
 def test_eos_literal_becomes_the_eos_id_not_text(tokenizer):
-    [with_literal, without], _ = tokenize(tokenizer, [example("banana ->", " yellow<|endoftext|>"), example("banana ->", " yellow")])
+    [with_literal, without], _ = tokenize(
+        tokenizer, [example("banana ->", " yellow<|endoftext|>"), example("banana ->", " yellow")]
+    )
     assert with_literal.input_ids == without.input_ids
     assert with_literal.input_ids[-1] == tokenizer.eos_token_id
     assert with_literal.input_ids.count(tokenizer.eos_token_id) == 1
@@ -40,7 +42,13 @@ def test_eos_literal_becomes_the_eos_id_not_text(tokenizer):
 
 def test_eos_is_supervised_even_though_pad_equals_eos(tokenizer):
     assert tokenizer.pad_token_id == tokenizer.eos_token_id
-    rows, _ = tokenize(tokenizer, [example("banana ->", " yellow<|endoftext|>"), example("List the locations mentioned", " in the following text.")])
+    rows, _ = tokenize(
+        tokenizer,
+        [
+            example("banana ->", " yellow<|endoftext|>"),
+            example("List the locations mentioned", " in the following text."),
+        ],
+    )
     batch = collate(rows, tokenizer.pad_token_id)
     for i, row in enumerate(rows):
         n = len(row.input_ids)
@@ -113,7 +121,9 @@ def test_the_batch_encoder_takes_the_plain_call_when_the_fast_path_disagrees(tok
     encoder = BatchEncoder(tokenizer)
     monkeypatch.setattr(encoder, "_fast", lambda texts, add_special_tokens: [[0] for _ in texts])
     texts = ["banana ->", " yellow"]
-    assert encoder(texts, add_special_tokens=False) == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert encoder(texts, add_special_tokens=False) == [
+        tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts
+    ]
     assert encoder._backend is None  # and keeps taking it
 
 

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import write_jsonl
 from trainer.data.examples import read_examples
-from trainer.data.tokenize import tokenize_examples
 from trainer.data.fixes import FIXABLE, fix_row, fixed_lines
 from trainer.data.preflight import preflight_data
 from trainer.data.quality import find_separator
 from trainer.data.token_stats import length_histogram, percentile
+from trainer.data.tokenize import tokenize_examples
 from trainer.data.validate import validate_file
 from trainer.errors import UserError
-from tests.helpers import write_jsonl
 
 EOS = "<|endoftext|>"
 GOOD = json.dumps({"prompt": "banana ->", "completion": " yellow<|endoftext|>"})
@@ -64,8 +64,18 @@ BAD_FILES = [
     ("wrong_type", lines('{"prompt": "a ->", "completion": 5}'), 1, "'completion' must be a string, got int"),
     ("empty_completion", lines(GOOD, '{"prompt": "a ->", "completion": "  "}'), 2, "'completion' is empty"),
     ("unknown_role", lines(CHAT_OK, '{"messages": [{"role": "bot", "content": "x"}]}'), 2, "unknown role 'bot'"),
-    ("no_assistant_turn", lines(CHAT_OK, CHAT_OK, '{"messages": [{"role": "user", "content": "x"}]}'), 3, "no assistant turn"),
-    ("mixed_formats", lines(GOOD, CHAT_OK), 2, "this line is in chat format but the file is in prompt_completion format"),
+    (
+        "no_assistant_turn",
+        lines(CHAT_OK, CHAT_OK, '{"messages": [{"role": "user", "content": "x"}]}'),
+        3,
+        "no assistant turn",
+    ),
+    (
+        "mixed_formats",
+        lines(GOOD, CHAT_OK),
+        2,
+        "this line is in chat format but the file is in prompt_completion format",
+    ),
     ("not_an_object", lines('["a ->", " b"]'), 1, "expected a JSON object"),
     ("unknown_keys", lines(GOOD, '{"question": "a", "answer": "b"}'), 2, "no known keys"),
 ]
@@ -99,7 +109,9 @@ def test_missing_file_raises(tmp_path):
 def test_errors_are_exactly_what_training_reports(tmp_path):
     """The validator and the trainer's reader must list the same lines with the same sentences."""
     path = tmp_path / "data.jsonl"
-    path.write_bytes(b"".join(case[1] for case in BAD_FILES if case[0] not in ("mixed_formats", "unknown_role", "no_assistant_turn")))
+    path.write_bytes(
+        b"".join(case[1] for case in BAD_FILES if case[0] not in ("mixed_formats", "unknown_role", "no_assistant_turn"))
+    )
     with pytest.raises(UserError) as info:
         read_examples(path)
     training = [line.strip() for line in str(info.value).splitlines()[1:]]
@@ -122,7 +134,9 @@ def test_clean_seeds_style_file_has_no_warnings(tmp_path, tokenizer):
 def test_small_clean_file_warns_only_about_size(tmp_path):
     report = report_of(tmp_path, clean_rows(per_class=4))
     assert kinds(report.warnings) == ["too_few_examples"]
-    assert report.warnings[0].message == "3 of 3 classes have fewer than ~25 examples ('green': 4, 'red': 4, 'yellow': 4)"
+    assert (
+        report.warnings[0].message == "3 of 3 classes have fewer than ~25 examples ('green': 4, 'red': 4, 'yellow': 4)"
+    )
 
 
 def test_completion_without_leading_space(tmp_path):
@@ -181,7 +195,10 @@ def test_separator_inside_a_prompt_or_completion(tmp_path):
     rows[0]["prompt"] = "banana -> split ->"
     rows[1]["completion"] = " a -> b" + EOS
     report = report_of(tmp_path, rows)
-    assert [(w.kind, w.line) for w in only(report.warnings, "separator_in_text")] == [("separator_in_text", 1), ("separator_in_text", 2)]
+    assert [(w.kind, w.line) for w in only(report.warnings, "separator_in_text")] == [
+        ("separator_in_text", 1),
+        ("separator_in_text", 2),
+    ]
     assert "inside the prompt" in report.warnings[0].message
 
 
@@ -201,7 +218,12 @@ def test_too_few_examples_for_generation(tmp_path, count, kind, needed):
     rows = [{"prompt": prompt.format(i=i), "completion": f" outline number {i}{EOS}"} for i in range(count)]
     report = report_of(tmp_path, rows)
     assert report.stats["task"] == kind
-    assert [(w.kind, w.message) for w in report.warnings] == [("too_few_examples", f"only {count} examples; {kind.replace('_', '-')} generation usually needs at least ~{needed}")]
+    assert [(w.kind, w.message) for w in report.warnings] == [
+        (
+            "too_few_examples",
+            f"only {count} examples; {kind.replace('_', '-')} generation usually needs at least ~{needed}",
+        )
+    ]
     rows += [{"prompt": prompt.format(i=i), "completion": f" outline number {i}{EOS}"} for i in range(count, needed)]
     assert report_of(tmp_path, rows).warnings == []
 
@@ -231,7 +253,10 @@ def test_chat_warnings_agent_role_empty_reply_and_duplicates(tmp_path):
     report = report_of(tmp_path, rows)
     assert report.data_format == "chat" and report.ok
     assert [(w.kind, w.line) for w in report.warnings] == [
-        ("agent_role", 2), ("empty_assistant", 3), ("duplicate", 201), ("conflicting_completions", 202)
+        ("agent_role", 2),
+        ("empty_assistant", 3),
+        ("duplicate", 201),
+        ("conflicting_completions", 202),
     ]
 
 
@@ -263,8 +288,11 @@ def test_percentiles_and_histogram_are_exact():
     assert [percentile(values, p) for p in (50, 90, 99, 100)] == [50, 90, 99, 100]
     assert percentile([7], 50) == 7
     assert length_histogram([3, 4, 4, 12], bins=5) == [
-        {"from": 3, "to": 4, "count": 3}, {"from": 5, "to": 6, "count": 0}, {"from": 7, "to": 8, "count": 0},
-        {"from": 9, "to": 10, "count": 0}, {"from": 11, "to": 12, "count": 1},
+        {"from": 3, "to": 4, "count": 3},
+        {"from": 5, "to": 6, "count": 0},
+        {"from": 7, "to": 8, "count": 0},
+        {"from": 9, "to": 10, "count": 0},
+        {"from": 11, "to": 12, "count": 1},
     ]
 
 
@@ -316,7 +344,11 @@ def test_fix_removes_the_fixable_warnings_and_is_idempotent(tmp_path):
     rows[3]["completion"] = "yellow"
     source = write_jsonl(tmp_path / "data.jsonl", rows)
     before = source.read_bytes()
-    assert set(kinds(validate_file(source).warnings)) == {"leading_space", "inconsistent_endings", "prompt_trailing_whitespace"}
+    assert set(kinds(validate_file(source).warnings)) == {
+        "leading_space",
+        "inconsistent_endings",
+        "prompt_trailing_whitespace",
+    }
 
     fixed, changes = fixed_lines(source)
     assert source.read_bytes() == before
@@ -326,20 +358,26 @@ def test_fix_removes_the_fixable_warnings_and_is_idempotent(tmp_path):
     report = validate_file(once)
     assert report.ok and not set(kinds(report.warnings)) & set(FIXABLE)
     assert report.warnings == []
-    assert json.loads(once.read_text(encoding="utf-8").splitlines()[3]) == {"prompt": "caf\u00e9 number 1 ->", "completion": " yellow" + EOS}
+    assert json.loads(once.read_text(encoding="utf-8").splitlines()[3]) == {
+        "prompt": "caf\u00e9 number 1 ->",
+        "completion": " yellow" + EOS,
+    }
 
     twice, changes = fixed_lines(once)
     assert b"".join(twice) == once.read_bytes() and not changes
 
 
-@pytest.mark.parametrize("completion, fixed", [
-    (" no  ", " no" + EOS),  # the spaces would be trained as a token before the EOS
-    ("no \t", " no" + EOS),  # the leading space is added, the trailing ones dropped
-    (" no\n", " no\n" + EOS),  # a newline stop sequence is kept
-    (" no \n", " no \n" + EOS),  # only what ends the completion is trailing
-    (" no " + EOS + " ", " no " + EOS),  # whitespace after a written EOS: dropped, no second EOS
-    ("   ", "   " + EOS),  # nothing but spaces (an error of its own): not emptied
-])
+@pytest.mark.parametrize(
+    "completion, fixed",
+    [
+        (" no  ", " no" + EOS),  # the spaces would be trained as a token before the EOS
+        ("no \t", " no" + EOS),  # the leading space is added, the trailing ones dropped
+        (" no\n", " no\n" + EOS),  # a newline stop sequence is kept
+        (" no \n", " no \n" + EOS),  # only what ends the completion is trailing
+        (" no " + EOS + " ", " no " + EOS),  # whitespace after a written EOS: dropped, no second EOS
+        ("   ", "   " + EOS),  # nothing but spaces (an error of its own): not emptied
+    ],
+)
 def test_fix_drops_the_trailing_spaces_before_the_eos_it_appends(completion, fixed):
     row, kinds = fix_row({"prompt": "q ->", "completion": completion})
     assert row == {"prompt": "q ->", "completion": fixed}
@@ -362,12 +400,17 @@ def test_preflight_stops_on_errors_and_saves_warnings(tmp_path):
 
     rows = clean_rows(per_class=4)
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    config = Config.model_validate({"model": {"name_or_path": "unused"}, "data": {"train_file": str(train)}, "test_prompts": ["lime number 0 ->"]})
+    config = Config.model_validate(
+        {"model": {"name_or_path": "unused"}, "data": {"train_file": str(train)}, "test_prompts": ["lime number 0 ->"]}
+    )
     logged: list[str] = []
     reports = preflight_data(config, log=logged.append, report_path=tmp_path / "data_report.json")
     assert kinds(reports[0].warnings) == ["too_few_examples", "test_prompt_in_data"]
     assert "[test_prompt_in_data]" in logged[0]
-    assert json.loads((tmp_path / "data_report.json").read_text())[0]["warning_counts"] == {"too_few_examples": 1, "test_prompt_in_data": 1}
+    assert json.loads((tmp_path / "data_report.json").read_text())[0]["warning_counts"] == {
+        "too_few_examples": 1,
+        "test_prompt_in_data": 1,
+    }
 
     train.write_bytes(train.read_bytes() + b"{oops\n")
     with pytest.raises(UserError, match=r"line 13: invalid JSON"):
@@ -397,9 +440,16 @@ def test_preflight_runs_without_torch_or_transformers(tmp_path):
         "    print(str(err).splitlines()[0])\n"
         "print(sorted(name for name in ('torch', 'transformers', 'accelerate', 'peft') if name in sys.modules))\n"
     )
-    (tmp_path / "config.yaml").write_text(f"model:\n  name_or_path: unused\ndata:\n  train_file: {train}\n", encoding="utf-8")
-    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2],
-                            capture_output=True, text=True, timeout=60)
+    (tmp_path / "config.yaml").write_text(
+        f"model:\n  name_or_path: unused\ndata:\n  train_file: {train}\n", encoding="utf-8"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (result.returncode, result.stdout, result.stderr) == (0, "the data has 1 error:\n[]\n", "")
 
 
@@ -408,7 +458,10 @@ def test_preflight_runs_without_torch_or_transformers(tmp_path):
 
 
 def test_chat_tokens_are_counted_as_training_counts_them(tmp_path, tokenizer):
-    chats = [{"messages": [{"role": "user", "content": f"banana {i}"}, {"role": "assistant", "content": "yellow"}]} for i in range(5)]
+    chats = [
+        {"messages": [{"role": "user", "content": f"banana {i}"}, {"role": "assistant", "content": "yellow"}]}
+        for i in range(5)
+    ]
     path = write_jsonl(tmp_path / "chat.jsonl", chats)
     report = validate_file(path, tokenizer=tokenizer, max_seq_len=512)
     tokenized, _ = tokenize_examples(read_examples(path), tokenizer, max_seq_len=512, too_long="error")

@@ -30,21 +30,36 @@ DEFAULT_PORT = 8100
 def build_parser() -> argparse.ArgumentParser:
     from trainer.compare.models import DEFAULT_MAX_LOADED
 
-    parser = argparse.ArgumentParser(prog="python -m trainer.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="the run's output_dir (it may still be training)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 takes a free one)")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 takes a free one)"
+    )
     parser.add_argument("--api-key-file", type=Path, help=f"a file holding the API key (default: ${API_KEY_VARIABLE})")
-    parser.add_argument("--max-loaded", type=int, default=DEFAULT_MAX_LOADED,
-                        help="full fine-tuning checkpoints held in memory at once; the least recently used is "
-                             f"dropped first (default {DEFAULT_MAX_LOADED}). LoRA checkpoints share one base model "
-                             "and are not counted")
-    parser.add_argument("--base", metavar="PATH_OR_ID", help="base model of LoRA checkpoints (default: adapter_config.json's)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
-                        help="weights dtype (auto: bfloat16 on a CUDA GPU that supports it, else float32)")
+    parser.add_argument(
+        "--max-loaded",
+        type=int,
+        default=DEFAULT_MAX_LOADED,
+        help="full fine-tuning checkpoints held in memory at once; the least recently used is "
+        f"dropped first (default {DEFAULT_MAX_LOADED}). LoRA checkpoints share one base model "
+        "and are not counted",
+    )
+    parser.add_argument(
+        "--base", metavar="PATH_OR_ID", help="base model of LoRA checkpoints (default: adapter_config.json's)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="weights dtype (auto: bfloat16 on a CUDA GPU that supports it, else float32)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    parser.add_argument("--poll-seconds", type=float, default=3.0, help="how often the page looks for new checkpoints (default 3)")
+    parser.add_argument(
+        "--poll-seconds", type=float, default=3.0, help="how often the page looks for new checkpoints (default 3)"
+    )
     parser.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     return parser
 
@@ -71,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--poll-seconds must be more than 0, got {args.poll_seconds}")
         missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
         if missing:
-            raise UserError(f"the compare page needs {' and '.join(missing)}, not installed here. Fix: pip install -e \".[serve]\"")
+            raise UserError(
+                f'the compare page needs {" and ".join(missing)}, not installed here. Fix: pip install -e ".[serve]"'
+            )
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -86,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
     access = "API key required: the page asks for it" if key else "no API key (loopback only)"
-    print(f"comparing the checkpoints of {args.run_dir} at http://{host}:{sock.getsockname()[1]}/ ({access}); "
-          "Ctrl-C stops", file=sys.stderr, flush=True)
+    print(
+        f"comparing the checkpoints of {args.run_dir} at http://{host}:{sock.getsockname()[1]}/ ({access}); "
+        "Ctrl-C stops",
+        file=sys.stderr,
+        flush=True,
+    )
     serve_forever(app, sock, args.log_level)
     return 0
 

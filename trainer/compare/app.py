@@ -104,7 +104,11 @@ def describe_errors(err: ValidationError) -> tuple[str, str | None]:
     first = None
     for error in err.errors():
         # Keep field names and list indices; drop pydantic's union tags ("str", "list[str]").
-        path = [part for part in error["loc"] if isinstance(part, int) or part in ALLOWED or error["type"] == "extra_forbidden"]
+        path = [
+            part
+            for part in error["loc"]
+            if isinstance(part, int) or part in ALLOWED or error["type"] == "extra_forbidden"
+        ]
         field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "body"
         name = next((p for p in reversed(path) if isinstance(p, str)), None)
         first = first or (path[0] if path else None)
@@ -119,7 +123,9 @@ def describe_errors(err: ValidationError) -> tuple[str, str | None]:
         else:
             got = repr(error.get("input"))
             got = got if len(got) <= 40 else got[:37] + "..."
-            problems[field] = f"{field}: {error['msg'].removeprefix('Value error, ')} (got {got}); allowed: {ALLOWED.get(name, 'see the README')}"
+            problems[field] = (
+                f"{field}: {error['msg'].removeprefix('Value error, ')} (got {got}); allowed: {ALLOWED.get(name, 'see the README')}"
+            )
     return "; ".join(problems.values()), first
 
 
@@ -145,8 +151,12 @@ class LoopbackHostOnly:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and not is_loopback(request_host(scope)):
-            response = error_response(421, "this server has no API key, so it answers only requests addressed to "
-                                           "127.0.0.1 or localhost; open http://127.0.0.1:<port>/", code="not_loopback")
+            response = error_response(
+                421,
+                "this server has no API key, so it answers only requests addressed to "
+                "127.0.0.1 or localhost; open http://127.0.0.1:<port>/",
+                code="not_loopback",
+            )
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -165,8 +175,14 @@ def _query_int(request: Request, name: str, default: int, low: int, high: int) -
     return value
 
 
-def create_app(reader: RunReader, models: CheckpointModels, *, token: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, poll_seconds: float = POLL_SECONDS) -> FastAPI:
+def create_app(
+    reader: RunReader,
+    models: CheckpointModels,
+    *,
+    token: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    poll_seconds: float = POLL_SECONDS,
+) -> FastAPI:
     """The app; its generation thread lives as long as the app's lifespan. `token` None: no
     authentication, and then only loopback host names are answered."""
     redact_access_log()
@@ -214,8 +230,11 @@ def create_app(reader: RunReader, models: CheckpointModels, *, token: str | None
         recommendation = recommend(summaries(checkpoints))  # report.html's rule: best task metric, else eval loss
         metric_names = list(dict.fromkeys(name for c in checkpoints for name in c.metrics))  # the primary first
         return {
-            "run": str(reader.path), "title": reader.path.name, "signature": reader.signature(checkpoints),
-            "status": reader.status(), "checkpoints": [c.summary() for c in checkpoints],
+            "run": str(reader.path),
+            "title": reader.path.name,
+            "signature": reader.signature(checkpoints),
+            "status": reader.status(),
+            "checkpoints": [c.summary() for c in checkpoints],
             "best": recommendation.checkpoint if recommendation else None,
             "why": recommendation.why if recommendation else None,
             "metric_names": metric_names,
@@ -226,8 +245,11 @@ def create_app(reader: RunReader, models: CheckpointModels, *, token: str | None
     def answers_route():
         checkpoints = reader.checkpoints()
         prompts = test_prompts(reader.config(), checkpoints)
-        return {"signature": reader.signature(checkpoints), "prompts": prompts,
-                "answers": {c.name: answers(c, len(prompts)) for c in checkpoints}}
+        return {
+            "signature": reader.signature(checkpoints),
+            "prompts": prompts,
+            "answers": {c.name: answers(c, len(prompts)) for c in checkpoints},
+        }
 
     @app.get("/api/plots")
     def plots_route():
@@ -255,16 +277,27 @@ def create_app(reader: RunReader, models: CheckpointModels, *, token: str | None
         names, rows = prediction_table(checkpoints)
         chosen = request.query_params.get("checkpoint") or None
         if chosen is not None and chosen not in names:
-            raise ApiError(422, f"checkpoint: {chosen!r} has no predictions; allowed: {', '.join(names) or 'none yet'}",
-                           "checkpoint")
+            raise ApiError(
+                422,
+                f"checkpoint: {chosen!r} has no predictions; allowed: {', '.join(names) or 'none yet'}",
+                "checkpoint",
+            )
         offset = _query_int(request, "offset", 0, 0, 10**9)
         limit = _query_int(request, "limit", 100, 1, MAX_PREDICTION_ROWS)
         for index, row in enumerate(rows, start=1):
             row["index"] = index
         matching = filter_predictions(rows, how, chosen)
-        return {"signature": reader.signature(checkpoints), "checkpoints": names, "filter": how, "checkpoint": chosen,
-                "total": len(rows), "matching": len(matching), "offset": offset, "limit": limit,
-                "rows": matching[offset: offset + limit]}
+        return {
+            "signature": reader.signature(checkpoints),
+            "checkpoints": names,
+            "filter": how,
+            "checkpoint": chosen,
+            "total": len(rows),
+            "matching": len(matching),
+            "offset": offset,
+            "limit": limit,
+            "rows": matching[offset : offset + limit],
+        }
 
     @app.post("/api/generate")
     async def generate(request: Request):
@@ -272,32 +305,50 @@ def create_app(reader: RunReader, models: CheckpointModels, *, token: str | None
         checkpoint = await asyncio.to_thread(reader.checkpoint, body.checkpoint)
         if checkpoint is None:
             names = [c.name for c in await asyncio.to_thread(reader.checkpoints)]
-            raise ApiError(404, f"checkpoint: there is no {body.checkpoint!r} in {reader.path}; there are: "
-                                f"{', '.join(names) or 'none yet'}", "checkpoint", code="checkpoint_not_found")
+            raise ApiError(
+                404,
+                f"checkpoint: there is no {body.checkpoint!r} in {reader.path}; there are: "
+                f"{', '.join(names) or 'none yet'}",
+                "checkpoint",
+                code="checkpoint_not_found",
+            )
         field = "prompt" if body.prompt is not None else "messages"
         try:
             with reading_client_input(field):
                 test_prompt = TestPrompt(
-                    prompt=body.prompt, max_new_tokens=body.max_new_tokens, stop=body.stop, **body.sampling,
-                    messages=None if body.messages is None else [{"role": m.role, "content": m.text} for m in body.messages],
+                    prompt=body.prompt,
+                    max_new_tokens=body.max_new_tokens,
+                    stop=body.stop,
+                    **body.sampling,
+                    messages=None
+                    if body.messages is None
+                    else [{"role": m.role, "content": m.text} for m in body.messages],
                 )
         except ValidationError as err:  # never expected: the schema checks what TestPrompt checks
             raise ApiError(422, f"{field}: {err.errors()[0]['msg']}", field) from None
         started = time.perf_counter()
         try:
             row, completion = await asyncio.get_running_loop().run_in_executor(
-                executor, models.complete, checkpoint, test_prompt, body.seed)
+                executor, models.complete, checkpoint, test_prompt, body.seed
+            )
         except PromptTooLong as err:
             raise ApiError(400, str(err), field, code="context_length_exceeded") from None
         except UserError as err:  # the checkpoint cannot be loaded (its base model is missing, ...)
             raise ApiError(400, str(err), "checkpoint", code="checkpoint_unusable") from None
         except Exception as err:  # the model failed (out of memory, a bug): this request fails, the page goes on
             log.exception("generation failed")
-            raise ApiError(500, f"generation failed ({type(err).__name__}); see the server log", kind="server_error") from None
+            raise ApiError(
+                500, f"generation failed ({type(err).__name__}); see the server log", kind="server_error"
+            ) from None
         return {
-            "checkpoint": checkpoint.name, "completion": completion.text, "finish_reason": completion.finish_reason,
-            "completion_tokens": completion.completion_tokens, "prompt_tokens": len(row.prompt_ids),
-            "prompt_text": row.prompt_text, "seed": row.seed, "seconds": round(time.perf_counter() - started, 3),
+            "checkpoint": checkpoint.name,
+            "completion": completion.text,
+            "finish_reason": completion.finish_reason,
+            "completion_tokens": completion.completion_tokens,
+            "prompt_tokens": len(row.prompt_ids),
+            "prompt_text": row.prompt_text,
+            "seed": row.seed,
+            "seconds": round(time.perf_counter() - started, 3),
         }
 
     async def parse(request: Request) -> GenerateRequest:
@@ -309,13 +360,21 @@ def create_app(reader: RunReader, models: CheckpointModels, *, token: str | None
             try:
                 data = json.loads(body)
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise ApiError(400, f"the body is not valid JSON ({getattr(err, 'msg', err)}); send a JSON object") from None
+                raise ApiError(
+                    400, f"the body is not valid JSON ({getattr(err, 'msg', err)}); send a JSON object"
+                ) from None
             if not isinstance(data, dict):
-                raise ApiError(422, f"the body must be a JSON object with the fields {', '.join(GenerateRequest.model_fields)}")
+                raise ApiError(
+                    422, f"the body must be a JSON object with the fields {', '.join(GenerateRequest.model_fields)}"
+                )
             bad_text = invalid_text_path(data)
             if bad_text is not None:
-                raise ApiError(400, f"{bad_text}: holds a lone UTF-16 surrogate (such as \\ud800), which is not valid "
-                                    "Unicode text; send text as valid UTF-8", bad_text)
+                raise ApiError(
+                    400,
+                    f"{bad_text}: holds a lone UTF-16 surrogate (such as \\ud800), which is not valid "
+                    "Unicode text; send text as valid UTF-8",
+                    bad_text,
+                )
             try:
                 return GenerateRequest.model_validate(data)
             except ValidationError as err:

@@ -89,9 +89,15 @@ class Checkpoint:
 
     def summary(self) -> dict:
         return {
-            "name": self.name, "step": self.step, "kind": self.kind, "epoch": self.epoch,
-            "train_loss": self.train_loss, "eval_loss": self.eval_loss, "metrics": self.metrics,
-            "metric_examples": self.metric_examples, "predictions": self.predictions is not None,
+            "name": self.name,
+            "step": self.step,
+            "kind": self.kind,
+            "epoch": self.epoch,
+            "train_loss": self.train_loss,
+            "eval_loss": self.eval_loss,
+            "metrics": self.metrics,
+            "metric_examples": self.metric_examples,
+            "predictions": self.predictions is not None,
         }
 
 
@@ -103,8 +109,16 @@ def read_checkpoint(path: Path, identity: tuple) -> Checkpoint | None:
         return None
     info = _read_json(path / INFO_FILE)
     info = info if isinstance(info, dict) else {}
-    checkpoint = Checkpoint(path.name, step, path, identity, kind, _finite(info.get("epoch")),
-                            _finite(info.get("train_loss")), _finite(info.get("eval_loss")))
+    checkpoint = Checkpoint(
+        path.name,
+        step,
+        path,
+        identity,
+        kind,
+        _finite(info.get("epoch")),
+        _finite(info.get("train_loss")),
+        _finite(info.get("eval_loss")),
+    )
     metrics = info.get("metrics")
     if isinstance(metrics, dict):
         for name, value in metrics.items():
@@ -125,12 +139,17 @@ def read_checkpoint(path: Path, identity: tuple) -> Checkpoint | None:
 
 def _prediction(row: dict) -> dict:
     """A predictions.jsonl row with the fields the page shows, as text (and `correct` as a bool or None)."""
+
     def text(value: Any) -> str:
         return value if isinstance(value, str) else "" if value is None else json.dumps(value, ensure_ascii=False)
 
     correct = row.get("correct")
-    return {"prompt": text(row.get("prompt")), "reference": text(row.get("reference")),
-            "prediction": text(row.get("prediction")), "correct": correct if isinstance(correct, bool) else None}
+    return {
+        "prompt": text(row.get("prompt")),
+        "reference": text(row.get("reference")),
+        "prediction": text(row.get("prediction")),
+        "correct": correct if isinstance(correct, bool) else None,
+    }
 
 
 class RunReader:
@@ -206,8 +225,11 @@ def test_prompts(config: dict, checkpoints: list[Checkpoint]) -> list[dict]:
             entry["messages"] = messages
         else:
             text = (prompt or {}).get("prompt")
-            entry["prompt"] = text if isinstance(text, str) else next(
-                (s["prompt"] for s in samples if isinstance(s.get("prompt"), str)), "")
+            entry["prompt"] = (
+                text
+                if isinstance(text, str)
+                else next((s["prompt"] for s in samples if isinstance(s.get("prompt"), str)), "")
+            )
         prompts.append(entry)
     return prompts
 
@@ -222,8 +244,12 @@ def answers(checkpoint: Checkpoint, count: int) -> list[dict | None]:
             continue
         completion = sample.get("completion")
         finish = sample.get("finish_reason")
-        out.append({"completion": "" if completion is None else str(completion),
-                    "finish_reason": None if finish is None else str(finish)})
+        out.append(
+            {
+                "completion": "" if completion is None else str(completion),
+                "finish_reason": None if finish is None else str(finish),
+            }
+        )
     return out
 
 
@@ -249,7 +275,10 @@ def prediction_table(checkpoints: list[Checkpoint]) -> tuple[list[str], list[dic
             occurrence = seen.get(key, 0)
             seen[key] = occurrence + 1
             row = rows.setdefault((*key, occurrence), {"prompt": key[0], "reference": key[1], "predictions": {}})
-            row["predictions"][checkpoint.name] = {"prediction": prediction["prediction"], "correct": prediction["correct"]}
+            row["predictions"][checkpoint.name] = {
+                "prediction": prediction["prediction"],
+                "correct": prediction["correct"],
+            }
     return names, list(rows.values())
 
 
@@ -283,16 +312,21 @@ def check_run_folder(path: Path) -> Path:
     if not path.is_dir():
         raise UserError(f"{path} is a file, not a run folder. {fix}")
     if step_of(path, CHECKPOINT_PREFIX) is not None:
-        raise UserError(f"{path} is a checkpoint, not a run folder. Fix: give the run folder that holds it, {path.parent}")
+        raise UserError(
+            f"{path} is a checkpoint, not a run folder. Fix: give the run folder that holds it, {path.parent}"
+        )
     # config.yaml alone is no mark: users keep their config file beside their runs.
     markers = (METRICS_FILE, STATUS_FILE, LOCK_FILE)
 
     def is_run(folder: Path) -> bool:
         return any((folder / name).exists() for name in markers) or any(
-            step_of(child, CHECKPOINT_PREFIX) is not None for child in folder.iterdir())
+            step_of(child, CHECKPOINT_PREFIX) is not None for child in folder.iterdir()
+        )
 
     if is_run(path):
         return path
     runs = sorted(child.name for child in path.iterdir() if child.is_dir() and is_run(child))
     hint = f" It holds these runs: {', '.join(runs[:10])}." if runs else ""
-    raise UserError(f"{path} is not a run folder: it has no {METRICS_FILE}, {STATUS_FILE} or checkpoint-<step>/.{hint} {fix}")
+    raise UserError(
+        f"{path} is not a run folder: it has no {METRICS_FILE}, {STATUS_FILE} or checkpoint-<step>/.{hint} {fix}"
+    )

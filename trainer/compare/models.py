@@ -69,8 +69,9 @@ class _Adapter:
 
 
 class CheckpointModels:
-    def __init__(self, device: torch.device, dtype: torch.dtype, *, base: str | None = None,
-                 max_loaded: int = DEFAULT_MAX_LOADED):
+    def __init__(
+        self, device: torch.device, dtype: torch.dtype, *, base: str | None = None, max_loaded: int = DEFAULT_MAX_LOADED
+    ):
         if max_loaded < 1:
             raise ValueError("max_loaded must be at least 1")
         self.device, self.dtype, self.base_override, self.max_loaded = device, dtype, base, max_loaded
@@ -96,9 +97,12 @@ class CheckpointModels:
         row = prompt_row(tokenizer, test_prompt, (info.training_seed or 0) if seed is None else seed)
         context = position_limit(model)
         if len(row.prompt_ids) >= context:
-            raise PromptTooLong(f"prompt: {len(row.prompt_ids)} tokens, but the model's context is {context} tokens: "
-                                f"at most {context - 1} leave room for a completion. Fix: shorten the prompt",
-                                tokens=len(row.prompt_ids), context=context)
+            raise PromptTooLong(
+                f"prompt: {len(row.prompt_ids)} tokens, but the model's context is {context} tokens: "
+                f"at most {context - 1} leave room for a completion. Fix: shorten the prompt",
+                tokens=len(row.prompt_ids),
+                context=context,
+            )
         [completion] = generate_all(model, tokenizer, [row])
         return row, completion
 
@@ -158,14 +162,18 @@ class CheckpointModels:
                     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
                     if peft_model is None:
                         base_model = self._load_base(base_name, info)
-                        peft_model = PeftModel.from_pretrained(base_model, checkpoint.path, adapter_name=name, is_trainable=False)
+                        peft_model = PeftModel.from_pretrained(
+                            base_model, checkpoint.path, adapter_name=name, is_trainable=False
+                        )
                         peft_model.to(self.device).eval()
                         self._bases[base_name] = peft_model
                     else:
                         peft_model.load_adapter(checkpoint.path, adapter_name=name, is_trainable=False)
             except (ValueError, RuntimeError, KeyError) as err:
-                raise UserError(f"the adapter in {checkpoint.path} does not fit the base model {base_name}: "
-                                f"{_first_line(err)}. {_base_fix(info)}") from None
+                raise UserError(
+                    f"the adapter in {checkpoint.path} does not fit the base model {base_name}: "
+                    f"{_first_line(err)}. {_base_fix(info)}"
+                ) from None
             self.stats.adapters += 1
             known = self._adapters[key] = _Adapter(base_name, name, checkpoint.identity)
         peft_model.set_adapter(known.name)
@@ -176,10 +184,14 @@ class CheckpointModels:
 
         try:
             # No quantization_config: the base is loaded in the chosen dtype also for QLoRA runs (loading.py).
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=self.dtype, trust_remote_code=False, **load_options(name))
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=self.dtype, trust_remote_code=False, **load_options(name)
+            )
         except (OSError, ValueError) as err:
-            raise UserError(f"base model {name} (from {info.path / ADAPTER_CONFIG}) could not be loaded "
-                            f"({_first_line(err)}). {_base_fix(info)}") from None
+            raise UserError(
+                f"base model {name} (from {info.path / ADAPTER_CONFIG}) could not be loaded "
+                f"({_first_line(err)}). {_base_fix(info)}"
+            ) from None
         model.config.use_cache = True  # training saves it off; generation wants the KV cache
         self.stats.bases += 1
         return model

@@ -15,8 +15,18 @@ def data_uri(png: bytes) -> str:
 
 def summaries(checkpoints: list[Checkpoint]) -> list[dict]:
     """The checkpoints in the shape of the report's checkpoint summaries (trainer/report.py)."""
-    return [{"step": c.step, "epoch": c.epoch, "train_loss": c.train_loss, "eval_loss": c.eval_loss, "samples": [],
-             "metrics": c.metrics, "eval_examples": c.metric_examples} for c in checkpoints]
+    return [
+        {
+            "step": c.step,
+            "epoch": c.epoch,
+            "train_loss": c.train_loss,
+            "eval_loss": c.eval_loss,
+            "samples": [],
+            "metrics": c.metrics,
+            "eval_examples": c.metric_examples,
+        }
+        for c in checkpoints
+    ]
 
 
 def plots(history: LossHistory, checkpoints: list[Checkpoint]) -> tuple[bytes, bytes | None]:

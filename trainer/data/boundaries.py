@@ -57,4 +57,9 @@ def boundary_inputs(row_lengths: Sequence[Sequence[int]], width: int) -> dict[st
             lengths.append(padding)
     cu_seq_lens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
     longest = HostInt(max(lengths))
-    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens, "max_length_q": longest, "max_length_k": longest}
+    return {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }

@@ -39,8 +39,18 @@ from trainer.data.tokenize import TokenizedRows
 
 CACHE_FORMAT = 2  # bump when the layout of an entry changes (2: skipped lines as [line, kind, message, fix])
 META_FILE = "meta.json"
-_CODE_FILES = ("cache.py", "chat.py", "examples.py", "formats.py", "jsonl.py", "pipeline.py", "problems.py", "readers.py",
-               "reads.py", "tokenize.py")
+_CODE_FILES = (
+    "cache.py",
+    "chat.py",
+    "examples.py",
+    "formats.py",
+    "jsonl.py",
+    "pipeline.py",
+    "problems.py",
+    "readers.py",
+    "reads.py",
+    "tokenize.py",
+)
 
 
 def default_cache_dir() -> Path:
@@ -102,7 +112,12 @@ class TokenizeSettings:
 
 
 def cache_key(content_digest: str, tokenizer_fingerprint: str, settings: TokenizeSettings) -> str:
-    parts = {"file": content_digest, "tokenizer": tokenizer_fingerprint, "settings": asdict(settings), "code": code_digest()}
+    parts = {
+        "file": content_digest,
+        "tokenizer": tokenizer_fingerprint,
+        "settings": asdict(settings),
+        "code": code_digest(),
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
 
 
@@ -138,11 +153,13 @@ def write_shard(path: str | Path, rows: TokenizedRows) -> None:
     """Write rows as one arrow record batch (IPC stream, the format `datasets` uses)."""
     import pyarrow as pa
 
-    table = pa.table({
-        "input_ids": pa.LargeListArray.from_arrays(pa.array(rows.offsets), pa.array(rows.ids)),
-        "trained_spans": pa.LargeListArray.from_arrays(pa.array(rows.span_offsets), pa.array(rows.spans)),
-        "line": pa.array(rows.lines),
-    })
+    table = pa.table(
+        {
+            "input_ids": pa.LargeListArray.from_arrays(pa.array(rows.offsets), pa.array(rows.ids)),
+            "trained_spans": pa.LargeListArray.from_arrays(pa.array(rows.span_offsets), pa.array(rows.spans)),
+            "line": pa.array(rows.lines),
+        }
+    )
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
 
@@ -165,7 +182,9 @@ def read_shard(path: str | Path, source: str) -> TokenizedRows:
     ids, offsets = _list_column(table, "input_ids")
     spans, span_offsets = _list_column(table, "trained_spans")
     lines = table.column("line").to_numpy()
-    return TokenizedRows(ids, offsets.astype(np.int64), spans, span_offsets.astype(np.int64), lines.astype(np.int64), source)
+    return TokenizedRows(
+        ids, offsets.astype(np.int64), spans, span_offsets.astype(np.int64), lines.astype(np.int64), source
+    )
 
 
 def load_entry(cache_dir: Path, key: str, source: str) -> tuple[CacheMeta, list[TokenizedRows]] | None:

@@ -88,7 +88,9 @@ def _compile(template: str):
             def raise_exception(message):
                 raise jinja2.exceptions.TemplateError(message)
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
             env.globals["raise_exception"] = raise_exception
             return env.from_string(source)
 
@@ -135,7 +137,7 @@ class ChatRenderer:
     def _turn_end(self, before: str, through: str) -> int:
         """Where an assistant turn's trained text ends: after its end-of-turn token. Whitespace a
         template writes after that token (ChatML's newline) is context, not something to learn."""
-        turn = through[len(before):]
+        turn = through[len(before) :]
         stripped = turn.rstrip()
         if stripped != turn and self.ends_turn(stripped):
             return len(before) + len(stripped)

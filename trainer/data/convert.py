@@ -155,8 +155,10 @@ def convert_table(path: str | Path, options: ConvertOptions = ConvertOptions()) 
             "(or the file's encoding)"
         ) from None
     except csv.Error as err:
-        raise UserError(f"{path} line {reader.line_num}: not valid {'TSV' if delimiter == chr(9) else 'CSV'} ({err}). "
-                        "Fix: close every quoted field") from None
+        raise UserError(
+            f"{path} line {reader.line_num}: not valid {'TSV' if delimiter == chr(9) else 'CSV'} ({err}). "
+            "Fix: close every quoted field"
+        ) from None
     if problems:
         shown = "\n".join(f"  {p}" for p in problems[:20])
         raise UserError(f"{path}: {len(problems)} malformed rows:\n{shown}")

@@ -114,7 +114,7 @@ def alias_warning(path: str | Path, lines: list[int]) -> str:
     verb = "use" if len(lines) > 1 else "uses"
     return (
         f"{path}: {listed_lines(lines, row_unit(path))} {verb} the role {aliases}, read as 'assistant'. "
-        "Fix: write \"assistant\" (the role chat templates know)"
+        'Fix: write "assistant" (the role chat templates know)'
     )
 
 

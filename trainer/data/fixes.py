@@ -63,7 +63,9 @@ def fixed_lines(path: str | Path, *, data_format: str = "auto") -> tuple[list[by
     """
     path = Path(path)
     if path.suffix.lower() in TABLE_SUFFIXES:
-        raise UserError(f"--fix rewrites JSONL files, and {path} is a table: fix it where it was made, or convert it to JSONL")
+        raise UserError(
+            f"--fix rewrites JSONL files, and {path} is a table: fix it where it was made, or convert it to JSONL"
+        )
     report = validate_file(path, data_format=data_format)
     if report.errors:
         raise_problems(path, report.errors)

@@ -17,12 +17,14 @@ from trainer.errors import UserError
 
 def require_files(paths) -> None:
     """Every data path must be an existing file; say which are not, all at once."""
-    problems = [f"{p} is a folder, not a file" if Path(p).is_dir() else f"{p} does not exist"
-                for p in paths if not Path(p).is_file()]
+    problems = [
+        f"{p} is a folder, not a file" if Path(p).is_dir() else f"{p} does not exist"
+        for p in paths
+        if not Path(p).is_file()
+    ]
     if problems:
         raise UserError(
-            f"data file {'; '.join(problems)}. Fix: give the path of a data file "
-            f"(relative paths start at {Path.cwd()})"
+            f"data file {'; '.join(problems)}. Fix: give the path of a data file (relative paths start at {Path.cwd()})"
         )
 
 
@@ -67,7 +69,8 @@ def refuse_other_unicode(path: Path) -> None:
     raise NotUtf8File(
         f"{path} is {encoding} text (it starts with the {encoding} byte-order mark), not UTF-8. Fix: convert it, "
         f"e.g. `iconv -f {encoding} -t UTF-8 {path} > {converted}`, or 'Save as... UTF-8' in your editor",
-        path=str(path), encoding=encoding,
+        path=str(path),
+        encoding=encoding,
     )
 
 
@@ -89,7 +92,7 @@ def refuse_json_array(path: Path) -> None:
         count = f" of {len(document)} items" if isinstance(document, list) else ""
         raise UserError(
             f"{path} is one JSON array{count}, not JSON Lines (one JSON object per line). Fix: convert it, e.g. "
-            f"`python -c \"import json,sys; [print(json.dumps(r, ensure_ascii=False)) for r in json.load(open(sys.argv[1]))]\" "
+            f'`python -c "import json,sys; [print(json.dumps(r, ensure_ascii=False)) for r in json.load(open(sys.argv[1]))]" '
             f"{path} > {converted}` or `jq -c '.[]' {path} > {converted}`"
         )
 
@@ -119,26 +122,38 @@ def read_jsonl(path: str | Path, digest=None) -> tuple[list[tuple[int, Any]], li
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                problems.append(Problem(
-                    "not_utf8", str(path), line_no,
-                    f"byte 0x{raw[err.start]:02x} at column {err.start + 1} is not UTF-8 "
-                    f"(the file looks like {_guess_encoding(raw)})",
-                    f"re-save the file as UTF-8, e.g. `iconv -f CP1252 -t UTF-8 {path.name} > fixed.jsonl` "
-                    "or 'Save as... UTF-8' in your editor",
-                ))
+                problems.append(
+                    Problem(
+                        "not_utf8",
+                        str(path),
+                        line_no,
+                        f"byte 0x{raw[err.start]:02x} at column {err.start + 1} is not UTF-8 "
+                        f"(the file looks like {_guess_encoding(raw)})",
+                        f"re-save the file as UTF-8, e.g. `iconv -f CP1252 -t UTF-8 {path.name} > fixed.jsonl` "
+                        "or 'Save as... UTF-8' in your editor",
+                    )
+                )
                 continue
             if not text.strip():
                 continue
             try:
                 rows.append((line_no, json.loads(text)))
             except json.JSONDecodeError as err:
-                problems.append(Problem(
-                    "invalid_json", str(path), line_no, f"invalid JSON ({err.msg} at column {err.colno})",
-                    "each line must be one complete JSON object; check quotes, commas and escaped newlines (\\n)",
-                ))
+                problems.append(
+                    Problem(
+                        "invalid_json",
+                        str(path),
+                        line_no,
+                        f"invalid JSON ({err.msg} at column {err.colno})",
+                        "each line must be one complete JSON object; check quotes, commas and escaped newlines (\\n)",
+                    )
+                )
     if not rows and not problems:
-        raise empty_file(path, "is empty", "it needs one JSON object per line, e.g. "
-                                           '{"prompt": "banana ->", "completion": " yellow<|endoftext|>"}')
+        raise empty_file(
+            path,
+            "is empty",
+            'it needs one JSON object per line, e.g. {"prompt": "banana ->", "completion": " yellow<|endoftext|>"}',
+        )
     return rows, problems
 
 

@@ -114,13 +114,16 @@ def _encode_shard(task: tuple[int, int, int, list[Example] | None]) -> tuple[int
     index, start, end, examples = task
     all_examples, tokenizer, settings, folder, source = _JOB
     batch = examples if examples is not None else all_examples[start:end]
-    rows, notes = encode_examples(batch, tokenizer, chat_template=settings.chat_template, train_on=settings.train_on, source=source)
+    rows, notes = encode_examples(
+        batch, tokenizer, chat_template=settings.chat_template, train_on=settings.train_on, source=source
+    )
     write_shard(Path(folder) / shard_name(index), rows)
     return len(rows), int(rows.offsets[-1]), notes
 
 
-def _encode_to_shards(examples: list[Example], tokenizer, settings: TokenizeSettings, folder: Path, source: str,
-                      processes: int) -> tuple[list[str], int, int, EncodeNotes]:
+def _encode_to_shards(
+    examples: list[Example], tokenizer, settings: TokenizeSettings, folder: Path, source: str, processes: int
+) -> tuple[list[str], int, int, EncodeNotes]:
     """Encode `examples` into `processes` shard files in `folder`; returns their names, the rows,
     the tokens and the merged notes."""
     global _JOB
@@ -147,7 +150,9 @@ def _encode_to_shards(examples: list[Example], tokenizer, settings: TokenizeSett
     return [shard_name(i) for i in range(len(results))], rows, tokens, notes
 
 
-def _build_entry(path: str, tokenizer, settings: TokenizeSettings, cache_dir: Path, key: str, num_proc: int | None) -> int:
+def _build_entry(
+    path: str, tokenizer, settings: TokenizeSettings, cache_dir: Path, key: str, num_proc: int | None
+) -> int:
     """Read, check and tokenize one file into cache entry `key`; returns the processes used."""
     file = read_file(path, settings.data_format, on_error=settings.on_error)
     processes = num_proc or auto_num_proc(os.path.getsize(path))
@@ -158,17 +163,39 @@ def _build_entry(path: str, tokenizer, settings: TokenizeSettings, cache_dir: Pa
             problems = sorted(notes.problems, key=lambda p: p.line)
             if problems and (settings.on_error == "error" or rows == 0):
                 raise_problems(Path(path), problems)
-            skipped = [skipped_record(p) for p in sorted([s.problem for s in file.skipped] + problems, key=lambda p: p.line)]
-            write_meta(folder, CacheMeta(file.format, rows, tokens, shards, skipped, file.alias_lines,
-                                         sorted(notes.merged_context_lines), sorted(notes.open_turn_lines)))
+            skipped = [
+                skipped_record(p) for p in sorted([s.problem for s in file.skipped] + problems, key=lambda p: p.line)
+            ]
+            write_meta(
+                folder,
+                CacheMeta(
+                    file.format,
+                    rows,
+                    tokens,
+                    shards,
+                    skipped,
+                    file.alias_lines,
+                    sorted(notes.merged_context_lines),
+                    sorted(notes.open_turn_lines),
+                ),
+            )
     except OSError as err:  # not writable, not a folder, disk full
-        raise UserError(f"cannot write the tokenized-data cache in {cache_dir} ({err.strerror or err}). "
-                        "Fix: set data.cache_dir to a writable folder") from None
+        raise UserError(
+            f"cannot write the tokenized-data cache in {cache_dir} ({err.strerror or err}). "
+            "Fix: set data.cache_dir to a writable folder"
+        ) from None
     return processes
 
 
-def tokenize_file(path: str, tokenizer, settings: TokenizeSettings, *, cache_dir: Path, tokenizer_fingerprint: str,
-                  num_proc: int | None = None) -> FileTokens:
+def tokenize_file(
+    path: str,
+    tokenizer,
+    settings: TokenizeSettings,
+    *,
+    cache_dir: Path,
+    tokenizer_fingerprint: str,
+    num_proc: int | None = None,
+) -> FileTokens:
     """One file's tokens: from the cache when the file, tokenizer, settings and code are unchanged;
     otherwise read, check, tokenize (in `num_proc` processes, default by size) and store them."""
     started = time.perf_counter()
@@ -182,13 +209,16 @@ def tokenize_file(path: str, tokenizer, settings: TokenizeSettings, *, cache_dir
     processes = _build_entry(path, tokenizer, settings, cache_dir, key, num_proc)
     found = load_entry(cache_dir, key, path)
     if found is None:
-        raise UserError(f"could not read back the tokenized data of {path} from {cache_dir}. "
-                        "Fix: check that data.cache_dir is writable and its disk not full")
+        raise UserError(
+            f"could not read back the tokenized data of {path} from {cache_dir}. "
+            "Fix: check that data.cache_dir is writable and its disk not full"
+        )
     return _file_tokens(path, *found, from_cache=False, started=started, processes=processes)
 
 
-def _file_tokens(path: str, meta: CacheMeta, parts: list[TokenizedRows], *, from_cache: bool, started: float,
-                 processes: int = 1) -> FileTokens:
+def _file_tokens(
+    path: str, meta: CacheMeta, parts: list[TokenizedRows], *, from_cache: bool, started: float, processes: int = 1
+) -> FileTokens:
     notes = EncodeNotes([], meta.merged_context_lines, meta.open_turn_lines)
     warnings = ([alias_warning(path, meta.alias_lines)] if meta.alias_lines else []) + notes.warnings(path)
     skipped = [SkippedLine(skipped_problem(record, path)) for record in meta.skipped]
@@ -213,7 +243,9 @@ class PreparedData:
 
 def tokenize_settings(config: Config, tokenizer) -> TokenizeSettings:
     data = config.data
-    return TokenizeSettings(data.format, data.train_on, resolve_chat_template(tokenizer, data.chat_template), data.on_error)
+    return TokenizeSettings(
+        data.format, data.train_on, resolve_chat_template(tokenizer, data.chat_template), data.on_error
+    )
 
 
 def _length_policy(config: Config, data: TokenizedData, which: str, log: Callable[[str], None]) -> TokenizedData:
@@ -245,8 +277,14 @@ def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) 
     def tokenize_all(paths: list[str]) -> list[FileTokens]:
         files = []
         for path in paths:
-            tokens = tokenize_file(path, tokenizer, settings, cache_dir=cache_dir, tokenizer_fingerprint=fingerprint,
-                                   num_proc=data.num_proc)
+            tokens = tokenize_file(
+                path,
+                tokenizer,
+                settings,
+                cache_dir=cache_dir,
+                tokenizer_fingerprint=fingerprint,
+                num_proc=data.num_proc,
+            )
             how = "from the cache" if tokens.from_cache else f"tokenized with {tokens.processes} process(es)"
             log(f"{path}: {tokens.rows} {tokens.format} examples, {how} in {tokens.seconds:.1f} s")
             files.append(tokens)
@@ -259,7 +297,9 @@ def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) 
     for warning in warnings:
         log(f"warning: {warning}")
     if skipped:
-        log(f"skipped {len(skipped)} invalid lines (data.on_error=skip); the run folder lists them in {SKIPPED_LINES_FILE}")
+        log(
+            f"skipped {len(skipped)} invalid lines (data.on_error=skip); the run folder lists them in {SKIPPED_LINES_FILE}"
+        )
 
     train = TokenizedData([part for f in train_files for part in f.parts])
     valid = TokenizedData([part for f in valid_files for part in f.parts])

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.data.validation_report import ValidationReport, plural
 from trainer.data.validate import validate_file
+from trainer.data.validation_report import ValidationReport, plural
 from trainer.errors import UserError
 
 MAX_LISTED_ERRORS = 20
@@ -26,27 +26,33 @@ def validate_config_data(config, tokenizer=None, *, keep_rows: bool = False) -> 
     reports = []
     for which, files in (("train", data.train_file), ("validation", data.validation_file)):
         for path in [files] if isinstance(files, str) else files or []:
-            reports.append(validate_file(
-                path,
-                data_format=data.format,
-                tokenizer=tokenizer,
-                max_seq_len=data.max_seq_len,
-                too_long=data.too_long,
-                test_prompts=config.test_prompts if which == "train" else (),
-                chat_template=data.chat_template,
-                train_on=data.train_on,
-                held_out=which != "train",
-                keep_rows=keep_rows,
-            ))
+            reports.append(
+                validate_file(
+                    path,
+                    data_format=data.format,
+                    tokenizer=tokenizer,
+                    max_seq_len=data.max_seq_len,
+                    too_long=data.too_long,
+                    test_prompts=config.test_prompts if which == "train" else (),
+                    chat_template=data.chat_template,
+                    train_on=data.train_on,
+                    held_out=which != "train",
+                    keep_rows=keep_rows,
+                )
+            )
     return reports
 
 
 def write_data_reports(path: str | Path, reports: list[ValidationReport]) -> None:
     """The preflight's reports as one JSON file (the run folder's data_report.json)."""
-    Path(path).write_text(json.dumps([r.to_dict() for r in reports], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    Path(path).write_text(
+        json.dumps([r.to_dict() for r in reports], indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
 
 
-def preflight_data(config, tokenizer=None, *, log=print, report_path: str | Path | None = None) -> list[ValidationReport]:
+def preflight_data(
+    config, tokenizer=None, *, log=print, report_path: str | Path | None = None
+) -> list[ValidationReport]:
     """The trainer's data check before any model loads: errors stop the run (with `data.on_error:
     error`), warnings are logged; every report is saved as JSON to `report_path` when given. The
     parsed rows stay for `pipeline.prepare_data` in this process, which then reads no file again."""

@@ -155,69 +155,91 @@ def _ending_warnings(file: str, rows: list[Row], eos_texts: tuple[str, ...]) -> 
         )
         message = None
     return [
-        Problem("missing_eos", file, r.line, message or f"completion ends with {_short(r.completion[-12:])}, not with <|endoftext|>", fix)
+        Problem(
+            "missing_eos",
+            file,
+            r.line,
+            message or f"completion ends with {_short(r.completion[-12:])}, not with <|endoftext|>",
+            fix,
+        )
         for r in without
     ]
 
 
-def prompt_completion_warnings(file: str, rows: list[Row], eos_texts: tuple[str, ...]) -> tuple[list[Problem], str | None]:
+def prompt_completion_warnings(
+    file: str, rows: list[Row], eos_texts: tuple[str, ...]
+) -> tuple[list[Problem], str | None]:
     """Leading space, endings, trailing whitespace and the separator, for prompt/completion rows."""
     warnings: list[Problem] = []
     for r in rows:
         if r.completion and not r.completion[0].isspace():
-            warnings.append(Problem(
-                "leading_space",
-                file,
-                r.line,
-                f"completion {_short(r.completion)} does not start with a space",
-                "start every completion with a space (' yellow', not 'yellow'): the tokenizer attaches the "
-                "space to the first word (--fix adds it)",
-            ))
+            warnings.append(
+                Problem(
+                    "leading_space",
+                    file,
+                    r.line,
+                    f"completion {_short(r.completion)} does not start with a space",
+                    "start every completion with a space (' yellow', not 'yellow'): the tokenizer attaches the "
+                    "space to the first word (--fix adds it)",
+                )
+            )
         if r.prompt and r.prompt[-1] in TRAILING_SPACE:
-            warnings.append(Problem(
-                "prompt_trailing_whitespace",
-                file,
-                r.line,
-                f"prompt ends with whitespace ({_short(r.prompt[-12:])})",
-                "remove the trailing space; the completion's leading space carries it (--fix removes it)",
-            ))
+            warnings.append(
+                Problem(
+                    "prompt_trailing_whitespace",
+                    file,
+                    r.line,
+                    f"prompt ends with whitespace ({_short(r.prompt[-12:])})",
+                    "remove the trailing space; the completion's leading space carries it (--fix removes it)",
+                )
+            )
     warnings += _ending_warnings(file, rows, eos_texts)
     with_prompt = [r for r in rows if r.prompt.strip()]
     if len(with_prompt) < 2:
         return warnings, None
     separator, count = find_separator([r.prompt for r in with_prompt])
     if separator is None:
-        warnings.append(Problem(
-            "no_separator",
-            file,
-            None,
-            f"the {len(with_prompt)} prompts do not end with a common separator, so the model cannot tell where "
-            "a prompt ends and its completion begins",
-            "end every prompt with the same separator that appears nowhere else, e.g. ' ->' or '\\n\\n###\\n\\n' "
-            "(scripts/prepare_data.py convert --separator adds one)",
-        ))
+        warnings.append(
+            Problem(
+                "no_separator",
+                file,
+                None,
+                f"the {len(with_prompt)} prompts do not end with a common separator, so the model cannot tell where "
+                "a prompt ends and its completion begins",
+                "end every prompt with the same separator that appears nowhere else, e.g. ' ->' or '\\n\\n###\\n\\n' "
+                "(scripts/prepare_data.py convert --separator adds one)",
+            )
+        )
         return warnings, None
     for r in with_prompt:
         body = r.prompt.rstrip(TRAILING_SPACE)
         if not body.endswith(separator):
-            warnings.append(Problem(
-                "missing_separator",
-                file,
-                r.line,
-                f"prompt ends with {_short(body[-12:])}, not with the separator {separator!r} that ends {count} of {len(with_prompt)} prompts",
-                f"end the prompt with {separator!r}",
-            ))
+            warnings.append(
+                Problem(
+                    "missing_separator",
+                    file,
+                    r.line,
+                    f"prompt ends with {_short(body[-12:])}, not with the separator {separator!r} that ends {count} of {len(with_prompt)} prompts",
+                    f"end the prompt with {separator!r}",
+                )
+            )
             continue
-        inside = [name for name, text in (("prompt", body[: -len(separator)]), ("completion", r.completion)) if separator in text]
+        inside = [
+            name
+            for name, text in (("prompt", body[: -len(separator)]), ("completion", r.completion))
+            if separator in text
+        ]
         if inside:
-            warnings.append(Problem(
-                "separator_in_text",
-                file,
-                r.line,
-                f"the separator {separator!r} also appears inside the {' and the '.join(inside)}, so the model may "
-                "take it for the end of the prompt",
-                "use a separator that appears only at the end of prompts, e.g. '\\n\\n###\\n\\n'",
-            ))
+            warnings.append(
+                Problem(
+                    "separator_in_text",
+                    file,
+                    r.line,
+                    f"the separator {separator!r} also appears inside the {' and the '.join(inside)}, so the model may "
+                    "take it for the end of the prompt",
+                    "use a separator that appears only at the end of prompts, e.g. '\\n\\n###\\n\\n'",
+                )
+            )
     return warnings, separator
 
 
@@ -227,21 +249,25 @@ def chat_warnings(file: str, rows: list[Row]) -> list[Problem]:
         for index, message in enumerate(r.obj["messages"]):
             if message["role"] in ROLE_ALIASES:
                 canonical = ROLE_ALIASES[message["role"]]
-                warnings.append(Problem(
-                    "agent_role",
-                    file,
-                    r.line,
-                    f"messages[{index}] has role {message['role']!r}, read as {canonical!r}",
-                    f"write {canonical!r}: the alias is accepted here, but chat templates and other tools reject it",
-                ))
+                warnings.append(
+                    Problem(
+                        "agent_role",
+                        file,
+                        r.line,
+                        f"messages[{index}] has role {message['role']!r}, read as {canonical!r}",
+                        f"write {canonical!r}: the alias is accepted here, but chat templates and other tools reject it",
+                    )
+                )
             elif message["role"] == "assistant" and not message["content"].strip():
-                warnings.append(Problem(
-                    "empty_assistant",
-                    file,
-                    r.line,
-                    f"messages[{index}] is an assistant reply with no content",
-                    "write the ideal reply or remove the turn: an empty reply teaches the model to say nothing",
-                ))
+                warnings.append(
+                    Problem(
+                        "empty_assistant",
+                        file,
+                        r.line,
+                        f"messages[{index}] is an assistant reply with no content",
+                        "write the ideal reply or remove the turn: an empty reply teaches the model to say nothing",
+                    )
+                )
     return warnings
 
 
@@ -252,13 +278,15 @@ def duplicate_warnings(file: str, rows: list[Row]) -> list[Problem]:
     for r in rows:
         key = json.dumps(r.obj, sort_keys=True, ensure_ascii=False)
         if key in first_seen:
-            warnings.append(Problem(
-                "duplicate",
-                file,
-                r.line,
-                f"exact duplicate of line {first_seen[key]}",
-                "remove it: a duplicate counts one example twice (and leaks into the test split)",
-            ))
+            warnings.append(
+                Problem(
+                    "duplicate",
+                    file,
+                    r.line,
+                    f"exact duplicate of line {first_seen[key]}",
+                    "remove it: a duplicate counts one example twice (and leaks into the test split)",
+                )
+            )
         else:
             first_seen[key] = r.line
     by_prompt: dict[str, list[Row]] = defaultdict(list)
@@ -269,14 +297,16 @@ def duplicate_warnings(file: str, rows: list[Row]) -> list[Problem]:
         first = group[0]
         for r in group[1:]:
             if r.completion != first.completion:
-                warnings.append(Problem(
-                    "conflicting_completions",
-                    file,
-                    r.line,
-                    f"same prompt as line {first.line} but a different completion ({_short(r.completion, 24)} "
-                    f"vs {_short(first.completion, 24)})",
-                    "keep one correct completion per prompt: contradicting examples teach the model to guess",
-                ))
+                warnings.append(
+                    Problem(
+                        "conflicting_completions",
+                        file,
+                        r.line,
+                        f"same prompt as line {first.line} but a different completion ({_short(r.completion, 24)} "
+                        f"vs {_short(first.completion, 24)})",
+                        "keep one correct completion per prompt: contradicting examples teach the model to guess",
+                    )
+                )
     warnings.sort(key=lambda w: w.line)
     return warnings
 
@@ -288,17 +318,25 @@ def size_warnings(file: str, task: str, count: int, classes: Counter) -> list[Pr
         if not small:
             return []
         listed = ", ".join(f"{label!r}: {n}" for label, n in small[:10]) + (", ..." if len(small) > 10 else "")
-        return [Problem(
-            "too_few_examples",
-            file,
-            None,
-            f"{len(small)} of {len(classes)} classes have fewer than ~{MIN_PER_CLASS} examples ({listed})",
-            f"{more}; the seed recommends at least ~{MIN_PER_CLASS} per class",
-        )]
-    needed, what = (MIN_OPEN_ENDED, "open-ended generation") if task == "open_ended" else (MIN_CONDITIONAL, "conditional generation")
+        return [
+            Problem(
+                "too_few_examples",
+                file,
+                None,
+                f"{len(small)} of {len(classes)} classes have fewer than ~{MIN_PER_CLASS} examples ({listed})",
+                f"{more}; the seed recommends at least ~{MIN_PER_CLASS} per class",
+            )
+        ]
+    needed, what = (
+        (MIN_OPEN_ENDED, "open-ended generation")
+        if task == "open_ended"
+        else (MIN_CONDITIONAL, "conditional generation")
+    )
     if count >= needed:
         return []
-    return [Problem("too_few_examples", file, None, f"only {count} examples; {what} usually needs at least ~{needed}", more)]
+    return [
+        Problem("too_few_examples", file, None, f"only {count} examples; {what} usually needs at least ~{needed}", more)
+    ]
 
 
 def _test_prompt_text(test_prompt: Any) -> tuple[str | None, list | None]:
@@ -313,7 +351,9 @@ def _test_prompt_text(test_prompt: Any) -> tuple[str | None, list | None]:
     return getattr(test_prompt, "prompt", None), messages
 
 
-def test_prompt_warnings(file: str, rows: list[Row], test_prompts: Sequence[Any], separator: str | None) -> list[Problem]:
+def test_prompt_warnings(
+    file: str, rows: list[Row], test_prompts: Sequence[Any], separator: str | None
+) -> list[Problem]:
     """Test prompts must be new (not training prompts) and shaped exactly like training prompts."""
     line_of_prompt: dict[str, int] = {}
     for r in rows:
@@ -323,22 +363,28 @@ def test_prompt_warnings(file: str, rows: list[Row], test_prompts: Sequence[Any]
         prompt, messages = _test_prompt_text(test_prompt)
         key = prompt
         if messages is not None:
-            key = json.dumps([(ROLE_ALIASES.get(m["role"], m["role"]), m["content"]) for m in messages], ensure_ascii=False)
+            key = json.dumps(
+                [(ROLE_ALIASES.get(m["role"], m["role"]), m["content"]) for m in messages], ensure_ascii=False
+            )
         shown = _short(prompt if prompt is not None else messages[-1]["content"] if messages else "")
         if key in line_of_prompt and key.strip():
-            warnings.append(Problem(
-                "test_prompt_in_data",
-                file,
-                line_of_prompt[key],
-                f"test prompt {number} ({shown}) is the prompt of this training example",
-                "use test prompts the model has not seen, or the checkpoints' answers show memorisation, not skill",
-            ))
+            warnings.append(
+                Problem(
+                    "test_prompt_in_data",
+                    file,
+                    line_of_prompt[key],
+                    f"test prompt {number} ({shown}) is the prompt of this training example",
+                    "use test prompts the model has not seen, or the checkpoints' answers show memorisation, not skill",
+                )
+            )
         if prompt is not None and separator is not None and not prompt.endswith(separator):
-            warnings.append(Problem(
-                "test_prompt_format",
-                file,
-                None,
-                f"test prompt {number} ({shown}) does not end with the separator {separator!r} that ends the training prompts",
-                "write test prompts exactly like the training prompts: separator included, no trailing space",
-            ))
+            warnings.append(
+                Problem(
+                    "test_prompt_format",
+                    file,
+                    None,
+                    f"test prompt {number} ({shown}) does not end with the separator {separator!r} that ends the training prompts",
+                    "write test prompts exactly like the training prompts: separator included, no trailing space",
+                )
+            )
     return warnings

@@ -66,8 +66,9 @@ def read_table_rows(path: str | Path) -> list[tuple[int, Any]]:
     require_files([path])
     table = _read_table(path)
     if table.num_rows == 0:
-        raise empty_file(path, "has no rows", "it needs one example a row, with columns prompt and completion, "
-                                              "or messages, or text")
+        raise empty_file(
+            path, "has no rows", "it needs one example a row, with columns prompt and completion, or messages, or text"
+        )
     return [(number, _without_nulls(row)) for number, row in enumerate(table.to_pylist(), start=1)]
 
 

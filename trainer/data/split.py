@@ -69,7 +69,9 @@ def split_lines(keys: list[tuple[int, str | None]], fraction: float, seed: int) 
     total = sum(wanted.values())
     if total < 1 or total > len(keys) - 1:
         # Too few examples for this fraction: still one test example, and never all of them.
-        wanted = held_out_counts({label: len(lines) for label, lines in groups.items()}, min(max(1, total), len(keys) - 1) / len(keys))
+        wanted = held_out_counts(
+            {label: len(lines) for label, lines in groups.items()}, min(max(1, total), len(keys) - 1) / len(keys)
+        )
     test: set[int] = set()
     classes: dict[str, tuple[int, int]] = {}
     for label in sorted(groups):  # a fixed order, so the seeded shuffles are reproducible
@@ -95,7 +97,9 @@ def _prompt_and_reply(example) -> tuple[str, str]:
     return repr(example.messages[:last]), example.messages[last][1]
 
 
-def split_file(path: str | Path, fraction: float, seed: int, *, data_format: str = "auto") -> tuple[Split, dict[int, bytes]]:
+def split_file(
+    path: str | Path, fraction: float, seed: int, *, data_format: str = "auto"
+) -> tuple[Split, dict[int, bytes]]:
     """Split a file that passes validation; returns the split and each example line's bytes."""
     path = Path(path)
     if path.suffix.lower() in TABLE_SUFFIXES:
@@ -103,7 +107,9 @@ def split_file(path: str | Path, fraction: float, seed: int, *, data_format: str
     examples = read_examples(path, data_format)  # a file with errors stops here, every line listed
     pairs = [_prompt_and_reply(e) for e in examples]
     task, _ = task_type(pairs, "chat" if examples and examples[0].messages is not None else "prompt_completion")
-    keys = [(e.line, class_label(reply) if task == "classification" else None) for e, (_, reply) in zip(examples, pairs)]
+    keys = [
+        (e.line, class_label(reply) if task == "classification" else None) for e, (_, reply) in zip(examples, pairs)
+    ]
     raw: dict[int, bytes] = {}
     wanted = {e.line for e in examples}
     with path.open("rb") as handle:

@@ -17,8 +17,8 @@ import numpy as np
 
 from trainer.data.examples import Example
 from trainer.data.problems import Problem
-from trainer.data.validation_report import ValidationReport
 from trainer.data.tokenize import encode_examples
+from trainer.data.validation_report import ValidationReport
 from trainer.errors import UserError
 
 
@@ -42,8 +42,9 @@ def length_histogram(lengths: Sequence[int], bins: int = 10) -> list[dict[str, i
     return [{"from": low + i * width, "to": low + (i + 1) * width - 1, "count": counts.get(i, 0)} for i in range(count)]
 
 
-def length_findings(file: str, lengths: dict[int, tuple[int, int]], max_seq_len: int, too_long: str
-                    ) -> tuple[list[Problem], list[Problem], dict]:
+def length_findings(
+    file: str, lengths: dict[int, tuple[int, int]], max_seq_len: int, too_long: str
+) -> tuple[list[Problem], list[Problem], dict]:
     """Errors (policy `error`) or warnings (drop/truncate) for examples over `max_seq_len`, by the
     rule of `tokenize_examples`: an example is over when all its tokens are more than max_seq_len;
     truncation keeps it when its first trained token still fits, and drops it otherwise.
@@ -59,22 +60,34 @@ def length_findings(file: str, lengths: dict[int, tuple[int, int]], max_seq_len:
             outcome, dropped = "it will be dropped", dropped + 1
         else:
             outcome, truncated = "its end will be cut to fit", truncated + 1
-        findings.append(Problem(
-            "too_long",
-            file,
-            line,
-            f"{length} tokens, over max_seq_len={max_seq_len}: {outcome}",
-            "raise data.max_seq_len, shorten the example, or set data.too_long to drop or truncate"
-            if too_long == "error" else "raise data.max_seq_len or shorten the example, if it should be trained whole",
-        ))
+        findings.append(
+            Problem(
+                "too_long",
+                file,
+                line,
+                f"{length} tokens, over max_seq_len={max_seq_len}: {outcome}",
+                "raise data.max_seq_len, shorten the example, or set data.too_long to drop or truncate"
+                if too_long == "error"
+                else "raise data.max_seq_len or shorten the example, if it should be trained whole",
+            )
+        )
     summary = {"over": len(findings), "dropped": dropped, "truncated": truncated}
     if too_long == "error":
         return findings, [], summary
     return [], findings, summary
 
 
-def token_stats(file: str, examples: Sequence[Example], tokenizer, *, max_seq_len: int | None, too_long: str,
-                chat_template: str | None, train_on: str, report: ValidationReport) -> None:
+def token_stats(
+    file: str,
+    examples: Sequence[Example],
+    tokenizer,
+    *,
+    max_seq_len: int | None,
+    too_long: str,
+    chat_template: str | None,
+    train_on: str,
+    report: ValidationReport,
+) -> None:
     """Count tokens and check lengths on exactly the tokens training uses (`encode_examples`, the
     length rule of `apply_length_policy`), into `report`: its `tokens` and `lengths` statistics,
     chat rows the template cannot render as errors (as in training), the tokenizer's warnings about

@@ -107,8 +107,9 @@ def chat_messages(messages: Iterable[Message], eos_text: str | None) -> tuple[Me
     )
 
 
-def _chat_ids(segments: list[Segment], encoded: list[list[int]], start_id: int, *, trained_turns: set[int] | None
-              ) -> tuple[list[int], list[int], list[tuple[list[int], str]]]:
+def _chat_ids(
+    segments: list[Segment], encoded: list[list[int]], start_id: int, *, trained_turns: set[int] | None
+) -> tuple[list[int], list[int], list[tuple[list[int], str]]]:
     """Concatenate separately encoded segments. Returns the ids, the trained spans (start, end
     pairs) and, before each trained turn, its context as (ids encoded from text, text) for the
     joint-tokenization check.
@@ -177,7 +178,8 @@ class BatchEncoder:
             backend is not None
             and backend.truncation is None
             and backend.padding is None
-            and bool(getattr(backend, "encode_special_tokens", False)) == bool(getattr(tokenizer, "split_special_tokens", False))
+            and bool(getattr(backend, "encode_special_tokens", False))
+            == bool(getattr(tokenizer, "split_special_tokens", False))
         )
         self._backend = backend if usable else None
         self._checked: dict[bool, bool] = {}
@@ -221,15 +223,24 @@ class TokenizedRows:
     source: str = ""
 
     @classmethod
-    def build(cls, pieces: list[list[int]], lengths: list[int], spans: list[int], span_counts: list[int],
-              lines: list[int], source: str = "") -> "TokenizedRows":
+    def build(
+        cls,
+        pieces: list[list[int]],
+        lengths: list[int],
+        spans: list[int],
+        span_counts: list[int],
+        lines: list[int],
+        source: str = "",
+    ) -> "TokenizedRows":
         """From the encoder's lists: `pieces` are every row's id lists end to end."""
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         span_offsets = np.zeros(len(span_counts) + 1, dtype=np.int64)
         np.cumsum(span_counts, out=span_offsets[1:])
         ids = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(offsets[-1]))
-        return cls(ids, offsets, np.asarray(spans, dtype=np.int32), span_offsets, np.asarray(lines, dtype=np.int64), source)
+        return cls(
+            ids, offsets, np.asarray(spans, dtype=np.int32), span_offsets, np.asarray(lines, dtype=np.int64), source
+        )
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -288,21 +299,29 @@ class EncodeNotes:
         unit = row_unit(source)
         found = []
         if self.merged_context_lines:
-            found.append(Problem(
-                "chat_tokenization", source, None,
-                f"in {listed_lines(sorted(self.merged_context_lines), unit)}, the chat context before an "
-                "assistant turn gives other tokens when tokenized in one piece than turn by turn (the template joins "
-                "two turns without a special token between them, and the tokenizer merges across the join). "
-                "Training uses the turn-by-turn tokens and so do the checkpoints' test prompts; encode prompts turn "
-                "by turn when you use the model too, or end each turn with a special token in data.chat_template",
-            ))
+            found.append(
+                Problem(
+                    "chat_tokenization",
+                    source,
+                    None,
+                    f"in {listed_lines(sorted(self.merged_context_lines), unit)}, the chat context before an "
+                    "assistant turn gives other tokens when tokenized in one piece than turn by turn (the template joins "
+                    "two turns without a special token between them, and the tokenizer merges across the join). "
+                    "Training uses the turn-by-turn tokens and so do the checkpoints' test prompts; encode prompts turn "
+                    "by turn when you use the model too, or end each turn with a special token in data.chat_template",
+                )
+            )
         if self.open_turn_lines:
-            found.append(Problem(
-                "chat_tokenization", source, None,
-                f"in {listed_lines(sorted(self.open_turn_lines), unit)}, an assistant turn does not end "
-                "with an end-of-turn token, so the model will not learn to stop",
-                "use a chat template that ends each assistant turn with {{ eos_token }} (data.chat_template)",
-            ))
+            found.append(
+                Problem(
+                    "chat_tokenization",
+                    source,
+                    None,
+                    f"in {listed_lines(sorted(self.open_turn_lines), unit)}, an assistant turn does not end "
+                    "with an end-of-turn token, so the model will not learn to stop",
+                    "use a chat template that ends each assistant turn with {{ eos_token }} (data.chat_template)",
+                )
+            )
         return found
 
     def warnings(self, source: str) -> list[str]:
@@ -334,7 +353,9 @@ class _RowsBuilder:
 def _encode_prompt_completion(batch: list[Example], encode: BatchEncoder, tokenizer, out: _RowsBuilder) -> None:
     eos_id, start_id = tokenizer.eos_token_id, start_token_id(tokenizer)
     prompts = encode([e.prompt for e in batch], add_special_tokens=True)  # as `encode_prompt`
-    completions = encode([strip_eos_literal(e.completion, tokenizer.eos_token) for e in batch], add_special_tokens=False)
+    completions = encode(
+        [strip_eos_literal(e.completion, tokenizer.eos_token) for e in batch], add_special_tokens=False
+    )
     for example, prompt_ids, completion_ids in zip(batch, prompts, completions):
         if not prompt_ids:
             prompt_ids = [start_id]
@@ -344,8 +365,16 @@ def _encode_prompt_completion(batch: list[Example], encode: BatchEncoder, tokeni
         out.add([prompt_ids, completion_ids], length, [prompt_length, length], example.line)
 
 
-def _encode_chats(batch: list[Example], encode: BatchEncoder, tokenizer, renderer: ChatRenderer, train_on: str,
-                  out: _RowsBuilder, notes: EncodeNotes, source: str) -> None:
+def _encode_chats(
+    batch: list[Example],
+    encode: BatchEncoder,
+    tokenizer,
+    renderer: ChatRenderer,
+    train_on: str,
+    out: _RowsBuilder,
+    notes: EncodeNotes,
+    source: str,
+) -> None:
     rendered: list[tuple[Example, list[Segment]]] = []
     for example in batch:
         try:
@@ -364,9 +393,15 @@ def _encode_chats(batch: list[Example], encode: BatchEncoder, tokenizer, rendere
         segment_ids = [next(encoded) for _ in segments]
         ids, spans, contexts = _chat_ids(segments, segment_ids, start_id, trained_turns=trained)
         if not any(end - start for start, end in zip(spans[::2], spans[1::2])):
-            notes.problems.append(Problem("chat_template", source, example.line,
-                                          "the chat template renders no assistant text for this conversation, "
-                                          "so there is nothing to learn", "check data.chat_template"))
+            notes.problems.append(
+                Problem(
+                    "chat_template",
+                    source,
+                    example.line,
+                    "the chat template renders no assistant text for this conversation, so there is nothing to learn",
+                    "check data.chat_template",
+                )
+            )
             continue
         if any(segment.assistant and not renderer.ends_turn(segment.text) for segment in segments):
             notes.open_turn_lines.append(example.line)
@@ -378,8 +413,14 @@ def _encode_chats(batch: list[Example], encode: BatchEncoder, tokenizer, rendere
     notes.merged_context_lines += sorted(merged)
 
 
-def encode_examples(examples: Sequence[Example], tokenizer, *, chat_template: str | None = None,
-                    train_on: str = "all_assistant", source: str | None = None) -> tuple[TokenizedRows, EncodeNotes]:
+def encode_examples(
+    examples: Sequence[Example],
+    tokenizer,
+    *,
+    chat_template: str | None = None,
+    train_on: str = "all_assistant",
+    source: str | None = None,
+) -> tuple[TokenizedRows, EncodeNotes]:
     """Encode examples (of one file) into `TokenizedRows`, with their full length: the length
     policy is applied later, so a new `max_seq_len` needs no new tokenization. Rows the chat
     template cannot handle are left out and reported in the notes' `problems`."""
@@ -493,8 +534,14 @@ def apply_length_policy(data: TokenizedData, *, max_seq_len: int, too_long: str)
 
 
 def tokenize_examples(
-    examples: list[Example], tokenizer, *, max_seq_len: int, too_long: str, chat_template: str | None = None,
-    train_on: str = "all_assistant", on_error: str = "error",
+    examples: list[Example],
+    tokenizer,
+    *,
+    max_seq_len: int,
+    too_long: str,
+    chat_template: str | None = None,
+    train_on: str = "all_assistant",
+    on_error: str = "error",
 ) -> tuple[list[TokenizedExample], LengthReport]:
     """Tokenize, mask and apply the length policy (`error` | `drop` | `truncate`), in memory.
 
@@ -507,7 +554,9 @@ def tokenize_examples(
     warnings: list[str] = []
     problems: list[str] = []
     for source, group in itertools.groupby(examples, key=lambda e: e.source):
-        rows, notes = encode_examples(list(group), tokenizer, chat_template=chat_template, train_on=train_on, source=source)
+        rows, notes = encode_examples(
+            list(group), tokenizer, chat_template=chat_template, train_on=train_on, source=source
+        )
         parts.append(rows)
         warnings += notes.warnings(source)
         for problem in sorted(notes.problems, key=lambda p: p.line):

@@ -20,13 +20,22 @@ from trainer.data.examples import detect_format, example_of
 from trainer.data.formats import row_problem
 from trainer.data.problems import EmptyDataFile
 from trainer.data.quality import (
-    MIN_CONDITIONAL, MIN_OPEN_ENDED, MIN_PER_CLASS, Row, chat_warnings, duplicate_warnings, prompt_completion_warnings,
-    row_view, size_warnings, task_type, test_prompt_warnings,
+    MIN_CONDITIONAL,
+    MIN_OPEN_ENDED,
+    MIN_PER_CLASS,
+    Row,
+    chat_warnings,
+    duplicate_warnings,
+    prompt_completion_warnings,
+    row_view,
+    size_warnings,
+    task_type,
+    test_prompt_warnings,
 )
 from trainer.data.readers import read_rows
-from trainer.data.validation_report import WARNING_TITLES, ValidationReport  # noqa: F401 - WARNING_TITLES: trainer/report_html.py
 from trainer.data.token_stats import token_stats
 from trainer.data.tokenize import EOS_LITERAL
+from trainer.data.validation_report import WARNING_TITLES, ValidationReport  # noqa: F401 - WARNING_TITLES: trainer/report_html.py
 from trainer.hub import ModelFolderMissing, model_source
 from trainer.schedule import auto_epochs
 
@@ -65,7 +74,11 @@ def validate_file(
         size = path.stat().st_size
         report.stats = {"examples": 0, "file_bytes": size, "recommended_epochs": auto_epochs(size), "task": "unknown"}
         return report
-    data_format = detect_format(path, rows, data_format) if rows else ("prompt_completion" if data_format == "auto" else data_format)
+    data_format = (
+        detect_format(path, rows, data_format)
+        if rows
+        else ("prompt_completion" if data_format == "auto" else data_format)
+    )
     report.data_format = data_format
     valid: list[Row] = []
     for line, obj in rows:
@@ -95,7 +108,11 @@ def validate_file(
         "file_bytes": size,
         "recommended_epochs": auto_epochs(size),
         "task": task,
-        "min_examples": MIN_PER_CLASS * max(1, len(classes)) if task == "classification" else MIN_OPEN_ENDED if task == "open_ended" else MIN_CONDITIONAL,
+        "min_examples": MIN_PER_CLASS * max(1, len(classes))
+        if task == "classification"
+        else MIN_OPEN_ENDED
+        if task == "open_ended"
+        else MIN_CONDITIONAL,
         "separator": separator,
         "classes": dict(sorted(classes.items(), key=lambda item: (-item[1], item[0]))),
     }
@@ -104,9 +121,19 @@ def validate_file(
             report.notes.append("token counts skipped: fix the errors first (training reads only files without errors)")
         elif valid:
             examples = [example_of(r.obj, data_format, file, r.line) for r in valid]
-            token_stats(file, examples, tokenizer, max_seq_len=max_seq_len, too_long=too_long,
-                        chat_template=chat_template, train_on=train_on, report=report)
-    report.warnings.sort(key=lambda w: (list(WARNING_TITLES).index(w.kind) if w.kind in WARNING_TITLES else 99, w.line or 0))
+            token_stats(
+                file,
+                examples,
+                tokenizer,
+                max_seq_len=max_seq_len,
+                too_long=too_long,
+                chat_template=chat_template,
+                train_on=train_on,
+                report=report,
+            )
+    report.warnings.sort(
+        key=lambda w: (list(WARNING_TITLES).index(w.kind) if w.kind in WARNING_TITLES else 99, w.line or 0)
+    )
     return report
 
 
@@ -123,4 +150,7 @@ def load_local_tokenizer(name_or_path: str) -> tuple[Any, str | None]:
         return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False), None
     except Exception as err:  # noqa: BLE001 - any failure only means "no token statistics"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return None, f"tokenizer {name_or_path!r} is not available locally ({first}): token counts and length checks skipped"
+        return (
+            None,
+            f"tokenizer {name_or_path!r} is not available locally ({first}): token counts and length checks skipped",
+        )

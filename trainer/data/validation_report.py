@@ -96,7 +96,9 @@ class ValidationReport:
                 lines = [w.line for w in group if w.line is not None]
                 where = ""
                 if lines:
-                    listed = ", ".join(str(n) for n in lines[:lines_per_kind]) + (", ..." if len(lines) > lines_per_kind else "")
+                    listed = ", ".join(str(n) for n in lines[:lines_per_kind]) + (
+                        ", ..." if len(lines) > lines_per_kind else ""
+                    )
                     where = f" ({plural(len(lines), unit)}: {listed})"
                 out.append(f"  [{kind}] {WARNING_TITLES.get(kind, kind)}{where}")
                 for w in group[:examples_per_kind]:
@@ -150,9 +152,15 @@ def _render_stats(stats: dict[str, Any]) -> list[str]:
         limit = lengths.get("max_seq_len")
         over = ""
         if limit is not None:
-            outcome = f"{lengths['dropped']} dropped, {lengths['truncated']} truncated" if lengths["too_long"] != "error" else "training stops"
+            outcome = (
+                f"{lengths['dropped']} dropped, {lengths['truncated']} truncated"
+                if lengths["too_long"] != "error"
+                else "training stops"
+            )
             over = f"; {lengths['over']} over max_seq_len={limit}" + (f" ({outcome})" if lengths["over"] else "")
-        lines.append(f"length in tokens: p50 {lengths['p50']}, p90 {lengths['p90']}, p99 {lengths['p99']}, max {lengths['max']}{over}")
+        lines.append(
+            f"length in tokens: p50 {lengths['p50']}, p90 {lengths['p90']}, p99 {lengths['p99']}, max {lengths['max']}{over}"
+        )
         peak = max((b["count"] for b in lengths["histogram"]), default=0) or 1
         for b in lengths["histogram"]:
             bar = "#" * math.ceil(30 * b["count"] / peak) if b["count"] else ""

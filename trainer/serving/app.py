@@ -53,8 +53,14 @@ log = logging.getLogger("trainer.serve")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
@@ -112,17 +118,31 @@ def reading_client_input(field: str | None = None):
     except (ApiError, ClientDisconnect):
         raise
     except RecursionError:
-        raise ApiError(400, "the body is nested too deeply to read; send a JSON object of the documented shape", field) from None
+        raise ApiError(
+            400, "the body is nested too deeply to read; send a JSON object of the documented shape", field
+        ) from None
     except Exception as err:
         log.warning("refused a request that could not be read (%s: %s)", type(err).__name__, str(err)[:200])
-        raise ApiError(400, f"{field or 'the body'} could not be read ({type(err).__name__}); send valid JSON text "
-                            "of the documented shape", field) from None
+        raise ApiError(
+            400,
+            f"{field or 'the body'} could not be read ({type(err).__name__}); send valid JSON text "
+            "of the documented shape",
+            field,
+        ) from None
 
 
-def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    kind: str = "invalid_request_error",
+    code: str | None = None,
+    headers: dict | None = None,
+) -> JSONResponse:
     # Escape what is not valid Unicode (a client's lone surrogate, echoed): the JSON must stay encodable.
-    message, param = (text.encode("utf-8", "backslashreplace").decode("utf-8") if text else text for text in (message, param))
+    message, param = (
+        text.encode("utf-8", "backslashreplace").decode("utf-8") if text else text for text in (message, param)
+    )
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -142,8 +162,11 @@ class BearerAuth:
             scheme, _, given = header.partition(b" ")
             if not (scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)):
                 response = error_response(
-                    401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                    kind="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
+                    401,
+                    "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                    kind="authentication_error",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
                 )
                 await response(scope, receive, send)
                 return
@@ -161,9 +184,15 @@ class ServedModel:
     vocab_size: int | None = None  # token ids a client may send to /v1/embeddings are below it
 
 
-def create_app(served: ServedModel, worker: GenerationWorker, *, token: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, max_rows_per_request: int = MAX_ROWS_PER_REQUEST,
-               embedding_pooling: str = "mean") -> FastAPI:
+def create_app(
+    served: ServedModel,
+    worker: GenerationWorker,
+    *,
+    token: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_rows_per_request: int = MAX_ROWS_PER_REQUEST,
+    embedding_pooling: str = "mean",
+) -> FastAPI:
     """The app; it starts and stops `worker` with its lifespan. `token` None: no authentication.
     `embedding_pooling` is /v1/embeddings' default (a request's `pooling` overrides it)."""
     from contextlib import asynccontextmanager
@@ -208,35 +237,55 @@ def create_app(served: ServedModel, worker: GenerationWorker, *, token: str | No
             try:
                 data = json.loads(body)
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise ApiError(400, f"the body is not valid JSON ({getattr(err, 'msg', err)}); send a JSON object "
-                                    "with the header 'Content-Type: application/json'") from None
+                raise ApiError(
+                    400,
+                    f"the body is not valid JSON ({getattr(err, 'msg', err)}); send a JSON object "
+                    "with the header 'Content-Type: application/json'",
+                ) from None
             if not isinstance(data, dict):
-                raise ApiError(422, f"the body must be a JSON object with the fields {', '.join(body_type.model_fields)}")
+                raise ApiError(
+                    422, f"the body must be a JSON object with the fields {', '.join(body_type.model_fields)}"
+                )
             bad_text = invalid_text_path(data)
             if bad_text is not None:
-                raise ApiError(400, f"{bad_text}: holds a lone UTF-16 surrogate (such as \\ud800), which is not valid "
-                                    "Unicode text; send text as valid UTF-8 (or escape whole surrogate pairs)", bad_text)
+                raise ApiError(
+                    400,
+                    f"{bad_text}: holds a lone UTF-16 surrogate (such as \\ud800), which is not valid "
+                    "Unicode text; send text as valid UTF-8 (or escape whole surrogate pairs)",
+                    bad_text,
+                )
             try:
                 parsed = body_type.model_validate(data)
             except ValidationError as err:
                 message, field = describe_errors(err, body_type, served.context)
                 raise ApiError(422, message, field) from None
         if getattr(parsed, "model", served.name) != served.name:
-            raise ApiError(404, f"model '{parsed.model}' is not served here; this server serves '{served.name}' "
-                                "(GET /v1/models)", "model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"model '{parsed.model}' is not served here; this server serves '{served.name}' (GET /v1/models)",
+                "model",
+                code="model_not_found",
+            )
         return parsed
 
     def check_rows(count: int, field: str, what: str) -> None:
         """The row cap: one request may not hold the worker (and every other client) for long."""
         if count > max_rows_per_request:
-            raise ApiError(422, f"{field}: this request asks for {count} {what}, more than this server's limit of "
-                                f"{max_rows_per_request} per request (--max-rows-per-request); send them in smaller "
-                                "requests", field, code="too_many_rows")
+            raise ApiError(
+                422,
+                f"{field}: this request asks for {count} {what}, more than this server's limit of "
+                f"{max_rows_per_request} per request (--max-rows-per-request); send them in smaller "
+                "requests",
+                field,
+                code="too_many_rows",
+            )
 
     def check_length(body: BaseModel, field: str) -> None:
         value = getattr(body, field)
         if field in body.model_fields_set and value is not None and value > served.context:
-            raise ApiError(422, f"{field}: {value} is too large; allowed: {allowed_values(served.context)[field]}", field)
+            raise ApiError(
+                422, f"{field}: {value} is too large; allowed: {allowed_values(served.context)[field]}", field
+            )
 
     def make_test_prompt(field: str, **fields) -> TestPrompt:
         """The schemas check what TestPrompt checks; should they ever differ, it is still the client's 400."""
@@ -251,10 +300,16 @@ def create_app(served: ServedModel, worker: GenerationWorker, *, token: str | No
         except UserError as err:
             raise ApiError(400, str(err), field) from None
         if len(row.prompt_ids) >= served.context:
-            raise ApiError(400, f"{field} is {len(row.prompt_ids)} tokens, but the model's context is {served.context} "
-                                f"tokens: at most {served.context - 1} leave room for a completion", field,
-                           code="context_length_exceeded")
-        return [Row(row.test_prompt, row.prompt_ids, row.prompt_text, None if seed is None else seed + i) for i in range(n)]
+            raise ApiError(
+                400,
+                f"{field} is {len(row.prompt_ids)} tokens, but the model's context is {served.context} "
+                f"tokens: at most {served.context - 1} leave room for a completion",
+                field,
+                code="context_length_exceeded",
+            )
+        return [
+            Row(row.test_prompt, row.prompt_ids, row.prompt_text, None if seed is None else seed + i) for i in range(n)
+        ]
 
     async def generate(request: Request, rows: list[Row]) -> list[Completion]:
         """The worker's completions; raises ClientGone if the client disconnects first."""
@@ -271,15 +326,20 @@ def create_app(served: ServedModel, worker: GenerationWorker, *, token: str | No
                 return work.result()
             except Exception as err:  # the model failed (out of memory, a bug): this request fails, the server goes on
                 log.exception("generation failed")
-                raise ApiError(500, f"generation failed ({type(err).__name__}); see the server log", kind="server_error") from None
+                raise ApiError(
+                    500, f"generation failed ({type(err).__name__}); see the server log", kind="server_error"
+                ) from None
         work.cancel()  # frees the request's queued rows and stops its running ones
         raise ClientGone
 
     def usage(rows_per_prompt: list[list[Row]], completions: list[Completion]) -> dict:
         prompt_tokens = sum(len(rows[0].prompt_ids) for rows in rows_per_prompt)
         completion_tokens = sum(c.completion_tokens for c in completions)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
 
     @app.get("/health")
     async def health():
@@ -287,21 +347,37 @@ def create_app(served: ServedModel, worker: GenerationWorker, *, token: str | No
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": created,
-                                            "owned_by": "trainer", "max_model_len": served.context}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": served.name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "trainer",
+                    "max_model_len": served.context,
+                }
+            ],
+        }
 
     @app.post("/completions")
     async def seed_completions(request: Request):
         body = await parse(request, SeedCompletionRequest)
         check_length(body, "length")
-        test_prompt = make_test_prompt("text", prompt=body.text, max_new_tokens=body.length, stop=body.stops, **body.sampling)
+        test_prompt = make_test_prompt(
+            "text", prompt=body.text, max_new_tokens=body.length, stop=body.stops, **body.sampling
+        )
         check_rows(body.n, "n", "completions")
         rows = rows_for(test_prompt, body.n, body.seed, "text")
         try:
             completions = await generate(request, rows)
         except ClientGone:
             return Response(status_code=499)
-        return {"result": [{"completion": c.text} for c in completions], "timestamp": int(time.time()), "model": served.name}
+        return {
+            "result": [{"completion": c.text} for c in completions],
+            "timestamp": int(time.time()),
+            "model": served.name,
+        }
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -309,26 +385,49 @@ def create_app(served: ServedModel, worker: GenerationWorker, *, token: str | No
         check_length(body, "max_tokens")
         check_rows(len(body.prompts) * body.n, "prompt", f"completions ({len(body.prompts)} prompts x n={body.n})")
         per_prompt = [
-            rows_for(make_test_prompt("prompt", prompt=text, max_new_tokens=body.max_tokens or OPENAI_DEFAULT_MAX_TOKENS,
-                                      stop=body.stop, **body.sampling),
-                     body.n, body.seed, "prompt")
+            rows_for(
+                make_test_prompt(
+                    "prompt",
+                    prompt=text,
+                    max_new_tokens=body.max_tokens or OPENAI_DEFAULT_MAX_TOKENS,
+                    stop=body.stop,
+                    **body.sampling,
+                ),
+                body.n,
+                body.seed,
+                "prompt",
+            )
             for text in body.prompts
         ]
         created, request_id = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
+
             def chunk(index: int, text: str | None, finish_reason: str | None) -> dict:
-                return {"id": request_id, "object": "text_completion", "created": created, "model": served.name,
-                        "choices": [{"text": text or "", "index": index, "logprobs": None, "finish_reason": finish_reason}]}
+                return {
+                    "id": request_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": served.name,
+                    "choices": [{"text": text or "", "index": index, "logprobs": None, "finish_reason": finish_reason}],
+                }
 
             return stream(request, per_prompt, chunk, request_id, created, body.stream_options)
         try:
             results = await generate(request, [row for rows in per_prompt for row in rows])
         except ClientGone:
             return Response(status_code=499)
-        choices = [{"text": c.text, "index": i, "logprobs": None, "finish_reason": FINISH_REASONS[c.finish_reason]}
-                   for i, c in enumerate(results)]
-        return {"id": request_id, "object": "text_completion", "created": created,
-                "model": served.name, "choices": choices, "usage": usage(per_prompt, results)}
+        choices = [
+            {"text": c.text, "index": i, "logprobs": None, "finish_reason": FINISH_REASONS[c.finish_reason]}
+            for i, c in enumerate(results)
+        ]
+        return {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": served.name,
+            "choices": choices,
+            "usage": usage(per_prompt, results),
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -336,30 +435,61 @@ def create_app(served: ServedModel, worker: GenerationWorker, *, token: str | No
         check_length(body, "max_tokens")
         check_length(body, "max_completion_tokens")
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
-        test_prompt = make_test_prompt("messages", messages=messages, max_new_tokens=body.token_limit or served.context,
-                                       stop=body.stop, **body.sampling)
+        test_prompt = make_test_prompt(
+            "messages",
+            messages=messages,
+            max_new_tokens=body.token_limit or served.context,
+            stop=body.stop,
+            **body.sampling,
+        )
         check_rows(body.n, "n", "completions")
         rows = rows_for(test_prompt, body.n, body.seed, "messages")
         created, request_id = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
+
             def chunk(index: int, text: str | None, finish_reason: str | None) -> dict:
                 # text None: the first chunk, which names the role (as OpenAI's)
                 delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
-                return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": served.name,
-                        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+                return {
+                    "id": request_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": served.name,
+                    "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+                }
 
             return stream(request, [rows], chunk, request_id, created, body.stream_options, role_chunk=True)
         try:
             results = await generate(request, rows)
         except ClientGone:
             return Response(status_code=499)
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
-                    "finish_reason": FINISH_REASONS[c.finish_reason]} for i, c in enumerate(results)]
-        return {"id": request_id, "object": "chat.completion", "created": created,
-                "model": served.name, "choices": choices, "usage": usage([rows], results)}
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": None,
+                "finish_reason": FINISH_REASONS[c.finish_reason],
+            }
+            for i, c in enumerate(results)
+        ]
+        return {
+            "id": request_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": served.name,
+            "choices": choices,
+            "usage": usage([rows], results),
+        }
 
-    def stream(request: Request, rows_per_prompt: list[list[Row]], chunk, request_id: str, created: int,
-               options, role_chunk: bool = False) -> StreamingResponse:
+    def stream(
+        request: Request,
+        rows_per_prompt: list[list[Row]],
+        chunk,
+        request_id: str,
+        created: int,
+        options,
+        role_chunk: bool = False,
+    ) -> StreamingResponse:
         """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. The worker
         generates these rows as it does any others; each row's text arrives as it is generated
         (Row.on_text, the same tokens as the finished completion), and its last chunk carries what
@@ -388,17 +518,33 @@ def create_app(served: ServedModel, worker: GenerationWorker, *, token: str | No
                         results[index] = value
                         if not value.text.startswith(sent[index]):  # never expected: RowTextStreamer sends a prefix
                             log.warning("streamed text of %s row %d differs from its completion", request_id, index)
-                        yield event(chunk(index, value.text[len(sent[index]):], FINISH_REASONS[value.finish_reason]))
+                        yield event(chunk(index, value.text[len(sent[index]) :], FINISH_REASONS[value.finish_reason]))
                     else:
                         break
                 if work.exception() is not None:
                     log.error("generation failed", exc_info=work.exception())
-                    yield event({"error": {"message": f"generation failed ({type(work.exception()).__name__}); see the "
-                                                      "server log", "type": "server_error", "param": None, "code": None}})
+                    yield event(
+                        {
+                            "error": {
+                                "message": f"generation failed ({type(work.exception()).__name__}); see the server log",
+                                "type": "server_error",
+                                "param": None,
+                                "code": None,
+                            }
+                        }
+                    )
                     return
                 if options is not None and options.include_usage:
-                    yield event({"id": request_id, "object": chunk(0, "", None)["object"], "created": created,
-                                 "model": served.name, "choices": [], "usage": usage(rows_per_prompt, results)})
+                    yield event(
+                        {
+                            "id": request_id,
+                            "object": chunk(0, "", None)["object"],
+                            "created": created,
+                            "model": served.name,
+                            "choices": [],
+                            "usage": usage(rows_per_prompt, results),
+                        }
+                    )
                 yield "data: [DONE]\n\n"
             finally:
                 if not work.done():  # the client went away: free its queued rows, stop its running ones
@@ -412,8 +558,12 @@ def create_app(served: ServedModel, worker: GenerationWorker, *, token: str | No
         if worker.embed_batch is None or served.hidden_size is None:
             raise ApiError(404, "this server does not serve embeddings", code="not_found")
         if body.dimensions is not None and body.dimensions != served.hidden_size:
-            raise ApiError(422, f"dimensions: {body.dimensions} is not supported; allowed: {served.hidden_size} (the "
-                                "model's hidden size; vectors are not shortened) or leave it out", "dimensions")
+            raise ApiError(
+                422,
+                f"dimensions: {body.dimensions} is not supported; allowed: {served.hidden_size} (the "
+                "model's hidden size; vectors are not shortened) or leave it out",
+                "dimensions",
+            )
         inputs = body.inputs
         check_rows(len(inputs), "input", "embeddings")
         pooling = body.pooling or embedding_pooling
@@ -425,10 +575,16 @@ def create_app(served: ServedModel, worker: GenerationWorker, *, token: str | No
             if not ids:
                 raise ApiError(400, f"{field} is empty: there is no token to embed; send some text", field)
             if served.vocab_size is not None and not all(0 <= i < served.vocab_size for i in ids):
-                raise ApiError(400, f"{field} holds token ids outside 0..{served.vocab_size - 1}, the model's vocabulary", field)
+                raise ApiError(
+                    400, f"{field} holds token ids outside 0..{served.vocab_size - 1}, the model's vocabulary", field
+                )
             if len(ids) > served.context:
-                raise ApiError(400, f"{field} is {len(ids)} tokens, but the model's context is {served.context} tokens",
-                               field, code="context_length_exceeded")
+                raise ApiError(
+                    400,
+                    f"{field} is {len(ids)} tokens, but the model's context is {served.context} tokens",
+                    field,
+                    code="context_length_exceeded",
+                )
             rows.append(EmbeddingRow(ids, pooling))
         try:
             vectors = await run_job(request, worker.embed(rows))
@@ -442,8 +598,12 @@ def create_app(served: ServedModel, worker: GenerationWorker, *, token: str | No
 
         data = [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)]
         tokens = sum(len(row.ids) for row in rows)
-        return {"object": "list", "data": data, "model": served.name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return {
+            "object": "list",
+            "data": data,
+            "model": served.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
     app.add_middleware(BearerAuth, token=token)
     return app
@@ -456,7 +616,9 @@ def event(data: dict) -> str:
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused (413) past `limit` bytes, also when no Content-Length says so."""
     declared = request.headers.get("content-length")
-    too_large = ApiError(413, f"the body is larger than {limit} bytes, this server's limit; send a shorter prompt or fewer prompts")
+    too_large = ApiError(
+        413, f"the body is larger than {limit} bytes, this server's limit; send a shorter prompt or fewer prompts"
+    )
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0

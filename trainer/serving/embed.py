@@ -25,7 +25,9 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     body = getattr(lm, "base_model", lm)
     if body is not lm:
         return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True).hidden_states[-1]
+    return lm(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True
+    ).hidden_states[-1]
 
 
 @torch.no_grad()

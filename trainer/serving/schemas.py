@@ -208,9 +208,14 @@ def allowed_values(limit: int) -> dict[str, str]:
         "stop_tokens": f"a string or a list of at most {MAX_STOPS} strings (an alias of stop_sequences)",
         "user": "a string",
         "stream": "true or false",
-        "echo": "false", "logprobs": "null (not supported)", "top_logprobs": "null (not supported)",
-        "best_of": "1", "suffix": "null (not supported)", "stream_options": '{"include_usage": true|false}',
-        "presence_penalty": "0 (not supported)", "frequency_penalty": "0 (not supported)",
+        "echo": "false",
+        "logprobs": "null (not supported)",
+        "top_logprobs": "null (not supported)",
+        "best_of": "1",
+        "suffix": "null (not supported)",
+        "stream_options": '{"include_usage": true|false}',
+        "presence_penalty": "0 (not supported)",
+        "frequency_penalty": "0 (not supported)",
         "logit_bias": "null (not supported)",
     }
 

@@ -82,8 +82,12 @@ class GenerationWorker:
     """`generate_batch(rows)` and `embed_batch(rows)` run on the worker thread only; rows given to
     `generate_batch` share a `batch_key`."""
 
-    def __init__(self, generate_batch: Callable[[list[Row]], list[Completion]], max_batch_size: int = 8,
-                 embed_batch: Callable[[list], list] | None = None):
+    def __init__(
+        self,
+        generate_batch: Callable[[list[Row]], list[Completion]],
+        max_batch_size: int = 8,
+        embed_batch: Callable[[list], list] | None = None,
+    ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self.generate_batch = generate_batch
@@ -114,7 +118,9 @@ class GenerationWorker:
         with self._wakeup:
             return list(self._jobs)
 
-    async def submit(self, rows: list[Row], on_result: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+    async def submit(
+        self, rows: list[Row], on_result: Callable[[int, Completion], None] | None = None
+    ) -> list[Completion]:
         """The completions of `rows`, in order; `on_result(index, completion)` is also called (on the
         event loop) as each row finishes. Cancelling the awaiting task cancels the rows."""
         return await self._submit(GENERATE, rows, on_result)
@@ -129,7 +135,9 @@ class GenerationWorker:
         if not rows:  # nothing to wait for: a job with no rows would never be resolved by the worker
             return []
         loop = asyncio.get_running_loop()
-        job = _Job(kind, rows, loop.create_future(), loop, on_result, [None] * len(rows), len(rows), deque(range(len(rows))))
+        job = _Job(
+            kind, rows, loop.create_future(), loop, on_result, [None] * len(rows), len(rows), deque(range(len(rows)))
+        )
         if kind == GENERATE:
             for row in rows:
                 row.cancelled = lambda: job.cancelled
