@@ -608,12 +608,16 @@ def format_table(result: dict) -> str:
     )
     lines = [
         f"model {s['model']} ({result['model']['about']}): {result['model']['parameters']:,} parameters, "
-        f"N = {result['model']['matmul_parameters']:,} matmul parameters; method {s['method']}, optimizer {s['optimizer']}, "
-        f"{s['dtype']} weights, autocast {s['autocast'] or 'off'}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}",
+        f"N = {result['model']['matmul_parameters']:,} matmul parameters; "
+        f"method {s['method']}, optimizer {s['optimizer']}, "
+        f"{s['dtype']} weights, autocast {s['autocast'] or 'off'}, "
+        f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}",
         f"device {result['machine']['device_name']}; load average before: {result['machine']['load_average_before']}",
         f"data: {result['data']['examples_drawn']:,} synthetic examples, {result['data']['tokens_drawn']:,} tokens "
-        f"(min/median/mean/max length {'/'.join(format(x, 'g') for x in result['data']['length_min_median_mean_max'])}), "
-        f"packed into {result['data']['packed_rows']:,} rows with {100 * result['data']['packed_padding_fraction']:.2f}% padding\n"
+        f"(min/median/mean/max length "
+        f"{'/'.join(format(x, 'g') for x in result['data']['length_min_median_mean_max'])}), "
+        f"packed into {result['data']['packed_rows']:,} rows "
+        f"with {100 * result['data']['packed_padding_fraction']:.2f}% padding\n"
         f"steps: {s['warmup']} warm-up + {s['steps']} timed steps; "
         f"per step {s['micro_batch_size']} rows x {s['accumulation']} micro-batches of seq {s['seq_len']} (ours); "
         f"timed: {result['data']['timed_tokens']:,} tokens, {result['data']['timed_supervised_tokens']:,} supervised",

@@ -185,8 +185,10 @@ def bench(kind: str, data: Path, folder: Path, num_proc: int | None) -> None:
         tokens = int(prepared.train.lengths.sum())
         processes = prepared.files[0].processes if run == "cold" else "-"
         print(
-            f"  {kind:5s} {run:6s} {seconds:7.2f} s  {megabytes / seconds:8.1f} MB/s  {tokens / seconds / 1e6:7.2f} M tokens/s"
-            f"  (CPU {cpu:.1f} s in all processes; {len(prepared.train):,} examples, {tokens:,} tokens, processes: {processes})"
+            f"  {kind:5s} {run:6s} {seconds:7.2f} s  {megabytes / seconds:8.1f} MB/s  "
+            f"{tokens / seconds / 1e6:7.2f} M tokens/s"
+            f"  (CPU {cpu:.1f} s in all processes; {len(prepared.train):,} examples, {tokens:,} tokens, "
+            f"processes: {processes})"
         )
 
 
@@ -208,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             rows = generate(data, args.size_mb)
             print(
-                f"generated {data} ({data.stat().st_size / 1e6:.1f} MB, {rows:,} rows) in {time.perf_counter() - started:.1f} s"
+                f"generated {data} ({data.stat().st_size / 1e6:.1f} MB, {rows:,} rows) "
+                f"in {time.perf_counter() - started:.1f} s"
             )
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         print(f"read + validate + tokenize + mask, {data.stat().st_size / 1e6:.1f} MB, {cores} cores:")

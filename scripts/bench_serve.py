@@ -37,10 +37,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "examples" / "tiny-gpt2"
 PROMPTS = [
-    "List the locations mentioned in the following text.\nText: The train from Tokyo to Berlin was delayed by two hours.\nLocations:",
-    "List the locations mentioned in the following text.\nText: Maria spent the summer in Lisbon with friends.\nLocations:",
-    "List the locations mentioned in the following text.\nText: David finished the report on Friday morning.\nLocations:",
-    "List the locations mentioned in the following text.\nText: Heavy rain caused flooding in Cairo on Monday.\nLocations:",
+    (
+        "List the locations mentioned in the following text.\n"
+        "Text: The train from Tokyo to Berlin was delayed by two hours.\nLocations:"
+    ),
+    (
+        "List the locations mentioned in the following text.\n"
+        "Text: Maria spent the summer in Lisbon with friends.\nLocations:"
+    ),
+    (
+        "List the locations mentioned in the following text.\n"
+        "Text: David finished the report on Friday morning.\nLocations:"
+    ),
+    (
+        "List the locations mentioned in the following text.\n"
+        "Text: Heavy rain caused flooding in Cairo on Monday.\nLocations:"
+    ),
     "List the locations mentioned in the following text.\nText: Anna lives in Dublin but works in London.\nLocations:",
     "Hello",
     "The",

@@ -7,9 +7,9 @@
 2. This disk's throughput through the same function: a synthetic model of `--throughput-mb` MB of
    weights plus optimizer state, saved 3 times.
 3. GPT-J-6B (its published shape, built on the meta device: no weights exist) with LoRA as in
-   configs/gptj.yaml (bf16 base) and with full fine-tuning (float32 master weights): the state's bytes from `trainer.disk.run_bytes`, and the
-   time those bytes would take at the throughput of step 2. An estimate for this disk only: a
-   cluster's parallel filesystem is another disk.
+   configs/gptj.yaml (bf16 base) and with full fine-tuning (float32 master weights): the state's bytes
+   from `trainer.disk.run_bytes`, and the time those bytes would take at the throughput of step 2. An
+   estimate for this disk only: a cluster's parallel filesystem is another disk.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         result["gptj_6b_estimates"][method] = {"bytes": size, "seconds_at_this_throughput": size / throughput}
 
     print(
-        f"tiny-gpt2 full fine-tuning state: {human(tiny_bytes)}, median {statistics.median(tiny_seconds) * 1000:.1f} ms "
+        f"tiny-gpt2 full fine-tuning state: {human(tiny_bytes)}, "
+        f"median {statistics.median(tiny_seconds) * 1000:.1f} ms "
         f"(min {min(tiny_seconds) * 1000:.1f}, max {max(tiny_seconds) * 1000:.1f}) over {args.repeat} saves"
     )
     print(

@@ -125,7 +125,8 @@ def check(
 
 def format_checks(checks: list[Check]) -> str:
     lines = [
-        "| method | gradient checkpointing | kept by forward: estimated | measured | peak: estimated | measured | peak error |",
+        "| method | gradient checkpointing | kept by forward: estimated | measured "
+        "| peak: estimated | measured | peak error |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for c in checks:

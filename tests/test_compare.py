@@ -337,7 +337,8 @@ def test_bad_prediction_queries_name_the_parameter(run, models, tmp_path, query,
             {"checkpoint": "checkpoint-4", "prompt": "x", "colour": 1},
             422,
             "colour",
-            "unknown field 'colour'; allowed fields: checkpoint, prompt, messages, max_new_tokens, temperature, top_p, top_k, stop, seed",
+            "unknown field 'colour'; allowed fields: "
+            "checkpoint, prompt, messages, max_new_tokens, temperature, top_p, top_k, stop, seed",
         ),
         (
             {"checkpoint": "checkpoint-4"},
@@ -355,7 +356,8 @@ def test_bad_prediction_queries_name_the_parameter(run, models, tmp_path, query,
             {"checkpoint": "checkpoint-4", "messages": [{"role": "robot", "content": "hi"}]},
             422,
             "messages",
-            "messages[0].role: Input should be 'system', 'user' or 'assistant' (got 'robot'); allowed: \"system\", \"user\" or \"assistant\"",
+            "messages[0].role: Input should be 'system', 'user' or 'assistant' (got 'robot'); "
+            'allowed: "system", "user" or "assistant"',
         ),
         (
             {"prompt": "x"},
@@ -368,7 +370,8 @@ def test_bad_prediction_queries_name_the_parameter(run, models, tmp_path, query,
             {"checkpoint": "checkpoint-4", "prompt": "kiwi -> " * 40},
             400,
             "prompt",
-            "prompt: 120 tokens, but the model's context is 64 tokens: at most 63 leave room for a completion. Fix: shorten the prompt",
+            "prompt: 120 tokens, but the model's context is 64 tokens: at most 63 leave room for a completion. "
+            "Fix: shorten the prompt",
         ),
     ],
 )

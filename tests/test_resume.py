@@ -247,3 +247,18 @@ def test_an_unwritable_output_dir_is_one_clear_line(runs, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: cannot write to output_dir /sys/kernel (") and "Traceback" not in err
     assert err.count("\n") == 1
+
+
+def test_a_key_a_newer_trainer_added_at_its_default_is_not_a_change():
+    """A run saved before `eval` (or `training.self_test`) existed resumes with today's defaults."""
+    from trainer.resume import config_differences
+
+    saved = {"training": {"learning_rate": 0.03}, "eval": {}}
+    current = {"training": {"learning_rate": 0.03, "self_test": True}, "eval": {"metrics": "auto", "max_examples": 200}}
+    assert config_differences(saved, current) == {}
+    changed = {
+        "training": {"learning_rate": 0.03, "self_test": False},
+        "eval": {"metrics": "none", "max_examples": 200},
+    }
+    # (training.self_test cannot change the result: a resume may always change it.)
+    assert config_differences(saved, changed) == {"eval.metrics": "eval.metrics (missing there, 'none' now)"}

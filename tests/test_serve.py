@@ -222,7 +222,8 @@ def test_the_openai_client_works_unchanged(served):
             "/v1/completions",
             {"model": "NAME", "prompt": ["a"] * 65},
             422,
-            "prompt: this request asks for 65 completions (65 prompts x n=1), more than this server's limit of 64 per request (--max-rows-per-request)",
+            "prompt: this request asks for 65 completions (65 prompts x n=1), "
+            "more than this server's limit of 64 per request (--max-rows-per-request)",
         ),
         (
             "/v1/completions",
@@ -246,7 +247,8 @@ def test_the_openai_client_works_unchanged(served):
             "/completions",
             {"text": "a", "stop_tokens": 5},
             422,
-            "stop_tokens: invalid value (got 5); allowed: a string or a list of at most 16 strings (an alias of stop_sequences)",
+            "stop_tokens: invalid value (got 5); "
+            "allowed: a string or a list of at most 16 strings (an alias of stop_sequences)",
         ),
         ("/completions", b'{"text": "\\ud800 ->"}', 400, "text: holds a lone UTF-16 surrogate"),
         (

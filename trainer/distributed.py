@@ -156,7 +156,8 @@ def _apply_fsdp(config, options: dict[str, str]) -> None:
     dist = config.distributed
     if dist.strategy == "ddp" and "strategy" in dist.model_fields_set:
         raise LauncherConflict(
-            "the accelerate launcher asks for FSDP (ACCELERATE_USE_FSDP=true: `distributed_type: FSDP` in the accelerate "
+            "the accelerate launcher asks for FSDP "
+            "(ACCELERATE_USE_FSDP=true: `distributed_type: FSDP` in the accelerate "
             "config file, or --use_fsdp) but the config sets distributed.strategy=ddp. Fix: set "
             "distributed.strategy=fsdp (or auto), or launch with a config file whose distributed_type is MULTI_GPU",
             setting="ACCELERATE_USE_FSDP",

@@ -309,7 +309,8 @@ def check_device(report: Report) -> torch.device:
     info["bitsandbytes"] = bitsandbytes_info()
     bnb = info["bitsandbytes"]
     report.say(
-        f"  bitsandbytes: {bnb['version'] + ', backend ' + str(bnb['backend']) if bnb['installed'] else 'not installed'}"
+        f"  bitsandbytes: "
+        f"{bnb['version'] + ', backend ' + str(bnb['backend']) if bnb['installed'] else 'not installed'}"
         + (f" ({bnb['error']})" if bnb.get("error") else "")
     )
     report.sections["device"] = info
@@ -692,7 +693,8 @@ def build_and_self_test(report: Report, resolved: Resolved, device: torch.device
     report.sections["disk"].update(needed_bytes=needed, checkpoint_bytes=sizes.checkpoint, state_bytes=sizes.state)
     report.say(
         f"  disk: the run needs about {_gb(needed)} ({config.checkpoints.count} checkpoints of "
-        f"{_gb(sizes.checkpoint)}, resumable states of {_gb(sizes.state)}); {_gb(report.sections['disk']['free_bytes'])} free"
+        f"{_gb(sizes.checkpoint)}, resumable states of {_gb(sizes.state)}); "
+        f"{_gb(report.sections['disk']['free_bytes'])} free"
     )
     try:
         check_free_space(disk_folder, sizes, checkpoints_left=config.checkpoints.count, states_present=0)

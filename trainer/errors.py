@@ -103,7 +103,8 @@ class TrainingDiverged(UserError):
             f"in a row (steps {first} to {step}; they changed no weight). The resumable state of step {step} is saved. "
             f"Likely causes: a learning rate too high (training.learning_rate={learning_rate:g}), fp16 overflow "
             f"(training.mixed_precision={mixed_precision}: use bf16 where the GPU has it), or bad data (the last "
-            f"bad step trained on {', '.join(data_lines)}). Fix the cause and start a new run (overwrite_output_dir=true); "
+            f"bad step trained on {', '.join(data_lines)}). "
+            "Fix the cause and start a new run (overwrite_output_dir=true); "
             "raise training.max_bad_steps and rerun to continue this one as it is",
             step=step,
         )

@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="extend",
         default=[],
         metavar="TEXT",
-        help=r"stop sequences: the completion is cut before the first (\n is a newline; --stop=-> for one starting with -)",
+        help=r"stop sequences: the completion is cut before the first "
+        r"(\n is a newline; --stop=-> for one starting with -)",
     )
     parser.add_argument(
         "--seed", type=int, help="sampling seed (default: the run's training.seed, as the checkpoint samples)"

@@ -151,7 +151,8 @@ def load_tokenizer(info: CheckpointInfo):
     except (OSError, ValueError) as err:
         raise UserError(
             f"could not load the tokenizer from {info.path}: {_first_line(err)}. "
-            "Fix: the folder needs the tokenizer files a checkpoint or export has (tokenizer.json, tokenizer_config.json)"
+            "Fix: the folder needs the tokenizer files a checkpoint or export has "
+            "(tokenizer.json, tokenizer_config.json)"
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # as in training; generation masks padding by position

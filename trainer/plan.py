@@ -206,7 +206,8 @@ def load_shape(config: Config):
             raise UserError(
                 f"model.name_or_path='{name}': no config.json here (not a local folder, not in the local Hugging "
                 f"Face cache) and no published shape in trainer/families.py (known: {', '.join(PUBLISHED_CONFIGS)}). "
-                f"Fix: download its config where there is network (hf download {name} config.json) or give a local folder"
+                f"Fix: download its config where there is network (hf download {name} config.json) "
+                "or give a local folder"
             ) from None
         found, source = PUBLISHED_CONFIGS[name](), "the published configuration (trainer/families.py)"
     if not estimates_memory(found):

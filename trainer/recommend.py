@@ -72,7 +72,10 @@ def recommend(checkpoints: Sequence, primary: str | None = None) -> Recommendati
     chosen = tied[0]  # sorted by step: the earliest of equals
     name = f"{CHECKPOINT_PREFIX}{_get(chosen, 'step')}"
     if metric == "eval_loss":
-        why = f"lowest eval loss ({best_value:.4f}) of {len(scored)} checkpoint{'s' if len(scored) != 1 else ''}, as no task metric was computed"
+        why = (
+            f"lowest eval loss ({best_value:.4f}) of {len(scored)} checkpoint{'s' if len(scored) != 1 else ''}, "
+            "as no task metric was computed"
+        )
     else:
         examples = _get(chosen, "eval_examples")
         over = f" on {examples} validation examples" if examples else ""

@@ -600,7 +600,9 @@ def _wrong_answers_section(rows: list[Row], best: int | None) -> str:
             counted = f" ({count}{_e(over)})" if count is not None else ""
             out.append(f'<div class="wrong-kind">{_e(kind)}{counted}</div>')
             out.append(
-                '<table class="wrong"><thead><tr><th>prompt (end)</th><th>expected</th><th>answered</th></tr></thead><tbody>'
+                '<table class="wrong"><thead>'
+                "<tr><th>prompt (end)</th><th>expected</th><th>answered</th></tr>"
+                "</thead><tbody>"
             )
             for example in group:
                 prompt, expected, answered = (str(example.get(k, "")) for k in ("prompt", "reference", "prediction"))
@@ -608,7 +610,8 @@ def _wrong_answers_section(rows: list[Row], best: int | None) -> str:
                     f'<div class="text">{_e(answered)}</div>' if answered else '<span class="empty">(empty)</span>'
                 )
                 out.append(
-                    f'<tr><td><div class="text">{_e(_tail(prompt))}</div></td><td><div class="text">{_e(expected)}</div></td>'
+                    f'<tr><td><div class="text">{_e(_tail(prompt))}</div></td>'
+                    f'<td><div class="text">{_e(expected)}</div></td>'
                     f"<td>{answered_html}</td></tr>"
                 )
             out.append("</tbody></table>")
@@ -650,7 +653,8 @@ def _answers_tables(rows: list[Row], prompts: list[str], parameters: list[dict],
             badge = f"<br>{BADGE}" if best_row else ""
             out.append(
                 f'<tr{BEST_CLASS if best_row else ""}><th class="ckpt">{_e(_checkpoint_name(row))}{badge}'
-                f'<div class="muted">eval loss {_number(row.eval_loss)}<br>train loss {_number(row.train_loss)}</div></th>'
+                f'<div class="muted">eval loss {_number(row.eval_loss)}'
+                f"<br>train loss {_number(row.train_loss)}</div></th>"
             )
             for i in numbers:
                 completion, finish = _completion(row.samples[i] if i < len(row.samples) else None)
@@ -788,7 +792,10 @@ def render_html_report(
     facts.append("updated " + datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     if plot_png:
         image = base64.b64encode(plot_png).decode("ascii")
-        plot = f'<img class="plot" alt="train loss per step and eval loss per checkpoint" src="data:image/png;base64,{image}">'
+        plot = (
+            '<img class="plot" alt="train loss per step and eval loss per checkpoint" '
+            f'src="data:image/png;base64,{image}">'
+        )
     else:
         plot = f'<p class="empty">The plot could not be drawn ({_e(plot_error or "no image")}).</p>'
     if metrics_png is None and _metric_names(rows):

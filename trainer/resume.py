@@ -70,8 +70,31 @@ def config_differences(saved: dict, current: dict, ignore: frozenset[str] = RESU
     return {
         key: f"{key} ({shown(old.get(key))} there, {shown(new.get(key))} now)"
         for key in sorted(old.keys() | new.keys())
-        if key not in ignore and old.get(key) != new.get(key)
+        if key not in ignore and old.get(key) != new.get(key) and not _added_since(key, old, new)
     }
+
+
+def _added_since(key: str, old: dict, new: dict) -> bool:
+    """A key the saved run's trainer did not have yet (a newer version added it), now at its
+    default: the run is the same run. Any other value for it is a change."""
+    if key in old:
+        return False
+    from pydantic import BaseModel
+
+    from trainer.config import Config
+
+    model: type[BaseModel] = Config
+    *sections, name = key.split(".")
+    for section in sections:
+        field = model.model_fields.get(section)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return False
+        model = field.annotation
+    field = model.model_fields.get(name)
+    if field is None:
+        return False
+    default = field.default_factory() if field.default_factory is not None else field.default
+    return default == new.get(key)
 
 
 def data_digests(config) -> dict[str, str]:
@@ -152,7 +175,8 @@ def _decide_from_path(config, folder: RunFolder, path: Path, world_size: int) ->
     state = read_state(path) if (path / "state.json").exists() else newest_state(path)
     if state is None:
         raise UserError(
-            f"key 'resume': {path} holds no complete resumable state. Fix: give a state-<step> folder or a run folder that has one"
+            f"key 'resume': {path} holds no complete resumable state. "
+            "Fix: give a state-<step> folder or a run folder that has one"
         )
     source_run = state.path.parent.resolve()
     same_folder = source_run == folder.path.resolve()

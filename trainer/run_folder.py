@@ -168,8 +168,10 @@ class RunLock:
             alive = age < self.HEARTBEAT_SECONDS
         if alive:
             raise RunFolderBusy(
-                f"output_dir {self.folder} is in use by another job: pid {holder.get('pid')} on host {holder.get('host')} "
-                f"(started {holder.get('started')}, lock refreshed {age:.0f} s ago; {self.path}). Fix: wait for that job "
+                f"output_dir {self.folder} is in use by another job: "
+                f"pid {holder.get('pid')} on host {holder.get('host')} "
+                f"(started {holder.get('started')}, lock refreshed {age:.0f} s ago; {self.path}). "
+                "Fix: wait for that job "
                 "to end or stop it, or choose another output_dir; the lock is taken over automatically once its "
                 f"process is gone (on another host: when the lock is {self.STALE_SECONDS / 60:.0f} minutes old)",
                 holder=holder,

@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
     if missing:
         raise UserError(
-            f'serving needs {" and ".join(missing)}, not installed here. Fix: pip install -c constraints.txt -e ".[serve]"'
+            f"serving needs {' and '.join(missing)}, not installed here. "
+            'Fix: pip install -c constraints.txt -e ".[serve]"'
         )
     from transformers.utils import logging as hf_logging
 

@@ -33,7 +33,8 @@ def check_installed(config: Config) -> None:
     if missing:
         raise UserError(
             f"tracking.report_to={config.tracking.report_to} needs {' and '.join(missing)}: "
-            f"pip install -c constraints.txt -e '.[tracking]' (or pip install {' '.join(missing)}), or set tracking.report_to=none"
+            "pip install -c constraints.txt -e '.[tracking]' "
+            f"(or pip install {' '.join(missing)}), or set tracking.report_to=none"
         )
 
 

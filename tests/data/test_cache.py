@@ -84,7 +84,10 @@ def test_a_changed_tokenizer_misses(tmp_path, tokenizer, counted):
     assert prepared.train[0].input_ids[0] == other.convert_tokens_to_ids("banana")
 
 
-TAGGED_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+TAGGED_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from trainer.data.examples import Example, read_file
 from trainer.data.tokenize import IGNORE_INDEX, tokenize_examples
 from trainer.errors import UserError
 
-I = IGNORE_INDEX
+MASKED = IGNORE_INDEX
 ONE_TURN = (("system", "Marv."), ("user", "Hi?"), ("assistant", "Hello."))
 TWO_TURNS = ONE_TURN + (("user", "Bye?"), ("assistant", "Bye now."))
 # A template of the ChatML kind: role headers, the end-of-turn token, then a newline after it.
@@ -62,7 +62,7 @@ def test_single_turn_trains_only_the_reply_and_its_eos(tokenizer):
     context = ids(tokenizer, "System: Marv.\n\nUser: Hi?\n\nAssistant:")
     reply = ids(tokenizer, " Hello.") + [tokenizer.eos_token_id]
     assert row.input_ids == context + reply
-    assert row.labels == [I] * len(context) + reply
+    assert row.labels == [MASKED] * len(context) + reply
     assert row.supervised_tokens == len(reply)
     assert report.warnings == [] and report.skipped == []
 
@@ -75,8 +75,8 @@ def test_multi_turn_masks_exactly(tokenizer, train_on):
     second_context = ids(tokenizer, "\n\nUser: Bye?\n\nAssistant:")
     second_reply = ids(tokenizer, " Bye now.") + [tokenizer.eos_token_id]
     assert row.input_ids == first_context + first_reply + second_context + second_reply
-    first_labels = first_reply if train_on == "all_assistant" else [I] * len(first_reply)
-    assert row.labels == [I] * len(first_context) + first_labels + [I] * len(second_context) + second_reply
+    first_labels = first_reply if train_on == "all_assistant" else [MASKED] * len(first_reply)
+    assert row.labels == [MASKED] * len(first_context) + first_labels + [MASKED] * len(second_context) + second_reply
 
 
 def test_eos_literal_in_a_reply_is_not_doubled(tokenizer):
@@ -95,7 +95,7 @@ def test_the_tokenizers_own_template_is_used_and_whitespace_after_the_end_token_
     second_context = ids(tokenizer, "\n<|user|>\nBye?<|endoftext|>\n<|assistant|>\n")
     second_reply = ids(tokenizer, "Bye now.") + [eos]
     assert row.input_ids == first_context + first_reply + second_context + second_reply  # nothing after the last EOS
-    assert row.labels == [I] * len(first_context) + first_reply + [I] * len(second_context) + second_reply
+    assert row.labels == [MASKED] * len(first_context) + first_reply + [MASKED] * len(second_context) + second_reply
     assert report.warnings == []
 
 
@@ -169,7 +169,10 @@ def test_context_that_tokenizes_differently_in_one_piece_is_warned_about_by_line
 
 
 def test_a_reply_without_an_end_token_is_warned_about(tokenizer):
-    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
     _, report = tokenize(tokenizer, [chat(ONE_TURN, line=2)], chat_template=template)
     assert any(
         w.startswith("chat.jsonl: in line 2, an assistant turn does not end with an end-of-turn token")

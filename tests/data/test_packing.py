@@ -11,12 +11,12 @@ from trainer.data.packing import PackedRow, collate_packed, pack_examples, packi
 from trainer.data.tokenize import IGNORE_INDEX, TokenizedExample
 from trainer.loss import supervised_loss_sum
 
-I = IGNORE_INDEX
+MASKED = IGNORE_INDEX
 
 
 def example(length: int, prompt: int = 1, line: int = 1, start: int = 1) -> TokenizedExample:
     ids = list(range(start, start + length))
-    return TokenizedExample(ids, [I] * prompt + ids[prompt:], "data.jsonl", line)
+    return TokenizedExample(ids, [MASKED] * prompt + ids[prompt:], "data.jsonl", line)
 
 
 def lines(row: PackedRow) -> list[int]:
@@ -51,12 +51,12 @@ def test_an_example_longer_than_max_seq_len_is_a_bug_upstream():
 
 
 def test_packed_row_masks_each_members_first_label_and_restarts_positions():
-    first = TokenizedExample([5, 6, 7], [I, 6, 7], "a.jsonl", 1)
+    first = TokenizedExample([5, 6, 7], [MASKED, 6, 7], "a.jsonl", 1)
     second = TokenizedExample([8, 9], [8, 9], "a.jsonl", 2)  # open-ended text: every label set
     row = PackedRow((first, second))
     assert row.input_ids == [5, 6, 7, 8, 9]
     # 8 would be predicted from 7, the other example's last token: never.
-    assert row.labels == [I, 6, 7, I, 9]
+    assert row.labels == [MASKED, 6, 7, MASKED, 9]
     assert row.position_ids == [0, 1, 2, 0, 1]
     assert row.seq_lens == [3, 2]
     assert row.supervised_tokens == first.supervised_tokens + second.supervised_tokens == 3
@@ -70,14 +70,14 @@ def test_collate_packed_pads_as_a_separate_sequence_without_a_2d_mask():
     assert "attention_mask" not in batch
     assert set(batch) == {"input_ids", "labels", "position_ids", *BOUNDARY_KEYS}
     assert batch["input_ids"].tolist() == [[10, 11, 12, 20, 21], [30, 31, 0, 0, 0]]
-    assert batch["labels"].tolist() == [[I, 11, 12, I, 21], [I, 31, I, I, I]]
+    assert batch["labels"].tolist() == [[MASKED, 11, 12, MASKED, 21], [MASKED, 31, MASKED, MASKED, MASKED]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
     # The varlen path's boundaries over the flattened rows: 3 | 2 || 2 | 3 of padding.
     assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 7, 10] and batch["cu_seq_lens_q"].dtype == torch.int32
     assert batch["max_length_q"] == 3 and batch["max_length_q"].to("meta") == 3  # stays a host int
     assert batch["cu_seq_lens_k"] is batch["cu_seq_lens_q"] and batch["max_length_k"] == 3
     idle = collate_packed([long, short], pad_id=0, supervise=False)
-    assert (idle["labels"] == I).all()
+    assert (idle["labels"] == MASKED).all()
     assert torch.equal(idle["input_ids"], batch["input_ids"])
 
 
@@ -108,7 +108,7 @@ def fruit_examples(tokenizer) -> list[TokenizedExample]:
     examples = []
     for line, (prompt, completion) in enumerate(pairs, 1):
         p, c = encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion)
-        examples.append(TokenizedExample(p + c, [I] * len(p) + c, "fruit.jsonl", line))
+        examples.append(TokenizedExample(p + c, [MASKED] * len(p) + c, "fruit.jsonl", line))
     # Every label set, position 0 included (as a format may produce): packed after a longer
     # example, its first token must not be predicted from that example's last one.
     ids = encode_completion(tokenizer, "lime -> green")

@@ -124,7 +124,8 @@ def describe_errors(err: ValidationError) -> tuple[str, str | None]:
             got = repr(error.get("input"))
             got = got if len(got) <= 40 else got[:37] + "..."
             problems[field] = (
-                f"{field}: {error['msg'].removeprefix('Value error, ')} (got {got}); allowed: {ALLOWED.get(name, 'see the README')}"
+                f"{field}: {error['msg'].removeprefix('Value error, ')} (got {got}); "
+                f"allowed: {ALLOWED.get(name, 'see the README')}"
             )
     return "; ".join(problems.values()), first
 

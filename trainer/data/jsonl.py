@@ -92,7 +92,8 @@ def refuse_json_array(path: Path) -> None:
         count = f" of {len(document)} items" if isinstance(document, list) else ""
         raise UserError(
             f"{path} is one JSON array{count}, not JSON Lines (one JSON object per line). Fix: convert it, e.g. "
-            f'`python -c "import json,sys; [print(json.dumps(r, ensure_ascii=False)) for r in json.load(open(sys.argv[1]))]" '
+            '`python -c "import json,sys; '
+            '[print(json.dumps(r, ensure_ascii=False)) for r in json.load(open(sys.argv[1]))]" '
             f"{path} > {converted}` or `jq -c '.[]' {path} > {converted}`"
         )
 

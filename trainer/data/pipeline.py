@@ -298,7 +298,8 @@ def prepare_data(config: Config, tokenizer, log: Callable[[str], None] = print) 
         log(f"warning: {warning}")
     if skipped:
         log(
-            f"skipped {len(skipped)} invalid lines (data.on_error=skip); the run folder lists them in {SKIPPED_LINES_FILE}"
+            f"skipped {len(skipped)} invalid lines (data.on_error=skip); "
+            f"the run folder lists them in {SKIPPED_LINES_FILE}"
         )
 
     train = TokenizedData([part for f in train_files for part in f.parts])

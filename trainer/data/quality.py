@@ -134,7 +134,8 @@ def _ending_warnings(file: str, rows: list[Row], eos_texts: tuple[str, ...]) -> 
                 "inconsistent_endings",
                 file,
                 r.line,
-                f"completion ends with {_short(r.completion[-12:])} while {with_eos} of {len(rows)} completions end with <|endoftext|>",
+                f"completion ends with {_short(r.completion[-12:])} "
+                f"while {with_eos} of {len(rows)} completions end with <|endoftext|>",
                 "end every completion the same way, with <|endoftext|> (--fix adds it)",
             )
             for r in without
@@ -219,7 +220,8 @@ def prompt_completion_warnings(
                     "missing_separator",
                     file,
                     r.line,
-                    f"prompt ends with {_short(body[-12:])}, not with the separator {separator!r} that ends {count} of {len(with_prompt)} prompts",
+                    f"prompt ends with {_short(body[-12:])}, "
+                    f"not with the separator {separator!r} that ends {count} of {len(with_prompt)} prompts",
                     f"end the prompt with {separator!r}",
                 )
             )
@@ -255,7 +257,8 @@ def chat_warnings(file: str, rows: list[Row]) -> list[Problem]:
                         file,
                         r.line,
                         f"messages[{index}] has role {message['role']!r}, read as {canonical!r}",
-                        f"write {canonical!r}: the alias is accepted here, but chat templates and other tools reject it",
+                        f"write {canonical!r}: the alias is accepted here, "
+                        "but chat templates and other tools reject it",
                     )
                 )
             elif message["role"] == "assistant" and not message["content"].strip():
@@ -383,7 +386,8 @@ def test_prompt_warnings(
                     "test_prompt_format",
                     file,
                     None,
-                    f"test prompt {number} ({shown}) does not end with the separator {separator!r} that ends the training prompts",
+                    f"test prompt {number} ({shown}) does not end with the separator {separator!r} "
+                    "that ends the training prompts",
                     "write test prompts exactly like the training prompts: separator included, no trailing space",
                 )
             )

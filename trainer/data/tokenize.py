@@ -305,9 +305,11 @@ class EncodeNotes:
                     source,
                     None,
                     f"in {listed_lines(sorted(self.merged_context_lines), unit)}, the chat context before an "
-                    "assistant turn gives other tokens when tokenized in one piece than turn by turn (the template joins "
-                    "two turns without a special token between them, and the tokenizer merges across the join). "
-                    "Training uses the turn-by-turn tokens and so do the checkpoints' test prompts; encode prompts turn "
+                    "assistant turn gives other tokens when tokenized in one piece than turn by turn "
+                    "(the template joins two turns without a special token between them, "
+                    "and the tokenizer merges across the join). "
+                    "Training uses the turn-by-turn tokens and so do the checkpoints' test prompts; "
+                    "encode prompts turn "
                     "by turn when you use the model too, or end each turn with a special token in data.chat_template",
                 )
             )

@@ -159,7 +159,8 @@ def _render_stats(stats: dict[str, Any]) -> list[str]:
             )
             over = f"; {lengths['over']} over max_seq_len={limit}" + (f" ({outcome})" if lengths["over"] else "")
         lines.append(
-            f"length in tokens: p50 {lengths['p50']}, p90 {lengths['p90']}, p99 {lengths['p99']}, max {lengths['max']}{over}"
+            f"length in tokens: p50 {lengths['p50']}, p90 {lengths['p90']}, p99 {lengths['p99']}, "
+            f"max {lengths['max']}{over}"
         )
         peak = max((b["count"] for b in lengths["histogram"]), default=0) or 1
         for b in lengths["histogram"]:
