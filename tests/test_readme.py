@@ -1,6 +1,7 @@
 """The README is what a new user follows literally: keep its commands and reference true."""
 
 import importlib.util
+import re
 
 from tests.helpers import REPO
 
@@ -29,14 +30,27 @@ def test_ci_runs_the_readme_test_command():
     assert 'python -m pip install -q -c constraints.txt -e ".[dev]"' in ci and test_command in ci
 
 
-def test_readme_commands_name_configs_that_exist():
-    for config in ("configs/tiny-gpt2.yaml", "configs/gptj.yaml", "configs/neox20b.yaml"):
-        assert config in README and (REPO / config).is_file()
+#: Files of the repository as the README names them (commands, the layout section).
+REPO_PATH = re.compile(
+    r"\b((?:trainer|scripts|configs|tests|examples|docs)/[\w/.-]*\w\.(?:py|yaml|sbatch|jsonl|json|md))"
+)
 
 
-def test_shipped_configs_are_valid():
+def test_every_file_the_readme_names_exists():
+    named = set(REPO_PATH.findall(README))
+    assert {
+        "configs/tiny-gpt2.yaml",
+        "scripts/prepare_data.py",
+        "scripts/slurm/train.sbatch",
+    } <= named  # the regex finds them
+    assert sorted(path for path in named if not (REPO / path).is_file()) == []
+
+
+def test_every_shipped_config_and_script_is_in_the_readme_and_each_config_has_test_prompts():
     from trainer.config import load_config
 
-    for path in sorted((REPO / "configs").glob("*.yaml")):
-        config = load_config(path)
-        assert config.test_prompts, path
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    scripts = sorted((REPO / "scripts").glob("*.py"))
+    assert configs and scripts
+    assert [path.name for path in configs + scripts if path.name not in README] == []
+    assert [path.name for path in configs if not load_config(path).test_prompts] == []
