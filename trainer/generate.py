@@ -37,7 +37,7 @@ from trainer.cli import command
 from trainer.config import TestPrompt
 from trainer.data.tokenize import encode_chat_prompt, encode_prompt, render_chat_prompt
 from trainer.errors import UsageError, UserError
-from trainer.loading import position_limit
+from trainer.loading import add_model_arguments, position_limit
 from trainer.recommend import add_best_argument
 
 
@@ -375,16 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-samples", type=int, default=1, help="completions per prompt; sample i uses seed + i")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default 8)")
     parser.add_argument("--jsonl", action="store_true", help="print JSON lines also for a single prompt")
-    parser.add_argument(
-        "--base", metavar="PATH_OR_ID", help="base model of an adapter checkpoint (default: adapter_config.json's)"
-    )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "bfloat16", "float16", "float32"),
-        help="weights dtype (auto: bfloat16 on a CUDA GPU that supports it, else float32)",
-    )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    add_model_arguments(parser)
     return parser
 
 

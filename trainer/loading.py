@@ -216,3 +216,16 @@ def position_limit(model) -> int:
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0].rstrip(".") if text else type(err).__name__
+
+
+def add_model_arguments(parser, base_help: str = "base model of an adapter checkpoint") -> None:
+    """`--base`, `--dtype` and `--device`: how the commands that run a checkpoint (generate, serve,
+    compare) load it."""
+    parser.add_argument("--base", metavar="PATH_OR_ID", help=f"{base_help} (default: adapter_config.json's)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="weights dtype (auto: bfloat16 on a CUDA GPU that supports it, else float32)",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")

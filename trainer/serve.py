@@ -36,6 +36,7 @@ from pathlib import Path
 
 from trainer.cli import command
 from trainer.errors import UsageError, UserError
+from trainer.loading import add_model_arguments
 from trainer.recommend import add_best_argument, checkpoint_from_args
 
 API_KEY_VARIABLE = "TRAINER_API_KEY"
@@ -73,16 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="/v1/embeddings' vector: the mean of the input's last hidden states, or the last token's "
         '(default mean; a request\'s "pooling" field overrides it)',
     )
-    parser.add_argument(
-        "--base", metavar="PATH_OR_ID", help="base model of an adapter checkpoint (default: adapter_config.json's)"
-    )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "bfloat16", "float16", "float32"),
-        help="weights dtype (auto: bfloat16 on a CUDA GPU that supports it, else float32)",
-    )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    add_model_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return parser
 

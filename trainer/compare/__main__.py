@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from trainer.errors import UsageError, UserError
+from trainer.loading import add_model_arguments
 from trainer.serve import API_KEY_VARIABLE, check_exposure, open_socket, read_api_key, serve_forever
 
 DEFAULT_PORT = 8100
@@ -47,16 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"dropped first (default {DEFAULT_MAX_LOADED}). LoRA checkpoints share one base model "
         "and are not counted",
     )
-    parser.add_argument(
-        "--base", metavar="PATH_OR_ID", help="base model of LoRA checkpoints (default: adapter_config.json's)"
-    )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "bfloat16", "float16", "float32"),
-        help="weights dtype (auto: bfloat16 on a CUDA GPU that supports it, else float32)",
-    )
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    add_model_arguments(parser, "base model of LoRA checkpoints")
     parser.add_argument(
         "--poll-seconds", type=float, default=3.0, help="how often the page looks for new checkpoints (default 3)"
     )
