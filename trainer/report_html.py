@@ -229,7 +229,7 @@ def render_loss_plot(history: LossHistory, rows: list[Row], best: int | None) ->
     starred. Drawn on matplotlib's Agg canvas directly: no display, no pyplot global state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     figure = Figure(figsize=(10, 4.6), dpi=110)
     FigureCanvasAgg(figure)
@@ -326,11 +326,18 @@ def render_loss_plot(history: LossHistory, rows: list[Row], best: int | None) ->
     else:
         axes.set_ylabel("loss")
     axes.set_title("Train and eval loss")
+    return _png(figure, axes, legend="upper right")
+
+
+def _png(figure, axes, legend: str) -> bytes:
+    """The plots' common finish (integer steps, a light grid, the legend) as PNG bytes."""
+    from matplotlib.ticker import MaxNLocator
+
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(True, color="#e6e6e6", linewidth=0.8)
     axes.set_axisbelow(True)
     if axes.get_legend_handles_labels()[0]:
-        axes.legend(loc="upper right", fontsize=9, framealpha=0.92)
+        axes.legend(loc=legend, fontsize=9, framealpha=0.92)
     figure.tight_layout()
     buffer = io.BytesIO()
     # No matplotlib version in the file: the same losses give the same bytes.
@@ -346,7 +353,6 @@ def render_metrics_plot(rows: list[Row], best: int | None) -> bytes:
     checkpoint starred on the primary (first) metric."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(6.4, 4.6), dpi=110)
     FigureCanvasAgg(figure)
@@ -382,15 +388,7 @@ def render_metrics_plot(rows: list[Row], best: int | None) -> bytes:
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("on the validation data")
     axes.set_title("Task metrics per checkpoint")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.grid(True, color="#e6e6e6", linewidth=0.8)
-    axes.set_axisbelow(True)
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(loc="lower right", fontsize=9, framealpha=0.92)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})
-    return buffer.getvalue()
+    return _png(figure, axes, legend="lower right")
 
 
 def _running_mean(values: list[float], window: int) -> list[float]:
