@@ -21,7 +21,6 @@ name the field; nothing a client sends gets a 500.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -50,7 +49,7 @@ from trainer.serving.app import (
     ApiError,
     BearerAuth,
     error_response,
-    invalid_text_path,
+    json_object,
     read_body,
     reading_client_input,
     redact_access_log,
@@ -358,24 +357,7 @@ def create_app(
             raise ApiError(415, "send the body as JSON with the header 'Content-Type: application/json'")
         body = await read_body(request, max_body_bytes)
         with reading_client_input():
-            try:
-                data = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise ApiError(
-                    400, f"the body is not valid JSON ({getattr(err, 'msg', err)}); send a JSON object"
-                ) from None
-            if not isinstance(data, dict):
-                raise ApiError(
-                    422, f"the body must be a JSON object with the fields {', '.join(GenerateRequest.model_fields)}"
-                )
-            bad_text = invalid_text_path(data)
-            if bad_text is not None:
-                raise ApiError(
-                    400,
-                    f"{bad_text}: holds a lone UTF-16 surrogate (such as \\ud800), which is not valid "
-                    "Unicode text; send text as valid UTF-8",
-                    bad_text,
-                )
+            data = json_object(body, GenerateRequest)
             try:
                 return GenerateRequest.model_validate(data)
             except ValidationError as err:

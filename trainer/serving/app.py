@@ -184,6 +184,31 @@ class ServedModel:
     vocab_size: int | None = None  # token ids a client may send to /v1/embeddings are below it
 
 
+def json_object(body: bytes, body_type: type[BaseModel]) -> dict:
+    """A request body as a JSON object whose text is valid Unicode, or the ApiError that says what
+    is wrong with it (400 not JSON or a lone surrogate, 422 not an object). Pydantic validates the
+    fields next."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ApiError(
+            400,
+            f"the body is not valid JSON ({getattr(err, 'msg', err)}); send a JSON object "
+            "with the header 'Content-Type: application/json'",
+        ) from None
+    if not isinstance(data, dict):
+        raise ApiError(422, f"the body must be a JSON object with the fields {', '.join(body_type.model_fields)}")
+    bad_text = invalid_text_path(data)
+    if bad_text is not None:
+        raise ApiError(
+            400,
+            f"{bad_text}: holds a lone UTF-16 surrogate (such as \\ud800), which is not valid "
+            "Unicode text; send text as valid UTF-8 (or escape whole surrogate pairs)",
+            bad_text,
+        )
+    return data
+
+
 def create_app(
     served: ServedModel,
     worker: GenerationWorker,
@@ -234,26 +259,7 @@ def create_app(
     async def parse(request: Request, body_type: type[BaseModel]):
         body = await read_body(request, max_body_bytes)
         with reading_client_input():
-            try:
-                data = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise ApiError(
-                    400,
-                    f"the body is not valid JSON ({getattr(err, 'msg', err)}); send a JSON object "
-                    "with the header 'Content-Type: application/json'",
-                ) from None
-            if not isinstance(data, dict):
-                raise ApiError(
-                    422, f"the body must be a JSON object with the fields {', '.join(body_type.model_fields)}"
-                )
-            bad_text = invalid_text_path(data)
-            if bad_text is not None:
-                raise ApiError(
-                    400,
-                    f"{bad_text}: holds a lone UTF-16 surrogate (such as \\ud800), which is not valid "
-                    "Unicode text; send text as valid UTF-8 (or escape whole surrogate pairs)",
-                    bad_text,
-                )
+            data = json_object(body, body_type)
             try:
                 parsed = body_type.model_validate(data)
             except ValidationError as err:
