@@ -19,8 +19,10 @@ def test_the_exit_code_is_the_last_jobs(tmp_path, capsys):
         message="stopped at step 5 of 24 (time limit)",
     )
     assert main([str(config)]) == 75 and "stopped at step 5 of 24 (time limit)" in capsys.readouterr().out
-    write_status(tmp_path / "run", "complete", step=24, total_steps=24, exit_code=0, message="complete: 24 steps")
+    write_status(tmp_path / "run", "complete", step=24, total_steps=24, exit_code=0, message="all 24 steps trained")
     assert main([str(config)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{tmp_path / 'run'}: complete at ") and line.endswith(": all 24 steps trained")
     assert main([]) == 2
 
 

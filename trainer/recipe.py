@@ -437,7 +437,7 @@ class FineTuneRecipe:
         finally:
             bar.close()
         self.save_resumable_state(total, "complete", final=True)
-        self.finish("complete", total, f"complete: {total} steps")
+        self.finish("complete", total, f"all {total} steps trained")
         if self.is_main:
             print(self.report_text)
             print(f"run folder: {self.output_dir}")
