@@ -26,12 +26,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.atomic import write_bytes_atomically  # noqa: E402
+from trainer.cli import command
 from trainer.data.convert import ConvertOptions, convert_table, unescape  # noqa: E402
 from trainer.data.fixes import FIXABLE, fixed_lines  # noqa: E402
 from trainer.data.split import split_file, split_output_paths  # noqa: E402
 from trainer.data.validate import load_local_tokenizer, validate_file  # noqa: E402
 from trainer.data.validation_report import ValidationReport  # noqa: E402
-from trainer.errors import UsageError, UserError  # noqa: E402
+from trainer.errors import UsageError  # noqa: E402
 
 FORMATS = ("auto", "prompt_completion", "chat", "text")
 
@@ -264,17 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        if getattr(args, "max_seq_len", None) is not None and args.max_seq_len < 1:
-            raise UsageError(f"--max-seq-len must be positive, got {args.max_seq_len}")
-        return args.run(args)
-    except SystemExit as exit:  # argparse: --help (0) or a malformed command line (2)
-        return int(exit.code or 0)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    args = build_parser().parse_args(argv)
+    if getattr(args, "max_seq_len", None) is not None and args.max_seq_len < 1:
+        raise UsageError(f"--max-seq-len must be positive, got {args.max_seq_len}")
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from trainer.cli import command
 from trainer.errors import UsageError, UserError
 from trainer.loading import add_model_arguments
 from trainer.serve import API_KEY_VARIABLE, check_exposure, open_socket, read_api_key, serve_forever
@@ -69,30 +70,26 @@ def build_app(args: argparse.Namespace, key: str | None):
     return create_app(RunReader(run_dir), models, token=key, poll_seconds=args.poll_seconds)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        if args.max_loaded < 1:
-            raise UsageError(f"--max-loaded must be at least 1, got {args.max_loaded}")
-        if not args.poll_seconds > 0:
-            raise UsageError(f"--poll-seconds must be more than 0, got {args.poll_seconds}")
-        missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
-        if missing:
-            raise UserError(
-                f'the compare page needs {" and ".join(missing)}, not installed here. Fix: pip install -e ".[serve]"'
-            )
-        from transformers.utils import logging as hf_logging
+    args = build_parser().parse_args(argv)
+    if args.max_loaded < 1:
+        raise UsageError(f"--max-loaded must be at least 1, got {args.max_loaded}")
+    if not args.poll_seconds > 0:
+        raise UsageError(f"--poll-seconds must be more than 0, got {args.poll_seconds}")
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(
+            f"the compare page needs {' and '.join(missing)}, not installed here. "
+            'Fix: pip install -c constraints.txt -e ".[serve]"'
+        )
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-        key = read_api_key(args.api_key_file)
-        check_exposure(args.host, key)
-        app = build_app(args, key)
-        sock = open_socket(args.host, args.port)
-    except SystemExit as exit:  # argparse: --help (0) or a malformed command line (2)
-        return int(exit.code or 0)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    hf_logging.disable_progress_bar()
+    key = read_api_key(args.api_key_file)
+    check_exposure(args.host, key)
+    app = build_app(args, key)
+    sock = open_socket(args.host, args.port)
     host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
     access = "API key required: the page asks for it" if key else "no API key (loopback only)"
     print(
