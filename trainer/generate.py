@@ -477,3 +477,17 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@torch.no_grad()
+def test_prompt_samples(model, tokenizer, config, autocast) -> list[dict]:
+    """Every test prompt's completion at a checkpoint (the samples.jsonl records), with the run's
+    seed and chat template; `model` is left in training mode."""
+    model.eval()
+    with autocast():
+        samples = [
+            complete(model, tokenizer, prompt, seed=config.training.seed, chat_template=config.data.chat_template)
+            for prompt in config.test_prompts
+        ]
+    model.train()
+    return samples

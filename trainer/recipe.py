@@ -16,7 +16,6 @@ trainer/metrics.py, the folder's layout in trainer/layout.py and trainer/run_fol
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,8 +31,8 @@ from trainer.config import Config, save_config
 from trainer.data.batching import DataSchedule, item_sizes, shard
 from trainer.data.chat import resolve_chat_template
 from trainer.data.packing import training_rows
-from trainer.data.pipeline import prepare_data, write_skipped_lines
-from trainer.data.preflight import preflight_data, write_data_reports
+from trainer.data.pipeline import prepare_data
+from trainer.data.preflight import preflight_data
 from trainer.disk import check_free_space, run_bytes, tokenizer_bytes
 from trainer.distributed import (
     check_shared_folder,
@@ -50,14 +49,11 @@ from trainer.evaluation import (
 )
 from trainer.families import estimates_memory, memory_families
 from trainer.faults import crash_point
-from trainer.generate import complete, encode_test_prompt
+from trainer.generate import encode_test_prompt, test_prompt_samples
 from trainer.layout import (
-    CHECKPOINT_PREFIX,
     CONFIG_FILE,
-    DATA_REPORT_FILE,
     METRICS_FILE,
     REPORT_FILE,
-    SKIPPED_LINES_FILE,
 )
 from trainer.metrics import MetricsLog
 from trainer.model import count_parameters, load_model_config, load_tokenizer
@@ -68,11 +64,11 @@ from trainer.report import CheckpointSummary, write_report
 from trainer.report_html import write_html_report
 from trainer.resolve import activation_dtype, resolve_config
 from trainer.resume import RunDecision, data_digests, decide_run
-from trainer.run_folder import RunLock, clear_run, rewind_to, write_status
+from trainer.run_folder import RunLock, make_run_folder, write_status
 from trainer.schedule import RunSchedule
 from trainer.selftest import failure as selftest_failure
 from trainer.selftest import run_self_test
-from trainer.state import load_state, restore_rng_of, save_state, step_of
+from trainer.state import load_state, restore_rng_of, save_state
 from trainer.step import optimizer_step
 from trainer.stopping import Deadline, StopSignals, boundary_decision
 from trainer.strategy import make_strategy
@@ -235,7 +231,7 @@ class FineTuneRecipe:
         # Only now may the folder change: a fresh run clears what an earlier run or a failed start
         # left; a resume rewinds the folder to the step of its state.
         if self.is_main:
-            self.prepare_folder(data)
+            make_run_folder(self.output_dir, self.decision, self.data_reports, data.skipped)
         self.owns_folder = True
         acc.wait_for_everyone()
 
@@ -362,28 +358,6 @@ class FineTuneRecipe:
         if warning:
             self.log(f"warning: {warning}")
         return warning
-
-    def prepare_folder(self, data) -> None:
-        """Main process: make `output_dir` this run's (see `_setup_data`)."""
-        if self.decision.action == "fresh":
-            clear_run(self.output_dir)
-        else:
-            step = self.decision.state.step
-            if self.decision.copy_history_from is not None:
-                self.copy_history(self.decision.copy_history_from, step)
-            rewind_to(self.output_dir, step)
-        write_data_reports(self.output_dir / DATA_REPORT_FILE, self.data_reports)
-        if data.skipped:
-            write_skipped_lines(self.output_dir / SKIPPED_LINES_FILE, data.skipped)
-
-    def copy_history(self, source: Path, step: int) -> None:
-        """`resume=PATH` from another run folder: its metrics and checkpoints up to `step` come along."""
-        clear_run(self.output_dir)
-        if (source / METRICS_FILE).exists():
-            shutil.copyfile(source / METRICS_FILE, self.output_dir / METRICS_FILE)
-        for checkpoint in source.glob(f"{CHECKPOINT_PREFIX}*"):
-            if step_of(checkpoint, CHECKPOINT_PREFIX) is not None:
-                shutil.copytree(checkpoint, self.output_dir / checkpoint.name)
 
     def check_disk(self) -> None:
         done = self.decision.state.step if self.decision.action == "resume" else 0
@@ -584,7 +558,12 @@ class FineTuneRecipe:
                 step=step,
             )
         weights = self.strategy.full_state_dict(self.model)  # collective under FSDP
-        samples = self.test_prompt_samples() if self.is_main or self.strategy.sharded else []
+        # Under FSDP every process generates (the sharded forward is collective): all get the same text.
+        samples = (
+            test_prompt_samples(self.unwrapped_model, self.tokenizer, cfg, acc.autocast)
+            if self.is_main or self.strategy.sharded
+            else []
+        )
         if self.is_main:
             info = {
                 "step": step,
@@ -620,26 +599,6 @@ class FineTuneRecipe:
             self.log(f"saved {path} ({shown}{f'; scored in {scored.seconds:.1f} s' if scored else ''})")
         acc.wait_for_everyone()
         self.deadline.record("checkpoint", time.perf_counter() - started)
-
-    @torch.no_grad()
-    def test_prompt_samples(self) -> list[dict]:
-        """Every test prompt's completion. Under FSDP every process runs it (the sharded model's
-        forward is collective), with the same prompts and seeds, so all get the same text."""
-        model = self.unwrapped_model
-        model.eval()
-        with self.accelerator.autocast():
-            samples = [
-                complete(
-                    model,
-                    self.tokenizer,
-                    p,
-                    seed=self.config.training.seed,
-                    chat_template=self.config.data.chat_template,
-                )
-                for p in self.config.test_prompts
-            ]
-        model.train()
-        return samples
 
     def write_reports(self) -> None:
         """report.md, report.html (loss.png, metrics.png) and recommendation.json: main process,

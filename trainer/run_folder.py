@@ -306,3 +306,35 @@ def read_status(folder: Path) -> dict | None:
         return json.loads((Path(folder) / STATUS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def make_run_folder(output_dir: Path, decision, data_reports: list, skipped: list) -> None:
+    """Main process, once the data passed: make `output_dir` this run's. A fresh run clears what an
+    earlier run or a failed start left; a resume rewinds the folder to its state's step (with
+    `resume=PATH` from another folder, that run's metrics and checkpoints up to the step come
+    along first). Then the data report and the skipped lines are written."""
+    from trainer.data.pipeline import write_skipped_lines
+    from trainer.data.preflight import write_data_reports
+
+    output_dir = Path(output_dir)
+    if decision.action == "fresh":
+        clear_run(output_dir)
+    else:
+        step = decision.state.step
+        if decision.copy_history_from is not None:
+            copy_history(decision.copy_history_from, output_dir, step)
+        rewind_to(output_dir, step)
+    write_data_reports(output_dir / DATA_REPORT_FILE, data_reports)
+    if skipped:
+        write_skipped_lines(output_dir / SKIPPED_LINES_FILE, skipped)
+
+
+def copy_history(source: Path, output_dir: Path, step: int) -> None:
+    """`resume=PATH` from another run folder: its metrics and checkpoints up to `step` come along
+    (`rewind_to` then drops what is after the step)."""
+    clear_run(output_dir)
+    if (source / METRICS_FILE).exists():
+        shutil.copyfile(source / METRICS_FILE, output_dir / METRICS_FILE)
+    for checkpoint in source.glob(f"{CHECKPOINT_PREFIX}*"):
+        if step_of(checkpoint, CHECKPOINT_PREFIX) is not None:
+            shutil.copytree(checkpoint, output_dir / checkpoint.name)
