@@ -128,6 +128,22 @@ def open_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def require_serving_extras(what: str) -> None:
+    """The `serve` extra's packages (fastapi, uvicorn), which the server and the compare page need."""
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(
+            f"{what} needs {' and '.join(missing)}, not installed here. "
+            'Fix: pip install -c constraints.txt -e ".[serve]"'
+        )
+
+
+def base_url(host: str, sock: socket.socket) -> str:
+    """`http://HOST:PORT` of a listening socket, an IPv6 address in brackets."""
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"http://{shown}:{sock.getsockname()[1]}"
+
+
 def default_model_name(path: Path) -> str:
     path = path.resolve()
     return f"{path.parent.name}/{path.name}" if path.name.startswith("checkpoint-") else path.name
@@ -193,7 +209,7 @@ def serving_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: st
             raise RuntimeError("the server did not start")
         time.sleep(0.02)
     try:
-        yield f"http://{host}:{sock.getsockname()[1]}"
+        yield base_url(host, sock)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -206,12 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     for option in ("max_batch_size", "max_rows_per_request"):
         if getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
-    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise UserError(
-            f"serving needs {' and '.join(missing)}, not installed here. "
-            'Fix: pip install -c constraints.txt -e ".[serve]"'
-        )
+    require_serving_extras("serving")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -224,10 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         sock.close()
         raise
-    host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
     access = "API key required" if key else "no API key (loopback only)"
     print(
-        f"serving {name} at http://{host}:{sock.getsockname()[1]} ({access}); POST /completions, /v1/completions, "
+        f"serving {name} at {base_url(args.host, sock)} ({access}); POST /completions, /v1/completions, "
         "/v1/chat/completions, /v1/embeddings; GET /v1/models, /health",
         file=sys.stderr,
         flush=True,

@@ -17,14 +17,21 @@ page asks for the key. Needs the `serve` extra: pip install -e ".[serve]".
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
 from trainer.cli import command
-from trainer.errors import UsageError, UserError
+from trainer.errors import UsageError
 from trainer.loading import add_model_arguments
-from trainer.serve import API_KEY_VARIABLE, check_exposure, open_socket, read_api_key, serve_forever
+from trainer.serve import (
+    API_KEY_VARIABLE,
+    base_url,
+    check_exposure,
+    open_socket,
+    read_api_key,
+    require_serving_extras,
+    serve_forever,
+)
 
 DEFAULT_PORT = 8100
 
@@ -77,12 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--max-loaded must be at least 1, got {args.max_loaded}")
     if not args.poll_seconds > 0:
         raise UsageError(f"--poll-seconds must be more than 0, got {args.poll_seconds}")
-    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise UserError(
-            f"the compare page needs {' and '.join(missing)}, not installed here. "
-            'Fix: pip install -c constraints.txt -e ".[serve]"'
-        )
+    require_serving_extras("the compare page")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -90,11 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     check_exposure(args.host, key)
     app = build_app(args, key)
     sock = open_socket(args.host, args.port)
-    host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
     access = "API key required: the page asks for it" if key else "no API key (loopback only)"
     print(
-        f"comparing the checkpoints of {args.run_dir} at http://{host}:{sock.getsockname()[1]}/ ({access}); "
-        "Ctrl-C stops",
+        f"comparing the checkpoints of {args.run_dir} at {base_url(args.host, sock)}/ ({access}); Ctrl-C stops",
         file=sys.stderr,
         flush=True,
     )
