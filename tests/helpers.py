@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -238,3 +239,15 @@ def run_forked(
             raise TimeoutError(f"forked run {argv} did not finish in {timeout} s")
         time.sleep(0.01)
     return [codes[pid] for pid in pids]
+
+
+#: Two CPU processes of the training command under torchrun (gloo), as a cluster job starts them.
+TORCHRUN_2 = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node",
+    "2",
+    "trainer/train.py",
+]

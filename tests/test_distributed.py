@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from tests.helpers import (
+    TORCHRUN_2,
     checkpoint_folders,
     read_jsonl,
     run_command,
@@ -27,15 +28,6 @@ from trainer.config import load_config
 from trainer.distributed import SHARED_CHECK_FILE, LauncherConflict, honour_launcher, launcher_settings
 from trainer.train import main
 
-TORCHRUN_2 = [
-    sys.executable,
-    "-m",
-    "torch.distributed.run",
-    "--standalone",
-    "--nproc_per_node",
-    "2",
-    "trainer/train.py",
-]
 # A finished FSDP run sometimes aborted at exit (reported: 3 in 30). Each real run costs 10-30 s, so
 # the suite runs one here (and one more under accelerate launch); a by-hand check runs many:
 # TRAINER_TEST_EXIT_REPEATS=20 python -m pytest -p no:xdist tests/test_distributed.py -k exit_0

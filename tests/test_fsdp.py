@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from tests.helpers import (
+    TORCHRUN_2,
     assert_same_run,
     checkpoint_folders,
     load_checkpoint_plainly,
@@ -36,15 +37,6 @@ ACCELERATE_2 = [
     "no",
     "--dynamo_backend",
     "no",
-    "trainer/train.py",
-]
-TORCHRUN_2 = [
-    sys.executable,
-    "-m",
-    "torch.distributed.run",
-    "--standalone",
-    "--nproc_per_node",
-    "2",
     "trainer/train.py",
 ]
 
