@@ -17,11 +17,11 @@ from trainer.data.tokenize import encode_chat_prompt, tokenize_examples
 from trainer.evaluation import (
     EvalResult,
     EvalRow,
+    choose_evaluation,
     common_ending,
     detected_task,
     eval_examples,
     pick_examples,
-    plan_evaluation,
     score_checkpoint,
 )
 from trainer.generate import complete
@@ -87,7 +87,7 @@ def test_common_ending_is_whitespace_or_a_special_token_found_nowhere_else():
 
 def test_plan_settles_metrics_stop_and_budget(tmp_path, tokenizer):
     valid = tokenized(write_jsonl(tmp_path / "valid.jsonl", fruit_rows(12)), tokenizer)
-    examples, settings = plan_evaluation(
+    examples, settings = choose_evaluation(
         EvalConfig(max_examples=5), valid, tokenizer, seed=1, task="classification", classes=3
     )
     assert [e.line for e in examples] == [i + 1 for i in pick_examples(12, 5, 1)]
@@ -95,12 +95,12 @@ def test_plan_settles_metrics_stop_and_budget(tmp_path, tokenizer):
     assert settings.metrics == ("accuracy",) and settings.stop == ()
     longest = max(e.reference_tokens for e in examples)
     assert settings.max_new_tokens == longest + max(4, longest // 4)
-    _, explicit = plan_evaluation(
+    _, explicit = choose_evaluation(
         EvalConfig(metrics=["exact_match"], stop=["e"], max_new_tokens=3), valid, tokenizer, seed=1
     )
     assert explicit.metrics == ("exact_match",) and explicit.stop == ("e",) and explicit.max_new_tokens == 3
     assert explicit.why == "eval.metrics lists them"
-    references = [e.reference for e in plan_evaluation(EvalConfig(stop=["e"]), valid, tokenizer, seed=1)[0]]
+    references = [e.reference for e in choose_evaluation(EvalConfig(stop=["e"]), valid, tokenizer, seed=1)[0]]
     assert " y" in references and " gr" in references  # cut before the stop, as the answers are
 
 
@@ -108,7 +108,7 @@ def test_answers_equal_trainer_generates_greedy_completions(tmp_path, fruit_chec
     model, tokenizer = fruit_checkpoint
     valid_rows = fruit_rows(12)
     valid = tokenized(write_jsonl(tmp_path / "valid.jsonl", valid_rows), tokenizer)
-    examples, settings = plan_evaluation(EvalConfig(), valid, tokenizer, seed=1, task="classification", classes=3)
+    examples, settings = choose_evaluation(EvalConfig(), valid, tokenizer, seed=1, task="classification", classes=3)
     model.train()  # as in training: scoring switches to eval mode and back
 
     result = score_checkpoint(model, tokenizer, examples, settings)
@@ -174,7 +174,7 @@ def test_two_processes_share_the_work_and_both_get_the_whole_result(tmp_path, fr
 
     model, tokenizer = fruit_checkpoint
     valid = tokenized(write_jsonl(tmp_path / "valid.jsonl", fruit_rows(12)), tokenizer)
-    examples, settings = plan_evaluation(EvalConfig(), valid, tokenizer, seed=1, task="classification", classes=3)
+    examples, settings = choose_evaluation(EvalConfig(), valid, tokenizer, seed=1, task="classification", classes=3)
     alone = score_checkpoint(model, tokenizer, examples, settings)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

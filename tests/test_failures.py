@@ -154,7 +154,7 @@ def test_the_embedded_default_continues_a_stopped_run_and_says_when_it_is_comple
     def stop_after_step_3(self, step):
         loss = train_step(self, step)
         if step == 3 and self.start_step == 0:
-            self.stop.requested = "SIGTERM"
+            self.signals.requested = "SIGTERM"
         return loss
 
     monkeypatch.setattr(FineTuneRecipe, "train_step", stop_after_step_3)

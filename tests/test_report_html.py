@@ -9,8 +9,9 @@ import re
 
 from trainer.atomic import file_mode
 from trainer.config import TestPrompt
+from trainer.metrics import read_losses
 from trainer.report import CheckpointSummary
-from trainer.report_html import read_losses, write_html_report
+from trainer.report_html import write_html_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

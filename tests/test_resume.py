@@ -24,7 +24,7 @@ from trainer.errors import (
     ProcessCountChanged,
     RunFolderBusy,
 )
-from trainer.run_folder import RunLock
+from trainer.run_lock import RunLock
 from trainer.train import FineTuneRecipe, main
 
 

@@ -3,6 +3,7 @@ import signal
 import pytest
 
 from trainer.config import Config
+from trainer.errors import TimeLimitTooShort
 from trainer.stopping import (
     MARGIN_FACTOR,
     MARGIN_SECONDS,
@@ -102,3 +103,39 @@ def test_a_time_limit_with_no_room_for_a_second_step_is_refused_with_the_numbers
         "The resumable state is saved. Fix: give the job more time (sbatch --time)"
     )
     assert Deadline(end=None).too_short(0.0, None, after_first_step=True) is None
+
+
+def test_the_stop_policy_asks_every_process_and_gives_the_reason():
+    """`at_boundary` sums the flags over the processes through `agree`: another process's signal
+    stops this one too; the state interval and the time limit come from the main process."""
+    from types import SimpleNamespace
+
+    from trainer.stopping import StopPolicy
+
+    checkpoints = SimpleNamespace(state_every_minutes=0, state_every_steps=3)
+    signals = SimpleNamespace(requested=None)
+    policy = StopPolicy(signals, Deadline(None), checkpoints, time_limit=None, is_main=True)
+    seen = []
+
+    def alone(flags):
+        seen.append(list(flags))
+        return [int(f) for f in flags]
+
+    assert policy.at_boundary(1, [4, 8], alone) == (False, False, "interval")
+    assert policy.at_boundary(3, [4, 8], alone) == (False, True, "interval")  # state_every_steps
+    assert policy.at_boundary(4, [4, 8], alone) == (False, True, "checkpoint")
+    assert seen[0] == [False, False, False]
+    another_process_signalled = lambda flags: [1, 0, 0]  # noqa: E731
+    assert policy.at_boundary(5, [4, 8], another_process_signalled) == (True, False, "stop signal on another process")
+    signals.requested = "SIGUSR1"
+    assert policy.at_boundary(5, [4, 8], alone) == (True, False, "signal SIGUSR1")
+    signals.requested = None
+    policy.deadline = Deadline(0.0)  # long past
+    assert policy.at_boundary(5, [4, 8], alone) == (True, False, "time limit")
+    with pytest.raises(TimeLimitTooShort):
+        policy.refuse_too_short(after_first_step=False)
+    policy.state_every_minutes, policy.last_state_time = 1, 0.0  # a minute has passed long ago
+    policy.deadline = Deadline(None)
+    assert policy.at_boundary(7, [4, 8], alone) == (False, True, "interval")
+    policy.state_saved()
+    assert policy.at_boundary(7, [4, 8], alone) == (False, False, "interval")

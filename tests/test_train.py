@@ -43,7 +43,7 @@ def accumulate_step(r: FineTuneRecipe, step: int):
     """Forward and backward over every micro-batch of `step` (no update), as the recipe's step does."""
     from trainer.step import accumulate_gradients
 
-    batches, items, tokens = r.micro_batches(step)
+    batches, items, tokens = r.batches.of_step(step)
     loss = accumulate_gradients(r.model, batches, step_tokens=tokens, accelerator=r.accelerator, strategy=r.strategy)
     return loss, items, tokens
 
@@ -53,12 +53,12 @@ def test_accumulated_micro_batches_equal_one_batch_of_the_same_examples(tmp_path
     split = recipe(tmp_path, tiny_model_dirs["gpt2"], "split", micro_batch_size=2, gradient_accumulation_steps=3)
     loss_one, items_one, tokens_one = accumulate_step(one, 1)
     loss_split, items_split, tokens_split = accumulate_step(split, 1)
-    lines = lambda r, items: sorted(r.train_data[i].line for i in items)
+    lines = lambda r, items: sorted(r.batches.rows[i].line for i in items)
     assert lines(one, items_one) == lines(split, items_split) == [1, 2, 3, 4, 5, 6]
     # Not vacuous: the micro-batches hold different numbers of supervised tokens, so a mean of
     # per-micro-batch means would weigh tokens unequally (its gradient differs: tests/test_step.py).
     per_micro_batch = [
-        sum(split.train_data[i].supervised_tokens for i in mb) for mb in split.data_schedule.plan(1).micro_batches
+        sum(split.batches.rows[i].supervised_tokens for i in mb) for mb in split.batches.schedule.plan(1).micro_batches
     ]
     assert len(per_micro_batch) == 3 and len(set(per_micro_batch)) == 3, per_micro_batch
     assert tokens_one == tokens_split

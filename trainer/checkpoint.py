@@ -96,7 +96,8 @@ def save_checkpoint(
 ) -> Path:
     """Write weights (safetensors, sharded with an index for large models), tokenizer, resolved
     config, samples and info; then rename. `state_dict` gives the weights when they are not the
-    model's own tensors (gathered from FSDP shards, or cast to the compute dtype).
+    model's own tensors (gathered from FSDP shards); full fine-tuning's float32 master weights are
+    saved in the compute dtype (`model.dtype`).
 
     A failed write (a full disk) leaves no folder behind and raises `SaveFailed` (trainer/disk.py
     `save_failure`, which `expected_bytes`, the checkpoint's estimated size, helps tell a full disk
@@ -108,6 +109,8 @@ def save_checkpoint(
         with atomic_folder(final) as partial:
             # LoRA: PEFT writes adapter_config.json + adapter_model.safetensors. Full: a whole HF model.
             if state_dict is not None:
+                if config.method == "full":
+                    state_dict = cast_floating(state_dict, getattr(torch, config.model.dtype))
                 state_dict = share_tied_weights(model, state_dict)
             model.save_pretrained(partial, safe_serialization=True, state_dict=state_dict)
             if state_dict is not None:

@@ -1,9 +1,9 @@
 """Score a checkpoint on the validation data by the task's own measure (trainer/task_metrics.py).
 
-    examples, settings = plan_evaluation(config.eval, valid_data, tokenizer, seed=..., task=..., classes=...)
+    examples, settings = choose_evaluation(config.eval, valid_data, tokenizer, seed=..., task=..., classes=...)
     result = score_checkpoint(model, tokenizer, examples, settings, accelerator, sharded=...)
 
-`plan_evaluation` runs once per run: it takes the first `eval.max_examples` validation examples in
+`choose_evaluation` runs once per run: it takes the first `eval.max_examples` validation examples in
 an order shuffled by the seed (the same ones at every checkpoint and after a resume), cuts each into
 its prompt and its reference answer, and settles the metrics, the stop sequences and the token
 budget. Prompt and reference come from the tokens training uses (`TokenizedExample`): the prompt's
@@ -203,7 +203,7 @@ def common_ending(references: Sequence[str], special_tokens: Sequence[str] = ())
     return stop
 
 
-def plan_evaluation(
+def choose_evaluation(
     eval_config,
     valid_data,
     tokenizer,
@@ -333,3 +333,73 @@ def validation_loss(model, valid_data, pad_id: int, *, micro_batch_size: int, ac
     model.train()
     total_tokens = int(valid_supervised.sum())
     return acc.reduce(loss_sum, reduction="sum").item() / total_tokens  # GPU sync
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe's evaluation: set up once, called at every checkpoint
+
+
+@dataclass
+class CheckpointEval:
+    """What a checkpoint's evaluation found: the eval loss (None without validation data) and the
+    task metrics' result (None when the run computes none)."""
+
+    eval_loss: float | None
+    scored: EvalResult | None
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.scored.metrics if self.scored else {}
+
+    def info(self) -> dict:
+        """checkpoint.json's evaluation fields."""
+        scored = {"metrics": self.metrics, "eval_examples": self.scored.n} if self.scored else {}
+        return {"eval_loss": self.eval_loss, **scored}
+
+    def summary_fields(self) -> dict:
+        return self.scored.summary_fields() if self.scored else {}
+
+    def prediction_records(self) -> list[dict] | None:
+        return self.scored.prediction_records() if self.scored else None
+
+    def describe(self, train_loss: float | None) -> str:
+        """The figures for the log: `train loss 1.2345, eval loss -, exact_match 0.5000; scored in 0.2 s`."""
+        figures = {"train loss": train_loss, "eval loss": self.eval_loss, **self.metrics}
+        shown = ", ".join(f"{name} {'-' if value is None else f'{value:.4f}'}" for name, value in figures.items())
+        return shown + (f"; scored in {self.scored.seconds:.1f} s" if self.scored else "")
+
+
+class Evaluator:
+    """The run's evaluation: the validation loss, and the task metrics on the examples
+    `choose_evaluation` picked once (the same at every checkpoint and after a resume)."""
+
+    def __init__(self, eval_config, valid_data, tokenizer, *, seed: int, task: str, classes: int, batch_size: int):
+        self.valid_data, self.tokenizer, self.batch_size = valid_data, tokenizer, batch_size
+        self.examples, self.settings = choose_evaluation(
+            eval_config, valid_data, tokenizer, seed=seed, task=task, classes=classes, batch_size=batch_size
+        )
+        self.scores = bool(self.examples and self.settings.metrics)
+
+    def describe(self) -> str | None:
+        if not self.scores:
+            return None
+        return (
+            f"task metrics: {', '.join(self.settings.metrics)} on {len(self.examples)} validation "
+            f"examples ({self.settings.why})"
+        )
+
+    def __call__(self, model, unwrapped_model, accelerator, *, sharded: bool) -> CheckpointEval:
+        """Collective: every process calls it at the same checkpoint and gets the same result."""
+        eval_loss = validation_loss(
+            model,
+            self.valid_data,
+            self.tokenizer.pad_token_id,
+            micro_batch_size=self.batch_size,
+            accelerator=accelerator,
+        )
+        scored = None
+        if self.scores:
+            scored = score_checkpoint(
+                unwrapped_model, self.tokenizer, self.examples, self.settings, accelerator, sharded=sharded
+            )
+        return CheckpointEval(eval_loss, scored)

@@ -790,3 +790,18 @@ def _activations_note(plan: Plan) -> str:
         f"{human(d['activations_kept_by_forward'])} kept by the forward pass + "
         f"{human(d['activations_backward_working_set'])} backward working set"
     )
+
+
+def memory_message(config: Config, model_config, *, gpus: int, gpu_memory_bytes: int) -> str | None:
+    """What training logs before loading the model on CUDA: a warning when the estimate exceeds
+    the GPU, a note when the planner has no entry for the model's family (it trains all the same),
+    else None."""
+    from trainer.families import estimates_memory, memory_families
+
+    if not estimates_memory(model_config):
+        return (
+            f"note: no memory estimate for model_type {model_config.model_type!r} (the planner knows "
+            f"{', '.join(memory_families())}); training goes on without one"
+        )
+    warning = plan_run(config, gpus=gpus, gpu_memory_bytes=gpu_memory_bytes, model_config=model_config).warning()
+    return f"warning: {warning}" if warning else None

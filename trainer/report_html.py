@@ -8,8 +8,8 @@ why, every checkpoint's answer to every test prompt side by side with the prompt
 parameters, a few validation answers each checkpoint got wrong (of each kind of mistake, with the
 confusion matrix of a classification task), and the data report's warnings.
 
-The recipe rewrites it at each checkpoint, beside report.md. It reads metrics.jsonl and
-data_report.json itself, so a half-written last line, a missing file or a null loss only leave
+The recipe rewrites it at each checkpoint, beside report.md. It reads metrics.jsonl (through
+trainer/metrics.py's reader) and data_report.json, so a half-written last line, a missing file or a null loss only leave
 something out of the page; they never stop a run. Plain HTML with inline CSS: no JavaScript, no
 external resources.
 """
@@ -27,15 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from trainer.atomic import write_bytes_atomically
-from trainer.layout import METRICS_PLOT_FILE
+from trainer.layout import DATA_REPORT_FILE, HTML_FILE, METRICS_FILE, METRICS_PLOT_FILE, PLOT_FILE, STATUS_FILE
+from trainer.metrics import LossHistory, finite, read_losses, whole_number
 from trainer.recommend import Recommendation, recommend
-from trainer.run_folder import (
-    DATA_REPORT_FILE,
-    HTML_FILE,
-    METRICS_FILE,
-    PLOT_FILE,
-    STATUS_FILE,
-)
 
 PROMPTS_PER_TABLE = 5  # more prompts than this are split over several tables (readable, printable)
 FINDINGS_PER_KIND = 10  # data-report messages listed per warning kind (the JSON file has all)
@@ -48,62 +42,6 @@ FINISH_NOTES = {"length": "cut at max_new_tokens", "stop": "ended at a stop sequ
 
 # ---------------------------------------------------------------------------------------------
 # Reading what the run wrote (every reader tolerates missing files and malformed content)
-
-
-@dataclass
-class LossHistory:
-    train: dict[int, float] = field(default_factory=dict)  # step -> loss of finite steps
-    skipped: list[int] = field(default_factory=list)  # steps with a null / non-finite loss
-    evals: dict[int, float] = field(default_factory=dict)  # step -> eval loss
-
-
-def _finite(value: Any) -> float | None:
-    """`value` as a finite float, or None (null, NaN, infinity, a string, a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _step(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
-
-
-def read_losses(path: Path) -> LossHistory:
-    """Train and eval losses from metrics.jsonl; lines that are not whole JSON objects are skipped
-    (the last one may be half written while the run goes on). A step written twice keeps its last."""
-    history = LossHistory()
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return history
-    skipped = set()
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict) or (step := _step(record.get("step"))) is None:
-            continue
-        if "eval_loss" in record:
-            if (loss := _finite(record["eval_loss"])) is not None:
-                history.evals[step] = loss
-        elif "loss" in record:
-            loss = _finite(record["loss"])
-            if loss is None or record.get("skipped"):
-                skipped.add(step)
-                history.train.pop(step, None)
-            else:
-                history.train[step] = loss
-                skipped.discard(step)
-    history.skipped = sorted(skipped)
-    return history
 
 
 def _read_json(path: Path) -> tuple[Any, str | None]:
@@ -144,18 +82,18 @@ def _rows(checkpoints: list) -> list[Row]:
     for checkpoint in checkpoints or []:
         samples = _get(checkpoint, "samples")
         metrics = _get(checkpoint, "metrics")
-        metrics = {str(k): _finite(v) for k, v in metrics.items()} if isinstance(metrics, dict) else {}
+        metrics = {str(k): finite(v) for k, v in metrics.items()} if isinstance(metrics, dict) else {}
         wrong = _get(checkpoint, "wrong")
         details = _get(checkpoint, "metric_details")
         rows.append(
             Row(
-                _step(_get(checkpoint, "step")),
-                _finite(_get(checkpoint, "epoch")),
-                _finite(_get(checkpoint, "train_loss")),
-                _finite(_get(checkpoint, "eval_loss")),
+                whole_number(_get(checkpoint, "step")),
+                finite(_get(checkpoint, "epoch")),
+                finite(_get(checkpoint, "train_loss")),
+                finite(_get(checkpoint, "eval_loss")),
                 list(samples) if isinstance(samples, (list, tuple)) else [],
                 {k: v for k, v in metrics.items() if v is not None},
-                _step(_get(checkpoint, "eval_examples")),
+                whole_number(_get(checkpoint, "eval_examples")),
                 [w for w in wrong if isinstance(w, dict)] if isinstance(wrong, (list, tuple)) else [],
                 details if isinstance(details, dict) else {},
             )
@@ -479,7 +417,7 @@ def _format_parameter(name: str, value: Any) -> str:
         stops = value if isinstance(value, (list, tuple)) else [value]
         shown = ", ".join(f"<code>{_e(json.dumps(str(s), ensure_ascii=False))}</code>" for s in stops)
         return shown or "none"
-    if name == "temperature" and _finite(value) == 0.0:
+    if name == "temperature" and finite(value) == 0.0:
         return f"{_e(value)} (greedy)"
     if name == "top_k" and value == 0:
         return "0 (off)"
@@ -502,7 +440,7 @@ def _status_line(output_dir: Path) -> str:
     status, _ = _read_json(output_dir / STATUS_FILE)
     if not isinstance(status, dict):
         return ""
-    state, step, total = status.get("status"), _step(status.get("step")), _step(status.get("total_steps"))
+    state, step, total = status.get("status"), whole_number(status.get("step")), whole_number(status.get("total_steps"))
     parts = []
     if isinstance(state, str):
         parts.append(f"status: {_e(state)}")
@@ -568,7 +506,7 @@ def _confusion_html(details: dict) -> str:
         cells = "".join(f'<td class="num">{_e(n)}</td>' for n in counts) if isinstance(counts, list) else ""
         out.append(
             f"<tr><th>{_e(label)}</th>{cells}"
-            + "".join(f'<td class="num">{_number(_finite(stats.get(k)))}</td>' for k in ("precision", "recall", "f1"))
+            + "".join(f'<td class="num">{_number(finite(stats.get(k)))}</td>' for k in ("precision", "recall", "f1"))
             + "</tr>"
         )
     out.append("</tbody></table>")
@@ -594,7 +532,7 @@ def _wrong_answers_section(rows: list[Row], best: int | None) -> str:
         for example in row.wrong:
             kinds.setdefault(str(example.get("kind", "wrong answer")), []).append(example)
         for kind, group in kinds.items():
-            count = _step(group[0].get("count"))
+            count = whole_number(group[0].get("count"))
             counted = f" ({count}{_e(over)})" if count is not None else ""
             out.append(f'<div class="wrong-kind">{_e(kind)}{counted}</div>')
             out.append(
@@ -683,7 +621,7 @@ def _findings_html(findings: list, unit: str, css_class: str) -> str:
 
     out = []
     for kind, group in groups.items():
-        lines = [_step(f.get("line")) for f in group]
+        lines = [whole_number(f.get("line")) for f in group]
         lines = [n for n in lines if n is not None]
         where = ""
         if lines:
@@ -694,7 +632,7 @@ def _findings_html(findings: list, unit: str, css_class: str) -> str:
         title = WARNING_TITLES.get(kind, kind)
         out.append(f'<div class="warn-kind {css_class}">[{_e(kind)}] {_e(title)}{where}</div><ul class="warn-list">')
         for finding in group[:FINDINGS_PER_KIND]:
-            line = _step(finding.get("line"))
+            line = whole_number(finding.get("line"))
             prefix = f"{unit} {line}: " if line is not None else ""
             out.append(f"<li>{_e(prefix)}{_e(finding.get('message', ''))}</li>")
         if len(group) > FINDINGS_PER_KIND:
@@ -729,7 +667,7 @@ def _data_section(output_dir: Path) -> str:
         facts = []
         if report.get("format"):
             facts.append(f"{_e(report['format'])} format")
-        if _step(stats.get("examples")) is not None:
+        if whole_number(stats.get("examples")) is not None:
             facts.append(f"{stats['examples']} examples")
         facts.append(f"{len(errors)} error{'s' if len(errors) != 1 else ''}")
         facts.append(f"{len(warnings)} warning{'s' if len(warnings) != 1 else ''}")

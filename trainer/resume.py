@@ -16,7 +16,7 @@ from typing import Any, Literal
 from trainer.data.cache import file_digest
 from trainer.data.pipeline import data_paths
 from trainer.errors import ConfigChanged, ProcessCountChanged, UserError
-from trainer.run_folder import RunFolder
+from trainer.run_folder import FolderContents, RunFolder
 from trainer.state import SavedState, newest_state, read_state
 
 #: Keys that cannot change the trained weights, checkpoints or samples: a resumed run may differ in them.
@@ -138,7 +138,7 @@ def _compare(
 def decide_run(config, world_size: int) -> RunDecision:
     """Decide, from the resolved `config` and what `output_dir` holds, what this job does."""
     output_dir = Path(config.output_dir)
-    folder = RunFolder.inspect(output_dir)
+    folder = RunFolder(output_dir).contents()
     if config.resume not in ("auto", "never") and (folder.state is None or config.overwrite_output_dir):
         # Once the folder has a state of its own, the same command continues that one (as auto)
         # instead of going back to PATH's older state.
@@ -166,7 +166,7 @@ def decide_run(config, world_size: int) -> RunDecision:
     return RunDecision("complete" if folder.state.complete else "resume", folder.state)
 
 
-def _decide_from_path(config, folder: RunFolder, path: Path, world_size: int) -> RunDecision:
+def _decide_from_path(config, folder: FolderContents, path: Path, world_size: int) -> RunDecision:
     """`resume=PATH`: a state folder, or a run folder whose newest state is used."""
     if not path.exists():
         raise UserError(

@@ -21,18 +21,14 @@ if __package__ in (None, ""):
 from trainer.cli import command
 from trainer.config import load_config
 from trainer.errors import EXIT_USER_ERROR, UsageError
-from trainer.run_folder import (
-    LOCK_FILE,
-    RunLock,
-    holder_is_gone,
-    read_status,
-    this_process,
-)
+from trainer.layout import LOCK_FILE
+from trainer.run_folder import RunFolder
+from trainer.run_lock import RunLock, holder_is_gone, this_process
 
 
 def describe(folder: Path) -> tuple[str, int]:
     """(one line, exit code) for the run folder `folder`."""
-    status = read_status(folder)
+    status = RunFolder(folder).read_status()
     if status is None:
         return f"{folder}: no run has started here", EXIT_USER_ERROR
     where = f"step {status.get('step', '?')} of {status.get('total_steps', '?')}"

@@ -178,3 +178,51 @@ def boundary_decision(
     else:
         reason = "checkpoint" if step in checkpoint_steps else "interval"
     return signalled or out_of_time, step in checkpoint_steps or every_steps or interval_due, reason
+
+
+class StopPolicy:
+    """What the loop asks at every step boundary: stop now? save the state now? why? The same
+    answer on every process: a stop signal on any process counts, and the main process's clock
+    alone decides the time limit and the state interval (the others get `Deadline(None)`)."""
+
+    def __init__(self, signals: StopSignals | None, deadline: Deadline, checkpoints_config, *, time_limit, is_main):
+        self.signals, self.deadline, self.is_main = signals, deadline, is_main
+        self.state_every_minutes = checkpoints_config.state_every_minutes
+        self.state_every_steps = checkpoints_config.state_every_steps
+        self.time_limit = time_limit
+        self.last_state_time = time.time()
+
+    @classmethod
+    def for_job(cls, signals, started: float, training_config, checkpoints_config, *, is_main: bool) -> "StopPolicy":
+        time_limit = training_config.time_limit
+        deadline = Deadline.for_job(time_limit, started) if is_main else Deadline(None)
+        return cls(signals, deadline, checkpoints_config, time_limit=time_limit, is_main=is_main)
+
+    def state_saved(self) -> None:
+        self.last_state_time = time.time()
+
+    def at_boundary(self, step: int, checkpoint_steps: list[int], agree) -> tuple[bool, bool, str]:
+        """(stop now, save the state now, why) after `step`. `agree(flags)` sums a list of flags
+        over the processes (trainer.distributed.sum_over_processes)."""
+        now = time.time()
+        signalled = bool(self.signals and self.signals.requested)
+        interval_due = (
+            self.is_main
+            and bool(self.state_every_minutes)
+            and now - self.last_state_time >= 60 * self.state_every_minutes
+        )
+        out_of_time = self.is_main and self.deadline.must_stop(now, step + 1 in checkpoint_steps)
+        flags = [flag > 0 for flag in agree([signalled, interval_due, out_of_time])]
+        return boundary_decision(
+            step,
+            *flags,
+            checkpoint_steps=checkpoint_steps,
+            state_every_steps=self.state_every_steps,
+            own_signal=self.signals.requested if self.signals else None,
+        )
+
+    def refuse_too_short(self, *, after_first_step: bool) -> None:
+        """Main process: raise TimeLimitTooShort when the time limit leaves no room for a second step."""
+        err = self.deadline.too_short(time.time(), self.time_limit, after_first_step=after_first_step)
+        if err is not None:
+            raise err

@@ -154,6 +154,12 @@ class Sharded:
             if main:
                 buffer.copy_(buffers[name])
             torch.distributed.broadcast(buffer, src=0)
+        total = sum(p.numel() for p in model.parameters())  # a DTensor's numel is the whole tensor's
+        print(
+            f"[rank {acc.process_index}] FSDP: this process holds {self.held_parameters(model):,} of {total:,} "
+            "parameters",
+            flush=True,
+        )
         return model
 
     def check_wrap_classes(self) -> None:

@@ -97,3 +97,22 @@ def log_samples(accelerator, config: Config, step: int, samples: list[dict]) -> 
         lines = ["| prompt | completion | finish | parameters |", "|---|---|---|---|"]
         lines += ["| " + " | ".join(markdown_cell(cell) for cell in row) + " |" for row in rows]
         accelerator.get_tracker("tensorboard", unwrap=True).add_text(name, "\n".join(lines), global_step=step)
+
+
+def log_step(accelerator, step: int, result, *, learning_rate: float, tokens_per_second: float) -> None:
+    """An optimizer step's figures (trainer/step.py's result)."""
+    if accelerator.trackers:
+        figures = {
+            "train/loss": result.loss,
+            "train/learning_rate": learning_rate,
+            "train/grad_norm": result.grad_norm,
+            "train/tokens_per_second": tokens_per_second,
+        }
+        accelerator.log(figures, step=step)
+
+
+def log_eval(accelerator, step: int, eval_loss: float | None, metrics: dict[str, float]) -> None:
+    """A checkpoint's eval loss and task metrics, each as `eval/<name>` (none: nothing is logged)."""
+    figures = {f"eval/{name}": value for name, value in {"loss": eval_loss, **metrics}.items() if value is not None}
+    if figures:
+        accelerator.log(figures, step=step)

@@ -106,3 +106,25 @@ def test_item_sizes_takes_the_arrays_tokenized_data_keeps():
 
     tokens, supervised = item_sizes(Kept())
     assert tokens is Kept.lengths and supervised is Kept.supervised_tokens
+
+
+def test_training_batches_give_this_process_its_share_and_the_whole_steps_sizes():
+    """Process 1 of 2 at step 1 of the 10-example schedule above: micro-batches [2, 7, 1, 0] and
+    [3, 9, 8, 5]; its shares are items [7, 0] and [9, 5]; the step's 8 items count for both."""
+    from trainer.data.batching import TrainingBatches
+
+    rows = [TokenizedExample([5] * (i + 2), [IGNORE_INDEX] + [5] * (i + 1), "d.jsonl", i + 1) for i in range(10)]
+    schedule = DataSchedule(10, micro_batch_size=2, accumulation=2, world_size=2, seed=1)
+    batches = TrainingBatches(rows, collate, EOS, schedule, rank=1, world_size=2)
+    collated, step_items, supervised = batches.of_step(1)
+    assert step_items == [2, 7, 1, 0, 3, 9, 8, 5]
+    assert supervised == sum(i + 1 for i in step_items) == 43  # example i supervises i + 1 tokens
+    assert [b["input_ids"].shape[1] for b in collated] == [9, 11]  # rows 7 and 0, rows 9 and 5: longest
+    assert batches.tokens_of(step_items) == sum(i + 2 for i in step_items) == 51
+    items, batch, real = batches.first_micro_batch(2)  # step 2 is [[4, 6]]: process 1 gets item 6
+    assert real and [item.line for item in items] == [7] and batch["input_ids"].shape == (1, 8)
+    assert batches.source_lines([4, 6]) == ["d.jsonl line 5", "d.jsonl line 7"]
+    alone = TrainingBatches(rows[:1], collate, EOS, DataSchedule(1, micro_batch_size=1, accumulation=1,
+                            world_size=2, seed=1), rank=1, world_size=2)  # fmt: skip
+    items, batch, real = alone.first_micro_batch(1)  # nothing of its own: a stand-in with no labels
+    assert not real and batch["labels"].eq(IGNORE_INDEX).all()

@@ -40,9 +40,9 @@ from trainer.compare.page import render_page
 from trainer.compare.plots import data_uri, plots, summaries
 from trainer.config import TestPrompt
 from trainer.errors import UserError
+from trainer.layout import METRICS_FILE
+from trainer.metrics import read_losses
 from trainer.recommend import recommend
-from trainer.report_html import read_losses
-from trainer.run_folder import METRICS_FILE
 from trainer.serve import is_loopback
 from trainer.serving.app import (
     MAX_BODY_BYTES,

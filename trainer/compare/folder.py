@@ -24,9 +24,10 @@ import yaml
 
 from trainer.checkpoint import CHECKPOINT_PREFIX, INFO_FILE, SAMPLES_FILE
 from trainer.errors import UserError
+from trainer.layout import CONFIG_FILE, LOCK_FILE, METRICS_FILE, STATUS_FILE
 from trainer.loading import ADAPTER_CONFIG
-from trainer.report_html import _finite, _parameters, _prompt_text
-from trainer.run_folder import CONFIG_FILE, LOCK_FILE, METRICS_FILE, STATUS_FILE
+from trainer.metrics import finite
+from trainer.report_html import _parameters, _prompt_text
 from trainer.state import step_of
 
 # A checkpoint's validation predictions, {"prompt", "reference", "prediction", "correct"} a line: the
@@ -115,9 +116,9 @@ def read_checkpoint(path: Path, identity: tuple) -> Checkpoint | None:
         path,
         identity,
         kind,
-        _finite(info.get("epoch")),
-        _finite(info.get("train_loss")),
-        _finite(info.get("eval_loss")),
+        finite(info.get("epoch")),
+        finite(info.get("train_loss")),
+        finite(info.get("eval_loss")),
     )
     metrics = info.get("metrics")
     if isinstance(metrics, dict):
@@ -125,7 +126,7 @@ def read_checkpoint(path: Path, identity: tuple) -> Checkpoint | None:
             if name == METRIC_COUNT_KEY:
                 count = value if isinstance(value, int) and not isinstance(value, bool) else None
                 checkpoint.metric_examples = count
-            elif (number := _finite(value)) is not None:
+            elif (number := finite(value)) is not None:
                 checkpoint.metrics[str(name)] = number
     examples = info.get("eval_examples")  # the count as trainer/evaluation.py's summary gives it
     if checkpoint.metric_examples is None and isinstance(examples, int) and not isinstance(examples, bool):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import base64
 
 from trainer.compare.folder import Checkpoint
-from trainer.report_html import LossHistory, _rows, best_checkpoint, render_loss_plot, render_metrics_plot
+from trainer.metrics import LossHistory
+from trainer.report_html import _rows, best_checkpoint, render_loss_plot, render_metrics_plot
 
 
 def data_uri(png: bytes) -> str:

@@ -97,3 +97,55 @@ def item_sizes(items) -> tuple[np.ndarray, np.ndarray]:
     if hasattr(items, "lengths"):  # TokenizedData keeps them as arrays already
         return items.lengths, items.supervised_tokens
     return np.array([len(i.input_ids) for i in items]), np.array([i.supervised_tokens for i in items])
+
+
+class TrainingBatches:
+    """This process's share of every optimizer step: its collated micro-batches, the step's items
+    (on all processes) and their token counts. Every process knows the whole step's items, so the
+    step's supervised-token count (the loss's normalizer) needs no communication."""
+
+    def __init__(self, rows, collate_rows, pad_id: int, schedule: DataSchedule, *, rank: int, world_size: int):
+        self.rows, self.collate_rows, self.pad_id, self.schedule = rows, collate_rows, pad_id, schedule
+        self.rank, self.world_size = rank, world_size
+        self.tokens, self.supervised = item_sizes(rows)
+
+    @classmethod
+    def for_run(cls, rows, collate_rows, pad_id: int, training, *, rank: int, world_size: int) -> "TrainingBatches":
+        """With the data order of the `training` config section (seed, batch sizes)."""
+        schedule = DataSchedule(
+            len(rows),
+            micro_batch_size=training.micro_batch_size,
+            accumulation=training.gradient_accumulation_steps,
+            world_size=world_size,
+            seed=training.seed,
+        )
+        return cls(rows, collate_rows, pad_id, schedule, rank=rank, world_size=world_size)
+
+    def _collated(self, global_micro_batch: list[int]) -> tuple[list, dict, bool]:
+        mine, real = shard(global_micro_batch, self.rank, self.world_size)
+        items = [self.rows[i] for i in mine]
+        return items, self.collate_rows(items, self.pad_id, supervise=real), real
+
+    def of_step(self, step: int) -> tuple[list[dict], list[int], int]:
+        """(this process's collated micro-batches, on the CPU; the indices of the step's items on
+        all processes; the step's supervised tokens)."""
+        micro_batches = self.schedule.plan(step).micro_batches
+        step_items = [i for micro_batch in micro_batches for i in micro_batch]
+        batches = [self._collated(micro_batch)[1] for micro_batch in micro_batches]
+        return batches, step_items, int(self.supervised[step_items].sum())
+
+    def first_micro_batch(self, step: int) -> tuple[list, dict, bool]:
+        """This process's first micro-batch of `step`: its items, the collated batch, and whether
+        it trains (a process with no item of its own gets a stand-in with no labels)."""
+        return self._collated(self.schedule.plan(step).micro_batches[0])
+
+    def tokens_of(self, items: list[int]) -> int:
+        return int(self.tokens[items].sum())
+
+    def source_lines(self, items: list[int], limit: int = 5) -> list[str]:
+        """'file line N' of the first items (a packed row names each of its examples)."""
+        lines = []
+        for item in items[:3]:
+            for example in getattr(self.rows[item], "examples", (self.rows[item],)):
+                lines.append(f"{example.source} line {example.line}")
+        return lines[:limit]
