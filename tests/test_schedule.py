@@ -91,3 +91,16 @@ def test_warmup_steps_round_up():
 )
 def test_auto_epochs_table(size, epochs):
     assert auto_epochs(size) == epochs
+
+
+def test_warmup_steps_equal_the_hugging_face_trainers_for_every_total_and_ratio():
+    """The same rounding as transformers' TrainingArguments.get_warmup_steps, float edges included
+    (100 steps at 0.07 is 8 in both: 100 * 0.07 is 7.000000000000001), so a run here warms up as
+    the same config would under the HF Trainer; a resumed run never sees its warmup move."""
+    from transformers import TrainingArguments
+
+    for ratio in (0.0, 0.03, 0.07, 0.1, 0.15, 0.5):
+        args = TrainingArguments(output_dir="unused", warmup_steps=ratio, report_to=[])
+        for total in range(1, 401):
+            assert warmup_steps(total, ratio) == args.get_warmup_steps(total), (total, ratio)
+    assert warmup_steps(100, 0.07) == 8 and warmup_steps(100, 0.03) == 3
