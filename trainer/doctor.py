@@ -584,13 +584,13 @@ def first_batch(config, tokenizer) -> tuple[list, dict]:
     """A micro-batch made as training makes its batches, from the first examples of the first
     training file: tokenized with the loss mask, packed when packing is on, collated."""
     from trainer.data.batching import collate
-    from trainer.data.examples import read_file
+    from trainer.data.examples import first_examples
     from trainer.data.packing import collate_packed, pack_examples
     from trainer.data.pipeline import data_paths
     from trainer.data.tokenize import tokenize_examples
 
     path = data_paths(config)[0]
-    examples = read_file(path, config.data.format, on_error="skip").examples[:LABEL_SAMPLE]
+    examples = first_examples(path, config.data.format, count=LABEL_SAMPLE)  # not the whole file
     # too_long=drop: this is a sample for the labels check; the data's own checks are
     # `scripts/prepare_data.py validate` and training's preflight.
     items, _ = tokenize_examples(
