@@ -163,3 +163,22 @@ def test_user_errors_are_one_line_and_exit_1(capsys, tmp_path, in_repo):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "learning_rat" in err and "Traceback" not in err
     assert doctor.main([TINY, "--steps", "0"]) == 2  # a malformed command line: usage error, as train's
+
+
+def test_with_json_a_user_error_is_also_one_json_object_and_the_environment_one_line(capsys, tmp_path, monkeypatch):
+    missing = tmp_path / "missing.yaml"
+    assert doctor.main([str(missing), "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert json.loads(out) == {"ok": False, "error": err.removeprefix("error: ").rstrip("\n")}
+
+    def unreadable(args, report):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "data"))
+
+    monkeypatch.setattr(doctor, "run", unreadable)
+    assert doctor.main([TINY]) == 1
+    assert capsys.readouterr() == (
+        "",
+        f"error: Permission denied: {tmp_path / 'data'}. Fix: check that this path is readable and its disk has "
+        "free space\n",
+    )

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.cli import USER_ERRORS, Ending, Failure, Kind, command
 from trainer.errors import EXIT_DONE, EXIT_USER_ERROR, UsageError, UserError
 
 USAGE = "usage: python -m trainer.doctor CONFIG.yaml [section.key=value ...] [--speed] [--steps N] [--gpus N] [--json]"
@@ -583,13 +584,13 @@ def first_batch(config, tokenizer) -> tuple[list, dict]:
     """A micro-batch made as training makes its batches, from the first examples of the first
     training file: tokenized with the loss mask, packed when packing is on, collated."""
     from trainer.data.batching import collate
-    from trainer.data.examples import read_file
+    from trainer.data.examples import first_examples
     from trainer.data.packing import collate_packed, pack_examples
     from trainer.data.pipeline import data_paths
     from trainer.data.tokenize import tokenize_examples
 
     path = data_paths(config)[0]
-    examples = read_file(path, config.data.format, on_error="skip").examples[:LABEL_SAMPLE]
+    examples = first_examples(path, config.data.format, count=LABEL_SAMPLE)  # not the whole file
     # too_long=drop: this is a sample for the labels check; the data's own checks are
     # `scripts/prepare_data.py validate` and training's preflight.
     items, _ = tokenize_examples(
@@ -943,31 +944,31 @@ def _first_line(err: Exception) -> str:
     return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
 
 
-def main(argv: list[str] | None = None) -> int:
+class DoctorEnding(Ending):
+    """The doctor's part in how it ends (trainer/cli.py prints the line): with `--json`, a user
+    error is also the one JSON object on stdout."""
+
+    as_json = False
+
+    def failed(self, failure: Failure) -> None:
+        if self.as_json and failure.kind is Kind.USER:
+            print(json.dumps({"ok": False, "error": str(failure.error)}))
+
+
+# The environment (an unreadable folder, a full disk) is one line too; Ctrl-C and bugs keep Python's traceback.
+@command(ends=USER_ERRORS | {Kind.ENVIRONMENT}, path_must_be="readable", ending=DoctorEnding)
+def main(argv: list[str] | None = None, *, ending: DoctorEnding) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("-h", "--help"):
         print(f"{USAGE}\n\n{__doc__}")
         return EXIT_DONE
     _quiet()
-    as_json = "--json" in argv
+    ending.as_json = as_json = "--json" in argv
     report = Report(json_only=as_json)
     started = time.perf_counter()
-    try:
-        if not argv:
-            raise UsageError(f"no config file given\n{USAGE}")
-        run(parse_args(argv), report)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        if as_json:
-            print(json.dumps({"ok": False, "error": str(err)}))
-        return err.exit_code
-    except OSError as err:  # the environment: an unreadable folder, a full disk
-        print(
-            f"error: {err.strerror or err}: {err.filename}. Fix: check that this path is readable and its disk "
-            "has free space",
-            file=sys.stderr,
-        )
-        return EXIT_USER_ERROR
+    if not argv:
+        raise UsageError(f"no config file given\n{USAGE}")
+    run(parse_args(argv), report)
     report.sections["seconds"] = round(time.perf_counter() - started, 2)
     if as_json:
         print(json.dumps(report.to_json(), default=str))

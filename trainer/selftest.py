@@ -289,16 +289,16 @@ def check_model(
 
 
 def _raw_examples(sources: dict[str, set[int]], data_format: str) -> dict[tuple[str, int], object]:
-    """The examples at the given lines of each file, as the reader gives them."""
-    from trainer.data.examples import read_file
+    """The examples at the given lines of each file, as the reader gives them: those lines alone
+    are parsed, with the reader's own per-line parser (the file may be large; the batch is small)."""
+    from trainer.data.examples import examples_at
 
     found = {}
     for source, lines in sources.items():
         if not Path(source).exists():
             continue
-        for example in read_file(source, data_format, on_error="skip").examples:
-            if example.line in lines:
-                found[(source, example.line)] = example
+        for line, example in examples_at(source, lines, data_format).items():
+            found[(source, line)] = example
     return found
 
 

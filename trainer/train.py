@@ -6,7 +6,8 @@
 
 The config is read and validated, and (in one process) the data checked, before torch and
 transformers are imported: a typo or a broken data line is reported in well under a second. The
-recipe itself (setup, the loop, checkpoints, states) is trainer/recipe.py. How a run ends:
+recipe itself (setup, the loop, checkpoints, states) is trainer/recipe.py; how a failure is told,
+trainer/cli.py. How a run ends:
 
     0    done (or already complete)        1    an error: the config, data or paths, or a failure
     2    the command line itself           75   stopped, resumable: run the same command to continue
@@ -18,30 +19,17 @@ from __future__ import annotations
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python trainer/train.py`: make the `trainer` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from trainer.cli import EVERY_KIND, Ending, Failure, command
 from trainer.config import load_config
-from trainer.errors import (
-    EXIT_DONE,
-    EXIT_INTERRUPTED,
-    EXIT_STOPPED_RESUMABLE,
-    EXIT_USER_ERROR,
-    UsageError,
-    UserError,
-)
+from trainer.errors import EXIT_DONE, EXIT_STOPPED_RESUMABLE, UsageError
 from trainer.stopping import StopSignals
 
 USAGE = "usage: accelerate launch trainer/train.py CONFIG.yaml [section.key=value ...]"
-
-OUT_OF_MEMORY_FIX = (
-    "Fix: lower training.micro_batch_size (raise gradient_accumulation_steps to keep the batch), "
-    "set model.gradient_checkpointing=true, or lower data.max_seq_len; "
-    "`python scripts/plan.py CONFIG` estimates the memory a config needs"
-)
 
 
 def __getattr__(name: str):
@@ -53,93 +41,67 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _is_out_of_memory(err: BaseException) -> bool:
-    torch = sys.modules.get("torch")  # not imported yet: not torch's out-of-memory
-    return torch is not None and isinstance(err, torch.OutOfMemoryError)
-
-
 def _one_process() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) == 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    started = time.time()
-    rank = os.environ.get("RANK", "0")
-    prefix = "" if rank == "0" else f"[rank {rank}] "
-    recipe = None
-    with StopSignals() as stop:
+class RunEnding(Ending):
+    """Train's part in how it ends (trainer/cli.py prints the line): this process's rank, where the
+    run was, the failure recorded in status.json, and at the very end the run closed and the
+    process group left by all processes together. The stop signals stay flag-only until then."""
+
+    def __init__(self):
+        self.rank = os.environ.get("RANK", "0")
+        self.stop = StopSignals()
+        self.recipe = None
+
+    def where(self) -> str:
+        return self.recipe.where() if self.recipe is not None else " while starting"
+
+    def failed(self, failure: Failure) -> None:
+        if self.recipe is not None and failure.error is not None:
+            self.recipe.failed(failure.error, failure.exit_code)
+
+    def __enter__(self) -> "RunEnding":
+        self.stop.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
         try:
-            if not argv or argv[0] in ("-h", "--help"):
-                if argv:
-                    print(f"{USAGE}\n\n{__doc__}")
-                    return EXIT_DONE
-                raise UsageError(f"no config file given\n{USAGE}")
-            config = load_config(argv[0], argv[1:])
-            # One process: the data preflight too, still before the heavy imports. With several,
-            # the recipe's main process runs it, so that all processes stop together.
-            reports = None
-            if _one_process():
-                from trainer.data.preflight import preflight_data
-
-                reports = preflight_data(config, log=print)
-            from transformers.utils import logging as hf_logging
-
-            from trainer.recipe import FineTuneRecipe
-
-            hf_logging.disable_progress_bar()  # transformers' per-file load/save bars drown the training log
-            recipe = FineTuneRecipe(config, stop=stop, started=started, data_reports=reports)
-            return EXIT_DONE if recipe.run() == "complete" else EXIT_STOPPED_RESUMABLE
-        except UserError as err:
-            # Usually every process hits the same error (a shared one is printed by rank 0 alone), but
-            # one that only a single rank hits must not vanish: it is printed with its rank.
-            if rank == "0" or not getattr(err, "shared", False):
-                print(f"{prefix}error: {err}", file=sys.stderr)
-            if recipe is not None:
-                recipe.failed(err, err.exit_code)
-            return err.exit_code
-        except OSError as err:  # the environment: a folder that is not writable, a full disk
-            err = UserError(
-                f"{err.strerror or err}: {err.filename}. Fix: check that this path is writable and its "
-                "disk has free space"
-            )
-            print(f"{prefix}error: {err}", file=sys.stderr)
-            if recipe is not None:
-                recipe.failed(err, EXIT_USER_ERROR)
-            return EXIT_USER_ERROR
-        except KeyboardInterrupt:
-            if rank == "0":
-                print(
-                    "\ninterrupted by a second Ctrl-C: stopped at once, without saving. Rerun the same command to "
-                    "continue from the newest resumable state",
-                    file=sys.stderr,
-                )
-            return EXIT_INTERRUPTED
-        except Exception as err:
-            where = recipe.where() if recipe is not None else " while starting"
-            if _is_out_of_memory(err):  # the run's sizes, not a bug: the fix, no traceback
-                gpu = sys.modules["torch"].cuda.is_available()
-                err = UserError(f"out of {'GPU ' if gpu else ''}memory{where}. {OUT_OF_MEMORY_FIX}")
-                print(f"{prefix}error: {err}", file=sys.stderr)
-            else:  # not the user's: a library's error, or a bug of ours
-                print(
-                    f"{prefix}error: the run failed{where} with {type(err).__name__}: {err}. This is a bug in the "
-                    "trainer or a library, not in your config or data: the traceback follows; report it with the "
-                    "output of `python -m trainer.doctor CONFIG`",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                traceback.print_exc()
-            if recipe is not None:
-                recipe.failed(err, EXIT_USER_ERROR)
-            return EXIT_USER_ERROR
-        finally:
-            if recipe is not None:
-                recipe.close()
+            if self.recipe is not None:
+                self.recipe.close()
             if "torch" in sys.modules:
                 from trainer.distributed import shutdown
 
                 shutdown()  # all processes leave the process group together
+        finally:
+            self.stop.__exit__(*exc)
+
+
+@command(ends=EVERY_KIND, ending=RunEnding)
+def main(argv: list[str] | None = None, *, ending: RunEnding) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    started = time.time()
+    if not argv or argv[0] in ("-h", "--help"):
+        if argv:
+            print(f"{USAGE}\n\n{__doc__}")
+            return EXIT_DONE
+        raise UsageError(f"no config file given\n{USAGE}")
+    config = load_config(argv[0], argv[1:])
+    # One process: the data preflight too, still before the heavy imports. With several, the
+    # recipe's main process runs it, so that all processes stop together.
+    reports = None
+    if _one_process():
+        from trainer.data.preflight import preflight_data
+
+        reports = preflight_data(config, log=print)
+    from transformers.utils import logging as hf_logging
+
+    from trainer.recipe import FineTuneRecipe
+
+    hf_logging.disable_progress_bar()  # transformers' per-file load/save bars drown the training log
+    ending.recipe = FineTuneRecipe(config, stop=ending.stop, started=started, data_reports=reports)
+    return EXIT_DONE if ending.recipe.run() == "complete" else EXIT_STOPPED_RESUMABLE
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from trainer.data.examples import read_examples, split_validation
+from trainer.data.examples import examples_at, first_examples, read_examples, read_file, split_validation
 from trainer.errors import UserError
 
 GOOD = json.dumps({"prompt": "banana ->", "completion": " yellow<|endoftext|>"})
@@ -145,3 +145,100 @@ def test_chat_and_text_errors(tmp_path, row, expected):
 def test_a_folder_is_not_a_data_file(tmp_path):
     with pytest.raises(UserError, match=f"data file {tmp_path} is a folder, not a file"):
         read_examples(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# A few examples without parsing the whole file: examples_at (the self-test), first_examples (the doctor)
+
+CHAT = json.dumps({"messages": [{"role": "user", "content": "Hi?"}, {"role": "agent", "content": "Hello."}]})
+TEXT = json.dumps({"text": "Once upon a time."})
+
+
+@pytest.fixture
+def parsed_lines(monkeypatch):
+    """The line numbers `trainer.data.jsonl.parse_line` was asked to parse, in order."""
+    import trainer.data.jsonl as jsonl
+
+    seen = []
+    parse_line = jsonl.parse_line
+
+    def counted(path, line_no, raw):
+        seen.append(line_no)
+        return parse_line(path, line_no, raw)
+
+    monkeypatch.setattr(jsonl, "parse_line", counted)
+    return seen
+
+
+def test_examples_at_parses_only_the_lines_asked_for(tmp_path, parsed_lines):
+    path = tmp_path / "train.jsonl"
+    # Line 2 is broken and lines 5 and 6 (after the last asked for) are broken beyond parsing.
+    path.write_bytes(lines(GOOD, "{oops", GOOD, GOOD.replace("banana", "apple")) + b"{\n\xff\xfe not UTF-8\n")
+    found = examples_at(path, {1, 4})
+    assert parsed_lines == [1, 4]
+    assert {line: (e.prompt, e.completion, e.source) for line, e in found.items()} == {
+        1: ("banana ->", " yellow<|endoftext|>", str(path)),
+        4: ("apple ->", " yellow<|endoftext|>", str(path)),
+    }
+
+
+@pytest.mark.parametrize(
+    "content, data_format",
+    [
+        (b"\xef\xbb\xbf" + lines(GOOD, "", GOOD.replace("banana", "kiwi"), GOOD), "auto"),  # a byte-order mark
+        (lines(CHAT, CHAT.replace("Hi?", "Hey?"), CHAT), "auto"),  # `agent` read as `assistant`
+        (lines(CHAT, "[1, 2]", CHAT.replace("Hi?", "Hey?")), "chat"),
+        (lines(TEXT, TEXT.replace("Once", "Twice"), TEXT), "text"),
+    ],
+)
+def test_examples_at_equals_the_whole_files_read_at_those_lines(tmp_path, content, data_format):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content)
+    whole = {e.line: e for e in read_file(path, data_format, on_error="skip").examples}
+    for wanted in ({1}, {3}, {1, 3}, {2, 3}, set(whole)):
+        assert examples_at(path, wanted, data_format) == {n: whole[n] for n in wanted if n in whole}
+
+
+def test_examples_at_of_a_table_equals_its_whole_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    rows = [json.loads(GOOD), json.loads(GOOD.replace("banana", "kiwi")), json.loads(GOOD.replace("banana", "fig"))]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    whole = {e.line: e for e in read_file(path).examples}
+    assert examples_at(path, {3, 1, 7}) == {1: whole[1], 3: whole[3]}
+
+
+def test_first_examples_reads_only_up_to_the_last_example_it_returns(tmp_path, parsed_lines):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(lines(json.dumps({"x": 1}), "{oops", GOOD, "", GOOD, GOOD, "{") + b"\xff\n")
+    assert [e.line for e in first_examples(path, count=2)] == [3, 5]
+    assert parsed_lines == [1, 2, 3, 4, 5]  # lines 6 to 8 are not read
+
+
+@pytest.mark.parametrize(
+    "content, data_format",
+    [
+        (lines(json.dumps({"x": 1}), "{oops", GOOD, json.dumps({"text": "t"}), GOOD, GOOD), "auto"),
+        (lines(TEXT, GOOD, TEXT, TEXT), "auto"),  # the first recognisable row sets the format
+        (lines(GOOD, TEXT, TEXT, GOOD, TEXT), "text"),
+        (lines(CHAT, CHAT.replace("Hi?", "Hey?"), "{", CHAT), "chat"),
+    ],
+)
+def test_first_examples_equals_the_whole_files_first(tmp_path, content, data_format):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content)
+    whole = read_file(path, data_format, on_error="skip").examples
+    for count in (1, 2, 3, 10):
+        assert first_examples(path, data_format, count=count) == whole[:count]
+
+
+def test_first_examples_of_a_file_without_a_valid_line_fails_as_the_whole_read(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(lines(json.dumps({"x": 1}), "{oops", json.dumps({"prompt": "a"})))
+    with pytest.raises(UserError) as whole:
+        read_file(path, on_error="skip")
+    with pytest.raises(UserError) as first:
+        first_examples(path, count=64)
+    assert str(first.value) == str(whole.value) and "3 problems" in str(first.value)

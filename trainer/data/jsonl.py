@@ -1,4 +1,5 @@
-"""JSONL files: read into (line number, object) rows, reporting every broken line at once; write.
+"""JSONL files: read into (line number, object) rows, reporting every broken line at once (or only
+the lines asked for); write.
 
 Problems are collected rather than raised one by one, so a user fixes a file in one pass. Each is
 a `Problem` (kind, file, line, message, fix) made here, where it is found; `raise_problems` lists
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Iterator
 
 from trainer.data.problems import Problem, empty_file, raise_problems  # noqa: F401 - raise_problems: public here too
 from trainer.errors import UserError
@@ -98,6 +99,62 @@ def refuse_json_array(path: Path) -> None:
         )
 
 
+def parse_line(path: Path, line_no: int, raw: bytes) -> tuple[int, Any] | Problem | None:
+    """One raw line of a JSONL file as every reader parses it: the row `(line_no, object)`, the
+    `Problem` of a line that is not UTF-8 or not JSON, or None for a blank line."""
+    if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte-order mark is harmless; drop it
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return Problem(
+            "not_utf8",
+            str(path),
+            line_no,
+            f"byte 0x{raw[err.start]:02x} at column {err.start + 1} is not UTF-8 "
+            f"(the file looks like {_guess_encoding(raw)})",
+            f"re-save the file as UTF-8, e.g. `iconv -f CP1252 -t UTF-8 {path.name} > fixed.jsonl` "
+            "or 'Save as... UTF-8' in your editor",
+        )
+    if not text.strip():
+        return None
+    try:
+        return line_no, json.loads(text)
+    except json.JSONDecodeError as err:
+        return Problem(
+            "invalid_json",
+            str(path),
+            line_no,
+            f"invalid JSON ({err.msg} at column {err.colno})",
+            "each line must be one complete JSON object; check quotes, commas and escaped newlines (\\n)",
+        )
+
+
+def iter_jsonl(path: str | Path, digest=None) -> Iterator[tuple[int, Any] | Problem]:
+    """Each non-blank line of `path` parsed (`parse_line`), as it is read: a caller that stops
+    early reads no further. Raises `UserError` as `read_jsonl` does (a missing or empty file, a
+    whole file of another kind); `digest` is fed every byte read."""
+    path = Path(path)
+    require_files([path])
+    refuse_other_unicode(path)
+    refuse_json_array(path)
+    found = False
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if digest is not None:
+                digest.update(raw)
+            parsed = parse_line(path, line_no, raw)
+            if parsed is not None:
+                found = True
+                yield parsed
+    if not found:
+        raise empty_file(
+            path,
+            "is empty",
+            'it needs one JSON object per line, e.g. {"prompt": "banana ->", "completion": " yellow<|endoftext|>"}',
+        )
+
+
 def read_jsonl(path: str | Path, digest=None) -> tuple[list[tuple[int, Any]], list[Problem]]:
     """Parse every non-blank line of `path` as JSON; line numbers are 1-based.
 
@@ -108,53 +165,35 @@ def read_jsonl(path: str | Path, digest=None) -> tuple[list[tuple[int, Any]], li
     when given, is fed every byte of the file as it is read, so the file need not be read again to
     hash it.
     """
+    rows: list[tuple[int, Any]] = []
+    problems: list[Problem] = []
+    for parsed in iter_jsonl(path, digest):
+        if isinstance(parsed, Problem):
+            problems.append(parsed)
+        else:
+            rows.append(parsed)
+    return rows, problems
+
+
+def read_jsonl_lines(path: str | Path, numbers: Collection[int]) -> tuple[list[tuple[int, Any]], list[Problem]]:
+    """Only the lines `numbers` of `path`, each parsed as `read_jsonl` parses it (`parse_line`):
+    the other lines are not parsed, and reading stops after the last one asked for. For lines
+    read before (the self-test's first batch): no whole-file checks, no digest."""
     path = Path(path)
-    require_files([path])
-    refuse_other_unicode(path)
-    refuse_json_array(path)
+    wanted = set(numbers)
+    last = max(wanted, default=0)
     rows: list[tuple[int, Any]] = []
     problems: list[Problem] = []
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
-            if digest is not None:
-                digest.update(raw)
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a UTF-8 byte-order mark is harmless; drop it
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                problems.append(
-                    Problem(
-                        "not_utf8",
-                        str(path),
-                        line_no,
-                        f"byte 0x{raw[err.start]:02x} at column {err.start + 1} is not UTF-8 "
-                        f"(the file looks like {_guess_encoding(raw)})",
-                        f"re-save the file as UTF-8, e.g. `iconv -f CP1252 -t UTF-8 {path.name} > fixed.jsonl` "
-                        "or 'Save as... UTF-8' in your editor",
-                    )
-                )
-                continue
-            if not text.strip():
-                continue
-            try:
-                rows.append((line_no, json.loads(text)))
-            except json.JSONDecodeError as err:
-                problems.append(
-                    Problem(
-                        "invalid_json",
-                        str(path),
-                        line_no,
-                        f"invalid JSON ({err.msg} at column {err.colno})",
-                        "each line must be one complete JSON object; check quotes, commas and escaped newlines (\\n)",
-                    )
-                )
-    if not rows and not problems:
-        raise empty_file(
-            path,
-            "is empty",
-            'it needs one JSON object per line, e.g. {"prompt": "banana ->", "completion": " yellow<|endoftext|>"}',
-        )
+            if line_no > last:
+                break
+            if line_no in wanted:
+                parsed = parse_line(path, line_no, raw)
+                if isinstance(parsed, Problem):
+                    problems.append(parsed)
+                elif parsed is not None:
+                    rows.append(parsed)
     return rows, problems
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from trainer.data import reads
-from trainer.data.jsonl import read_jsonl, require_files
+from trainer.data.jsonl import read_jsonl, read_jsonl_lines, require_files
 from trainer.data.problems import TABLE_SUFFIXES, Problem, empty_file, row_unit  # noqa: F401 - public here too
 from trainer.errors import UserError
 
@@ -70,6 +70,19 @@ def read_table_rows(path: str | Path) -> list[tuple[int, Any]]:
             path, "has no rows", "it needs one example a row, with columns prompt and completion, or messages, or text"
         )
     return [(number, _without_nulls(row)) for number, row in enumerate(table.to_pylist(), start=1)]
+
+
+def read_rows_at(path: str | Path, numbers: Collection[int]) -> tuple[list[tuple[int, Any]], list[Problem]]:
+    """Only the rows `numbers` of a data file (those that exist), each parsed as `read_rows` parses
+    it: a JSONL file is read up to the last of them and only their lines parsed; a table is opened
+    (memory-mapped) and only those rows converted. For rows read before: nothing is kept or hashed."""
+    path = Path(path)
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        return read_jsonl_lines(path, numbers)
+    table = _read_table(path)
+    present = sorted(n for n in set(numbers) if 1 <= n <= table.num_rows)
+    rows = table.take([n - 1 for n in present]).to_pylist()
+    return [(number, _without_nulls(row)) for number, row in zip(present, rows)], []
 
 
 def read_rows(path: str | Path, *, keep: bool = False) -> tuple[list[tuple[int, Any]], list[Problem]]:
