@@ -288,6 +288,7 @@ class FineTuneRecipe:
             mininterval=0.1 if sys.stderr.isatty() else 30,
         )
         agree = lambda flags: sum_over_processes(self.accelerator, flags)  # noqa: E731
+        self.stop_policy.state_saved()  # the state interval counts from the loop's start
         try:
             for step in range(self.start_step + 1, total + 1):
                 self.progress.step = step
