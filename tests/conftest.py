@@ -56,3 +56,19 @@ def trained_checkpoints(tmp_path_factory, tiny_model_dirs):
     from tests.trained_runs import TrainedCheckpoints
 
     return TrainedCheckpoints(tmp_path_factory, tiny_model_dirs)
+
+
+@pytest.fixture
+def parsed_lines(monkeypatch):
+    """The line numbers `trainer.data.jsonl.parse_line` was asked to parse, in order."""
+    import trainer.data.jsonl as jsonl
+
+    seen = []
+    parse_line = jsonl.parse_line
+
+    def counted(path, line_no, raw):
+        seen.append(line_no)
+        return parse_line(path, line_no, raw)
+
+    monkeypatch.setattr(jsonl, "parse_line", counted)
+    return seen

@@ -157,10 +157,9 @@ def test_the_labels_check_re_encodes_the_first_batch_from_its_file(tokenizer, tm
     )
 
 
-def test_the_labels_check_parses_only_its_batchs_lines_of_the_file(tokenizer, tmp_path, monkeypatch):
+def test_the_labels_check_parses_only_its_batchs_lines_of_the_file(tokenizer, tmp_path, parsed_lines):
     import json
 
-    import trainer.data.jsonl as jsonl
     from trainer.data.batching import collate
 
     rows = [
@@ -172,15 +171,7 @@ def test_the_labels_check_parses_only_its_batchs_lines_of_the_file(tokenizer, tm
     # A large file's rest: never parsed (here it could not be).
     path.write_bytes("".join(json.dumps(r) + "\n" for r in rows).encode() + b"{ not JSON\n\xff\n" * 1000)
     items = [_example(tokenizer, r["prompt"], r["completion"], n, str(path)) for n, r in enumerate(rows, 1)]
-    parsed = []
-    parse_line = jsonl.parse_line
-
-    def counted(path, line_no, raw):
-        parsed.append(line_no)
-        return parse_line(path, line_no, raw)
-
-    monkeypatch.setattr(jsonl, "parse_line", counted)
     batch = [items[0], items[2]]
     check = check_labels(batch, collate(batch, 0), tokenizer, "auto")
     assert check.passed and check.detail == "2 examples supervise exactly their completion and EOS"
-    assert parsed == [1, 3]
+    assert parsed_lines == [1, 3]

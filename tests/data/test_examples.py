@@ -154,22 +154,6 @@ CHAT = json.dumps({"messages": [{"role": "user", "content": "Hi?"}, {"role": "ag
 TEXT = json.dumps({"text": "Once upon a time."})
 
 
-@pytest.fixture
-def parsed_lines(monkeypatch):
-    """The line numbers `trainer.data.jsonl.parse_line` was asked to parse, in order."""
-    import trainer.data.jsonl as jsonl
-
-    seen = []
-    parse_line = jsonl.parse_line
-
-    def counted(path, line_no, raw):
-        seen.append(line_no)
-        return parse_line(path, line_no, raw)
-
-    monkeypatch.setattr(jsonl, "parse_line", counted)
-    return seen
-
-
 def test_examples_at_parses_only_the_lines_asked_for(tmp_path, parsed_lines):
     path = tmp_path / "train.jsonl"
     # Line 2 is broken and lines 5 and 6 (after the last asked for) are broken beyond parsing.
