@@ -58,7 +58,7 @@ from trainer.layout import (
 from trainer.metrics import MetricsLog
 from trainer.model import count_parameters, load_model_config, load_tokenizer
 from trainer.optim import build_optimizer, require_device_features
-from trainer.plan import plan_run as estimate_memory
+from trainer.plan import estimate_run
 from trainer.recommend import recommend, write_recommendation
 from trainer.report import CheckpointSummary, write_report
 from trainer.report_html import write_html_report
@@ -183,7 +183,7 @@ class FineTuneRecipe:
 
         self.data_reports = decide_on_main(acc, preflight)
         self.model_config = load_model_config(cfg)
-        resolve_config(cfg, device=acc.device, model_config=self.model_config)
+        resolve_config(cfg, device=acc.device, model_config=self.model_config, num_processes=acc.num_processes)
         self.decision = decide_on_main(acc, lambda: decide_run(cfg, acc.num_processes))
 
     def _setup_data(self) -> None:
@@ -352,7 +352,7 @@ class FineTuneRecipe:
             )
             return None
         memory = gpu_memory_bytes or torch.cuda.get_device_properties(self.accelerator.device).total_memory
-        warning = estimate_memory(
+        warning = estimate_run(
             self.config, gpus=self.accelerator.num_processes, gpu_memory_bytes=memory, model_config=model_config
         ).warning()
         if warning:
@@ -443,7 +443,7 @@ class FineTuneRecipe:
         """This process's first micro-batch of the next step: its items, the collated batch, and
         whether it trains (a process with no item of its own gets a stand-in with no labels)."""
         acc = self.accelerator
-        global_micro_batch = self.data_schedule.plan(self.start_step + 1).micro_batches[0]
+        global_micro_batch = self.data_schedule.step_batches(self.start_step + 1).micro_batches[0]
         mine, real = shard(global_micro_batch, acc.process_index, acc.num_processes)
         items = [self.train_data[i] for i in mine]
         return items, self.collate_train(items, self.tokenizer.pad_token_id, supervise=real), real
@@ -452,12 +452,12 @@ class FineTuneRecipe:
         """This process's micro-batches of optimizer step `step` (collated, on the CPU), the indices
         of the step's training items (all processes) and the step's supervised tokens."""
         acc = self.accelerator
-        plan = self.data_schedule.plan(step)
+        step_batches = self.data_schedule.step_batches(step)
         # Every process knows the whole step's items, so the normalizer needs no communication.
-        step_items = [i for mb in plan.micro_batches for i in mb]
+        step_items = [i for mb in step_batches.micro_batches for i in mb]
         step_tokens = int(self.train_supervised[step_items].sum())
         batches = []
-        for global_micro_batch in plan.micro_batches:
+        for global_micro_batch in step_batches.micro_batches:
             mine, real = shard(global_micro_batch, acc.process_index, acc.num_processes)
             batches.append(
                 self.collate_train([self.train_data[i] for i in mine], self.tokenizer.pad_token_id, supervise=real)
