@@ -56,11 +56,11 @@ import torch  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 from trainer.families import gptj_6b_config, mid_gptj_config, model_shape, neox_20b_config  # noqa: E402
 from trainer.flops import Peak, gpu_peak, matmul_params, mfu, training_flops  # noqa: E402
+from trainer.precision import AUTOCAST, DTYPE_CHOICES, dtype_name  # noqa: E402
 
 METHODS = ("lora", "qlora", "full")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 ATTENTION = ("auto", "eager", "sdpa", "varlen", "flex")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 MAX_GRAD_NORM = 1.0  # the trainer's default; both rows clip, so both pay for it
 PROMPT_FRACTION = (0.2, 0.4)  # each example's prompt share, uniform: ~30% masked on average
 
@@ -157,40 +157,6 @@ def build_model(arch: Architecture, *, dtype: torch.dtype, device: torch.device,
 
     with torch.device(device):
         return AutoModelForCausalLM.from_config(arch.build_config(), dtype=dtype)
-
-
-def quantize_to_4bit(model, quantization_config, device: torch.device) -> None:
-    """Replace every `nn.Linear` but the output head by bitsandbytes' `Linear4bit` holding the same
-    weights in NF4, as `from_pretrained(quantization_config=...)` does while loading a checkpoint
-    (transformers' `replace_with_bnb_linear` + `Bnb4bitQuantize`); quantization happens on `.to()`."""
-    import bitsandbytes as bnb
-
-    head = model.get_output_embeddings()
-    # Names, not modules: holding a list of the Linear modules would keep every bf16 weight alive
-    # until the end, instead of freeing each one as soon as its 4-bit copy exists.
-    names = [name for name, module in model.named_modules() if type(module) is torch.nn.Linear and module is not head]
-    for name in names:
-        parent_name, _, attribute = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        child = getattr(parent, attribute)
-        with torch.device("meta"):
-            quantized = bnb.nn.Linear4bit(
-                child.in_features,
-                child.out_features,
-                bias=child.bias is not None,
-                compute_dtype=quantization_config.bnb_4bit_compute_dtype,
-                compress_statistics=quantization_config.bnb_4bit_use_double_quant,
-                quant_type=quantization_config.bnb_4bit_quant_type,
-                quant_storage=quantization_config.bnb_4bit_quant_storage,
-            )
-        quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, **quantized.weight.__dict__).to(
-            device
-        )
-        if child.bias is not None:
-            quantized.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-        setattr(parent, attribute, quantized)
-        del child  # the last reference to the bf16 weight
-    model.is_loaded_in_4bit = True  # what peft checks to wrap Linear4bit layers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,6 +385,7 @@ def prepare_model(settings: Settings, ours: bool):
     from trainer.attention import configure_attention
     from trainer.model import apply_method, quantization_options
     from trainer.optim import build_optimizer
+    from trainer.quantization import quantize_to_4bit
 
     cfg, device = settings.config, settings.device
     model = build_model(
@@ -467,7 +434,7 @@ def _recipe_step_runner(settings: Settings, model, optimizer):
 
     AcceleratorState._reset_state()  # each row its own precision
     accelerator = Accelerator(
-        mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(settings.autocast, "no"),
+        mixed_precision=AUTOCAST.get(dtype_name(settings.autocast), "no") if settings.autocast else "no",
         cpu=settings.device.type == "cpu",
     )
     strategy = Replicated(accelerator, settings.config)
@@ -760,7 +727,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--attention", choices=ATTENTION, default="auto", help="our attention backend (model.attention)"
     )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="in both rows")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights; auto: bfloat16 on CUDA, else float32")
+    parser.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto", help="weights; auto: bfloat16 on CUDA, else float32"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
         "--baseline",
@@ -840,8 +809,8 @@ def check_options(args: argparse.Namespace, arch: Architecture) -> None:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
-    from trainer.model import resolve_dtype
     from trainer.optim import require_device_features
+    from trainer.precision import resolve_dtype
 
     arch = ARCHITECTURES[args.model]
     args.seq_len = args.seq_len or arch.seq_len

@@ -80,19 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         from trainer.config import load_config
-        from trainer.plan import format_plan, plan_run
+        from trainer.plan import estimate_run, format_estimate
 
         hf_logging.set_verbosity_error()
         warnings.filterwarnings("ignore")  # library deprecation notes about meta-device models
         config = load_config(args.config, args.overrides)
-        plan = plan_run(config, gpus=args.gpus, gpu_memory_bytes=memory)
+        estimate = estimate_run(config, gpus=args.gpus, gpu_memory_bytes=memory)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     if args.json:
-        print(json.dumps({"config": args.config, "overrides": args.overrides, **plan.to_json()}, indent=2))
+        print(json.dumps({"config": args.config, "overrides": args.overrides, **estimate.to_json()}, indent=2))
     else:
-        print(format_plan(plan, args.config))
+        print(format_estimate(estimate, args.config))
     return 0
 
 

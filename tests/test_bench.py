@@ -193,6 +193,8 @@ def test_qlora_replaces_every_linear_but_the_head_with_real_4bit_layers():
 
     import bitsandbytes as bnb
 
+    from trainer.quantization import quantize_to_4bit
+
     model = bench.build_model(
         bench.ARCHITECTURES["tiny-neox"], dtype=torch.float32, device=torch.device("cpu"), seed=0, positions=64
     )
@@ -205,7 +207,7 @@ def test_qlora_replaces_every_linear_but_the_head_with_real_4bit_layers():
         bnb_4bit_quant_type="nf4",
         bnb_4bit_quant_storage=torch.uint8,
     )
-    bench.quantize_to_4bit(model, options, torch.device("cpu"))
+    quantize_to_4bit(model, options, torch.device("cpu"))
     assert model.is_loaded_in_4bit is True
     head = model.get_output_embeddings()
     assert type(head) is torch.nn.Linear  # the head stays in 16/32 bits, as transformers keeps it

@@ -25,7 +25,7 @@ from trainer.evaluation import (
     score_checkpoint,
 )
 from trainer.generate import complete
-from trainer.loading import inspect_checkpoint, load_model, load_tokenizer
+from trainer.loading import inspect_checkpoint, load_checkpoint_model, load_checkpoint_tokenizer
 from trainer.task_metrics import normalize
 
 
@@ -38,8 +38,8 @@ def tokenized(path, tokenizer):
 def fruit_checkpoint(trained_checkpoints):
     """The tiny LoRA fruit run's checkpoint, loaded as trainer.generate loads it."""
     info = inspect_checkpoint(trained_checkpoints("gpt2", "lora"))
-    tokenizer = load_tokenizer(info)
-    return load_model(info, torch.float32), tokenizer
+    tokenizer = load_checkpoint_tokenizer(info)
+    return load_checkpoint_model(info, torch.float32), tokenizer
 
 
 def test_the_examples_are_the_first_n_of_a_seeded_order_in_file_order():

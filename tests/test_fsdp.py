@@ -129,11 +129,9 @@ def test_lora_under_fsdp_trains_like_one_process(tmp_path, tiny_model_dirs):
 
 def test_fsdp_refuses_what_it_cannot_shard(tmp_path, tiny_model_dirs):
     from trainer.config import load_config
-    from trainer.strategy import check_fsdp_config, strategy_name
+    from trainer.strategy import check_fsdp_config
 
     config = write_config(tmp_path, tiny_model_dirs["gpt2"], "full")
-    assert strategy_name(load_config(config), 1) == "ddp" and strategy_name(load_config(config), 2) == "fsdp"
-    assert strategy_name(load_config(config, ["method=lora"]), 2) == "ddp"
     for overrides, message in (
         (["method=qlora"], "cannot shard QLoRA"),
         (["training.optimizer=adamw_8bit"], "8-bit state that FSDP cannot shard"),

@@ -4,7 +4,7 @@ import torch
 from trainer.config import Config
 from trainer.errors import UserError
 from trainer.families import FAMILIES
-from trainer.model import apply_method, count_parameters, load_model, load_tokenizer, resolve_dtype
+from trainer.model import apply_method, count_parameters, load_model, load_tokenizer
 
 
 def config(model_dir, **sections) -> Config:
@@ -50,9 +50,46 @@ def test_missing_model_is_a_user_error(tmp_path):
         load_tokenizer(config(tmp_path / "nothing-here"))
 
 
-def test_auto_dtype_is_float32_on_cpu():
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+def _without_weights(model_dir, tmp_path):
+    """The tiny model's folder without its weights file: config.json and the tokenizer only."""
+    import shutil
+
+    folder = tmp_path / "no-weights"
+    shutil.copytree(model_dir, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return folder
+
+
+def test_random_weights_builds_the_configured_model_without_reading_weights(tiny_model_dirs, tmp_path):
+    folder = _without_weights(tiny_model_dirs["gptj"], tmp_path)
+    cfg = config(folder, method="lora", model={"dtype": "bfloat16", "attention": "eager"})
+    with pytest.raises(UserError, match="could not load the model from model.name_or_path"):
+        load_model(cfg)  # the checkpoint's weights are not there
+    model, attention = load_model(cfg, random_weights=True)
+    assert attention == "eager" and model.config._attn_implementation == "eager"
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # the frozen base in model.dtype
+    assert model.config.use_cache is False and model.transformer.h[0].attn.q_proj.weight.device.type == "cpu"
+    full = config(folder, method="full", model={"dtype": "bfloat16"})
+    assert {p.dtype for p in load_model(full, random_weights=True)[0].parameters()} == {torch.float32}  # master weights
+
+
+def test_random_weights_take_the_model_config_given(tiny_model_dirs, tmp_path):
+    """The doctor passes a published configuration where config.json is not here either."""
+    from transformers import AutoConfig
+
+    shape = AutoConfig.from_pretrained(tiny_model_dirs["gpt_neox"])
+    cfg = config(tmp_path / "nothing-here", method="full", model={"dtype": "float32"})
+    model, _ = load_model(cfg, random_weights=True, model_config=shape)
+    assert type(model).__name__ == "GPTNeoXForCausalLM" and model.config.hidden_size == shape.hidden_size
+
+
+def test_random_weights_make_qlora_layers_4_bit(tiny_model_dirs, tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    folder = _without_weights(tiny_model_dirs["gpt_neox"], tmp_path)
+    cfg = config(folder, method="qlora", model={"dtype": "bfloat16"})
+    model, _ = load_model(cfg, random_weights=True)
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 2 * 4  # 4 projections x 2 layers; the head stays unquantized
+    assert model.is_loaded_in_4bit is True and {m.compute_dtype for m in quantized} == {torch.bfloat16}
 
 
 def test_an_unreachable_hub_fails_at_once_with_the_offline_fix(monkeypatch):

@@ -73,14 +73,15 @@ def _quantize_like_qlora(model):
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    bench = _load("bench")
+    from trainer.quantization import quantize_to_4bit
+
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
-    bench.quantize_to_4bit(model, quantization, torch.device("cpu"))
+    quantize_to_4bit(model, quantization, torch.device("cpu"))
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
@@ -116,7 +117,7 @@ def test_state_bytes_equal_a_real_model_after_one_step(tiny_model_dirs, family, 
     from transformers import AutoModelForCausalLM
 
     from trainer.model import apply_method
-    from trainer.plan import plan_run
+    from trainer.plan import estimate_run
 
     config = _config(tiny_model_dirs[family], method, dtype, optimizer)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs[family], dtype=getattr(torch, dtype))
@@ -129,16 +130,20 @@ def test_state_bytes_equal_a_real_model_after_one_step(tiny_model_dirs, family, 
     gradients = _storage_bytes([p.grad for p in model.parameters() if p.grad is not None])
     state = _storage_bytes([v for s in optimizer_state.values() for v in s.values() if torch.is_tensor(v)])
 
-    plan = plan_run(config, gpus=1, gpu_memory_bytes=10**12)
-    assert (plan.per_gpu.weights, plan.per_gpu.gradients, plan.per_gpu.optimizer) == (weights, gradients, state)
-    assert plan.model["trained_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    estimate = estimate_run(config, gpus=1, gpu_memory_bytes=10**12)
+    assert (estimate.per_gpu.weights, estimate.per_gpu.gradients, estimate.per_gpu.optimizer) == (
+        weights,
+        gradients,
+        state,
+    )
+    assert estimate.model["trained_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_fsdp_shards_every_tensor_and_gathers_blocks_in_the_compute_dtype(tiny_model_dirs):
     from transformers import AutoModelForCausalLM
 
     from trainer.families import transformer_blocks
-    from trainer.plan import plan_run
+    from trainer.plan import estimate_run
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["gptj"])
     gpus = 3  # not a divisor of the sizes: every first dimension is padded
@@ -150,29 +155,29 @@ def test_fsdp_shards_every_tensor_and_gathers_blocks_in_the_compute_dtype(tiny_m
     sharded = 4 * sum(shard.values())
     optimizer = sum(8 * n + 4 for n in shard.values())
 
-    def plan(**distributed):
+    def estimate(**distributed):
         config = _config(tiny_model_dirs["gptj"], "full", "bfloat16", distributed={"strategy": "fsdp", **distributed})
-        return plan_run(config, gpus=gpus, gpu_memory_bytes=10**12)
+        return estimate_run(config, gpus=gpus, gpu_memory_bytes=10**12)
 
-    resharded = plan()
+    resharded = estimate()
     assert resharded.per_gpu.weights == sharded + buffers + 2 * max(block_bf16) + root_bf16
     # One block's gradients before the reduce-scatter: bf16, and their float32 copy.
     assert resharded.per_gpu.gradients == sharded + 3 * max(block_bf16)
     assert resharded.per_gpu.optimizer == optimizer
-    assert plan(reshard_after_forward=False).per_gpu.weights == sharded + buffers + sum(block_bf16) + root_bf16
-    offloaded = plan(cpu_offload=True)
+    assert estimate(reshard_after_forward=False).per_gpu.weights == sharded + buffers + sum(block_bf16) + root_bf16
+    offloaded = estimate(cpu_offload=True)
     assert (offloaded.per_gpu.weights, offloaded.per_gpu.optimizer) == (buffers + 2 * max(block_bf16) + root_bf16, 0)
     assert offloaded.cpu_bytes == 2 * sharded + optimizer
 
 
 def test_ddp_on_several_gpus_adds_gradient_buckets_and_auto_shards_full_runs(tiny_model_dirs):
-    from trainer.plan import plan_run
+    from trainer.plan import estimate_run
 
     lora = _config(tiny_model_dirs["gpt_neox"])
-    one, two = (plan_run(lora, gpus=n, gpu_memory_bytes=10**12) for n in (1, 2))
+    one, two = (estimate_run(lora, gpus=n, gpu_memory_bytes=10**12) for n in (1, 2))
     assert two.settings.strategy == "ddp" and two.per_gpu.gradients == 2 * one.per_gpu.gradients
     assert two.per_gpu.weights == one.per_gpu.weights
-    full = plan_run(_config(tiny_model_dirs["gpt_neox"], "full", "float32"), gpus=2, gpu_memory_bytes=10**12)
+    full = estimate_run(_config(tiny_model_dirs["gpt_neox"], "full", "float32"), gpus=2, gpu_memory_bytes=10**12)
     assert full.settings.strategy == "fsdp"
 
 

@@ -24,6 +24,7 @@ from trainer.errors import (
     ProcessCountChanged,
     RunFolderBusy,
 )
+from trainer.resume import decide_run
 from trainer.run_lock import RunLock
 from trainer.train import FineTuneRecipe, main
 
@@ -262,3 +263,55 @@ def test_a_key_a_newer_trainer_added_at_its_default_is_not_a_change():
     }
     # (training.self_test cannot change the result: a resume may always change it.)
     assert config_differences(saved, changed) == {"eval.metrics": "eval.metrics (missing there, 'none' now)"}
+
+
+def _resolved(config_file, output_dir):
+    """The config as a one-process job on this CPU resolves it before it decides on its folder."""
+    import torch
+
+    from trainer.model import load_model_config
+    from trainer.resolve import resolve_config
+
+    config = load_config(config_file, [f"output_dir={output_dir}"])
+    return resolve_config(config, device=torch.device("cpu"), model_config=load_model_config(config), num_processes=1)
+
+
+def test_a_run_saved_with_strategy_auto_by_an_earlier_version_is_the_same_run(runs, tmp_path):
+    """Earlier versions saved `distributed.strategy: auto` unresolved; this one saves ddp or fsdp.
+    What decides it (the method, the number of processes) is compared anyway."""
+    from trainer.resume import config_differences
+
+    config, _, stopped = runs
+    run = copy_of(stopped, tmp_path)
+    for saved_file in (run / "config.yaml", run / "state-2" / "config.yaml"):
+        saved = yaml.safe_load(saved_file.read_text())
+        assert saved["distributed"]["strategy"] == "ddp"  # resolved and saved by this version
+        saved["distributed"]["strategy"] = "auto"  # as an earlier version saved it
+        saved_file.write_text(yaml.safe_dump(saved))
+    current = yaml.safe_load((stopped / "config.yaml").read_text())
+    assert config_differences(saved, current) == {}
+    decision = decide_run(_resolved(config, run), 1)
+    assert (decision.action, decision.state.step) == ("resume", 2)
+
+
+def test_another_strategy_is_another_run():
+    from trainer.resume import config_differences
+
+    saved = {"method": "full", "distributed": {"strategy": "ddp"}}
+    current = {"method": "full", "distributed": {"strategy": "fsdp"}}
+    assert config_differences(saved, current) == {
+        "distributed.strategy": "distributed.strategy ('ddp' there, 'fsdp' now)"
+    }
+
+
+def test_a_strategy_that_differs_with_the_processes_is_refused_as_the_process_count(runs, tmp_path):
+    """A full run started on 2 processes saved fsdp (auto); on 1 it resolves to ddp: the cause is the
+    number of processes, and that is what the refusal names."""
+    config, _, stopped = runs
+    run = copy_of(stopped, tmp_path)
+    info_file = run / "state-2" / "state.json"
+    info_file.write_text(json.dumps(json.loads(info_file.read_text()) | {"world_size": 2}))
+    saved_file = run / "state-2" / "config.yaml"
+    saved_file.write_text(saved_file.read_text().replace("strategy: ddp", "strategy: fsdp"))
+    with pytest.raises(ProcessCountChanged, match="started with 2 process"):
+        decide_run(_resolved(config, run), 1)

@@ -1,7 +1,7 @@
 """trainer/strategy.py directly, in one process: what `Replicated` and `Sharded` give the recipe.
 
-(`strategy_name` and `check_fsdp_config` are tested in tests/test_fsdp.py; whole runs under each
-strategy in tests/test_distributed.py and tests/test_fsdp.py.)"""
+(`resolve_strategy` is tested in tests/test_resolve.py, `check_fsdp_config` in tests/test_fsdp.py;
+whole runs under each strategy in tests/test_distributed.py and tests/test_fsdp.py.)"""
 
 import pytest
 import torch

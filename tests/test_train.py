@@ -58,7 +58,8 @@ def test_accumulated_micro_batches_equal_one_batch_of_the_same_examples(tmp_path
     # Not vacuous: the micro-batches hold different numbers of supervised tokens, so a mean of
     # per-micro-batch means would weigh tokens unequally (its gradient differs: tests/test_step.py).
     per_micro_batch = [
-        sum(split.batches.rows[i].supervised_tokens for i in mb) for mb in split.batches.schedule.plan(1).micro_batches
+        sum(split.batches.rows[i].supervised_tokens for i in mb)
+        for mb in split.batches.schedule.step_batches(1).micro_batches
     ]
     assert len(per_micro_batch) == 3 and len(set(per_micro_batch)) == 3, per_micro_batch
     assert tokens_one == tokens_split

@@ -20,6 +20,7 @@ from trainer.disk import save_failure
 from trainer.faults import crash_point
 from trainer.layout import CHECKPOINT_INFO_FILE as INFO_FILE
 from trainer.layout import CHECKPOINT_PREFIX, PREDICTIONS_FILE, SAMPLES_FILE
+from trainer.precision import torch_dtype
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -110,7 +111,7 @@ def save_checkpoint(
             # LoRA: PEFT writes adapter_config.json + adapter_model.safetensors. Full: a whole HF model.
             if state_dict is not None:
                 if config.method == "full":
-                    state_dict = cast_floating(state_dict, getattr(torch, config.model.dtype))
+                    state_dict = cast_floating(state_dict, torch_dtype(config.model.dtype))
                 state_dict = share_tied_weights(model, state_dict)
             model.save_pretrained(partial, safe_serialization=True, state_dict=state_dict)
             if state_dict is not None:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.errors import UsageError, UserError
+from trainer.precision import DTYPE_CHOICES
 from trainer.stopping import parse_duration
 
 
@@ -33,7 +34,7 @@ class ModelConfig(_Section):
     """Hugging Face model id (e.g. `EleutherAI/gpt-j-6b`: from the local HF cache, or downloaded where
     the machine can reach the Hub) or a local folder made by `save_pretrained`."""
 
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    dtype: Literal[DTYPE_CHOICES] = "auto"
     """The compute dtype. LoRA and QLoRA keep the frozen base in it; full fine-tuning keeps float32
     master weights and optimizer state and computes in it under autocast (AdamW on bfloat16 weights
     would lose every update smaller than half a bfloat16 step). `auto`: bfloat16 on a CUDA GPU that

@@ -10,7 +10,7 @@ It reports, in order, and exits 0 when every item passes, 1 with the failing ite
    disk of `output_dir` (its nearest existing parent);
 3. config: resolved exactly as training resolves it (`FineTuneRecipe` makes the Accelerator and
    settles the precision, then `load_model_config` and `resolve_config`): every `auto` filled in;
-4. memory: the planner's per-GPU estimate (`trainer.plan.plan_run`) against this GPU's memory, for
+4. memory: the planner's per-GPU estimate (`trainer.plan.estimate_run`) against this GPU's memory, for
    `--gpus` processes (default: the GPUs visible). The planner models CUDA GPUs: on a CPU the
    estimate is of the config as a GPU would run it, with a verdict against a reference 80 GiB GPU
    that is a warning, never a failure (this machine will not run it);
@@ -41,7 +41,6 @@ loading 12 GB from disk is added, as at the start of training.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.metadata
 import json
 import os
@@ -345,6 +344,8 @@ class Resolved:
     """The FineTuneRecipe whose Accelerator the model is built under."""
     model_config: object
     shape_from: str
+    self_test_strategy: str
+    """The strategy this one process builds the model with (`config`'s is for `--gpus` processes)."""
 
 
 def _autos(requested: dict, resolved: dict, prefix: str = "") -> dict[str, object]:
@@ -365,8 +366,8 @@ def resolve(report: Report, config, gpus: int) -> Resolved | None:
     from trainer.families import PUBLISHED_CONFIGS
     from trainer.model import load_model_config
     from trainer.optim import require_device_features
-    from trainer.resolve import resolve_config
-    from trainer.strategy import check_fsdp_config, strategy_name
+    from trainer.resolve import resolve_config, resolve_strategy
+    from trainer.strategy import check_fsdp_config
     from trainer.train import FineTuneRecipe
 
     report.heading("3. config, resolved as training resolves it")
@@ -383,9 +384,12 @@ def resolve(report: Report, config, gpus: int) -> Resolved | None:
             model_config, shape_from = PUBLISHED_CONFIGS[name](), "the published configuration (trainer/families.py)"
             # Said once, with its fix, where the weights are looked for (section 5).
             report.warn("config", f"config.json of {name} is not available here; resolved with {shape_from}")
-        resolve_config(config, device=recipe.accelerator.device, model_config=model_config)
+        # The self-test builds the model in this one process, as a one-process job would: the strategy
+        # `auto` (or the launcher's) is for it; the config is resolved as a job of `gpus` processes.
+        self_test_strategy = resolve_strategy(config, recipe.accelerator.num_processes)
+        resolve_config(config, device=recipe.accelerator.device, model_config=model_config, num_processes=gpus)
         require_device_features(config, recipe.accelerator.device)
-        strategy = strategy_name(config, gpus)
+        strategy = config.distributed.strategy
         if strategy == "fsdp":
             check_fsdp_config(config)
     except UserError as err:
@@ -395,10 +399,10 @@ def resolve(report: Report, config, gpus: int) -> Resolved | None:
     resolved = config.model_dump(mode="json")
     autos = _autos(requested.model_dump(mode="json"), resolved)
     # What stays `auto` in a resolved config is decided later, by training itself: the format of
-    # each data file as it is read, the run folder's state (resume), LoRA targets of a full run
-    # (none), and the strategy from the number of processes (shown here for --gpus).
+    # each data file as it is read, the run folder's state (resume) and LoRA targets of a full run
+    # (none). The strategy is shown with the number of processes it was resolved for (--gpus).
     later = {key: LATER[key] for key, value in autos.items() if value == "auto" and key in LATER}
-    autos = {key: value for key, value in autos.items() if value != "auto"}
+    autos = {key: value for key, value in autos.items() if value != "auto" and key != "distributed.strategy"}
     if requested.distributed.strategy == "auto":
         autos[f"distributed.strategy (on {gpus} process{'es' if gpus > 1 else ''})"] = strategy
     report.sections["config"] = {
@@ -430,16 +434,16 @@ def resolve(report: Report, config, gpus: int) -> Resolved | None:
     for key, value in fixed.items():
         if key not in autos and not (key == "lora.target_modules" and config.method == "full"):
             report.say(f"  {key}: {value}")
-    return Resolved(config, requested, recipe, model_config, shape_from)
+    return Resolved(config, requested, recipe, model_config, shape_from, self_test_strategy)
 
 
 # ---------------------------------------------------------------------------------------------
 # 4. The planner's estimate
 
 
-def check_memory_plan(report: Report, resolved: Resolved, device: torch.device, gpus: int):
+def check_memory_estimate(report: Report, resolved: Resolved, device: torch.device, gpus: int):
     from trainer.families import FAMILIES, family_of
-    from trainer.plan import plan_run
+    from trainer.plan import estimate_run
 
     report.heading("4. memory estimate (trainer/plan.py)")
     cuda = device.type == "cuda"
@@ -448,7 +452,7 @@ def check_memory_plan(report: Report, resolved: Resolved, device: torch.device, 
     # loaded, which the planner resolves as a CUDA GPU with bf16 would (a CPU resolves dtype auto to
     # float32, which no GPU run uses).
     config = resolved.config if cuda else resolved.requested
-    if family_of(resolved.model_config) is None:  # plan_run assumes a known family when given a model config
+    if family_of(resolved.model_config) is None:  # estimate_run assumes a known family when given a model config
         report.warn(
             "memory",
             f"not estimated: the planner models the families {', '.join(FAMILIES)}, and "
@@ -457,26 +461,26 @@ def check_memory_plan(report: Report, resolved: Resolved, device: torch.device, 
         report.sections["memory_plan"] = None
         return None
     try:
-        plan = plan_run(config, gpus=gpus, gpu_memory_bytes=memory, model_config=resolved.model_config)
+        estimate = estimate_run(config, gpus=gpus, gpu_memory_bytes=memory, model_config=resolved.model_config)
     except UserError as err:
         report.warn("memory", f"not estimated: {err}")
         report.sections["memory_plan"] = None
         return None
-    b = plan.per_gpu
+    b = estimate.per_gpu
     against = "this GPU" if cuda else "a reference 80 GiB GPU (the planner models CUDA GPUs; this machine has none)"
-    report.sections["memory_plan"] = {"against": against, **plan.to_json()}
+    report.sections["memory_plan"] = {"against": against, **estimate.to_json()}
     report.say(
-        f"  per GPU on {gpus} GPU(s), {plan.settings.strategy}: weights {_gb(b.weights)}, gradients "
+        f"  per GPU on {gpus} GPU(s), {estimate.settings.strategy}: weights {_gb(b.weights)}, gradients "
         f"{_gb(b.gradients)}, optimizer {_gb(b.optimizer)}, activations {_gb(b.activations)}; total {_gb(b.total)}"
     )
-    report.say(f"  against {against}: {plan.verdict()}")
-    if not plan.fits:
-        message = plan.warning()
+    report.say(f"  against {against}: {estimate.verdict()}")
+    if not estimate.fits:
+        message = estimate.warning()
         if cuda:
             report.fail("memory", message)
         else:
             report.warn("memory", f"on a reference 80 GiB GPU: {message}")
-    return plan
+    return estimate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,8 +507,8 @@ def weights_cached(name_or_path: str) -> bool:
 
 
 def _load_bench():
-    """scripts/bench.py (a source checkout), for what it already does: QLoRA's 4-bit layers on a
-    model built without a checkpoint, and peak memory as RSS on a CPU. None where it is absent."""
+    """scripts/bench.py (a source checkout), for what it already does: peak memory as RSS on a CPU.
+    None where it is absent."""
     import importlib.util
 
     path = REPO / "scripts" / "bench.py"
@@ -517,43 +521,6 @@ def _load_bench():
     sys.modules["trainer_bench"] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
-
-
-@contextlib.contextmanager
-def random_weights(model_config):
-    """Inside: `trainer.model.load_model` builds the model from `model_config` with random weights,
-    directly on its device, instead of reading a checkpoint; every other step of the build (dtype,
-    attention, QLoRA preparation, gradient checkpointing, LoRA) is training's own. trainer/model.py
-    has no switch for it, so its one loading function is swapped for the duration."""
-    from transformers import AutoModelForCausalLM
-
-    import trainer.model as model_module
-
-    def build(config, device: torch.device):
-        dtype = (
-            model_module.DTYPES[config.model.dtype] if config.method == "qlora" else model_module.storage_dtype(config)
-        )
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(
-                model_config, dtype=dtype, trust_remote_code=config.model.trust_remote_code
-            )
-        if config.method == "qlora":
-            bench = _load_bench()
-            if bench is None:
-                raise UserError(
-                    "QLoRA with random weights needs scripts/bench.py (a source checkout) to build the "
-                    "4-bit layers. Fix: run the doctor from the repository, or put the weights in the cache"
-                )
-            quantization = model_module.quantization_options(config, device)["quantization_config"]
-            bench.quantize_to_4bit(model, quantization, device)
-        return model
-
-    original = model_module._from_pretrained
-    model_module._from_pretrained = build
-    try:
-        yield
-    finally:
-        model_module._from_pretrained = original
 
 
 def _parameter_count(model_config) -> int:
@@ -621,6 +588,7 @@ def build_and_self_test(report: Report, resolved: Resolved, device: torch.device
     from trainer.hub import hub_reachable, offline_fix
     from trainer.model import count_parameters
     from trainer.optim import build_optimizer
+    from trainer.precision import torch_dtype
     from trainer.resolve import activation_dtype
     from trainer.selftest import failure, run_self_test
     from trainer.strategy import make_strategy
@@ -657,9 +625,10 @@ def build_and_self_test(report: Report, resolved: Resolved, device: torch.device
     set_seed(config.training.seed)
     started = time.perf_counter()
     try:
-        strategy = make_strategy(acc, config)
-        with contextlib.nullcontext() if real else random_weights(resolved.model_config):
-            model = strategy.build_model()
+        one_process = config.model_copy(deep=True)
+        one_process.distributed.strategy = resolved.self_test_strategy
+        strategy = make_strategy(acc, one_process)
+        model = strategy.build_model(random_weights=not real, model_config=resolved.model_config)
     except UserError as err:
         report.fail("self-test", f"the model could not be built: {err}")
         return None
@@ -688,7 +657,7 @@ def build_and_self_test(report: Report, resolved: Resolved, device: torch.device
         method=config.method,
         optimizer=config.training.optimizer,
         tokenizer_size=tokenizer_bytes(tokenizer) if tokenizer is not None else 0,
-        checkpoint_dtype=getattr(torch, config.model.dtype),
+        checkpoint_dtype=torch_dtype(config.model.dtype),
     )
     needed = sizes.needed(config.checkpoints.count, 0)
     report.sections["disk"].update(needed_bytes=needed, checkpoint_bytes=sizes.checkpoint, state_bytes=sizes.state)
@@ -793,7 +762,13 @@ class _PeakMemory:
 
 
 def check_speed(
-    report: Report, resolved: Resolved, built: Built, device: torch.device, steps: int, plan, memory: _PeakMemory
+    report: Report,
+    resolved: Resolved,
+    built: Built,
+    device: torch.device,
+    steps: int,
+    memory_estimate,
+    memory: _PeakMemory,
 ) -> None:
     from trainer.data.packing import collate_packed
     from trainer.families import model_shape
@@ -849,7 +824,7 @@ def check_speed(
         flops = None
     peak = gpu_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     peak_bytes = memory.peak_bytes()
-    estimate = plan.per_gpu.total if plan is not None else None
+    estimate = memory_estimate.per_gpu.total if memory_estimate is not None else None
     section = {
         "steps": steps,
         "warmup_steps": WARMUP_STEPS,
@@ -917,7 +892,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
     if resolved is None:
         return
     try:
-        plan = check_memory_plan(report, resolved, device, gpus)
+        memory_estimate = check_memory_estimate(report, resolved, device, gpus)
         built = None
         try:
             built = build_and_self_test(report, resolved, device, disk_folder)
@@ -928,7 +903,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
                 report.warn("speed", "not measured: no model was built")
             else:
                 try:
-                    check_speed(report, resolved, built, device, args.steps, plan, memory)
+                    check_speed(report, resolved, built, device, args.steps, memory_estimate, memory)
                 except torch.OutOfMemoryError as err:
                     report.fail(
                         "speed",

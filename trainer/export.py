@@ -24,12 +24,12 @@ from trainer.atomic import commit_partial, discard_partial, start_partial
 from trainer.cli import command
 from trainer.errors import UsageError, UserError
 from trainer.loading import (
-    DTYPE_NAMES,
     base_model_name,
     inspect_checkpoint,
-    load_model,
-    load_tokenizer,
+    load_checkpoint_model,
+    load_checkpoint_tokenizer,
 )
+from trainer.precision import DTYPE_NAMES, torch_dtype
 from trainer.recommend import add_best_argument, checkpoint_from_args
 
 PROVENANCE_FILES = ("config.yaml", "samples.jsonl", "checkpoint.json")
@@ -101,19 +101,17 @@ def export(
     log=print,
 ) -> Path:
     """Write the merged (LoRA) or converted (full) model to `out_dir`; returns it."""
-    import torch
-
     info = inspect_checkpoint(checkpoint)
     check_out_dir(out_dir, info.path, overwrite)
     dtype = dtype or info.training_dtype or "float32"
     base_name = base_model_name(info, base) if info.kind == "adapter" else None
-    tokenizer = load_tokenizer(info)
+    tokenizer = load_checkpoint_tokenizer(info)
     if info.kind == "adapter":
         quantized = " (the run was QLoRA; its 4-bit weights are not used)" if info.method == "qlora" else ""
         log(f"merging the adapter in {info.path} into {base_name}, loaded unquantized in {dtype}{quantized}")
     else:
         log(f"copying the full model in {info.path} as {dtype}")
-    model = load_model(info, getattr(torch, dtype), base=base, merge_safely=True)
+    model = load_checkpoint_model(info, torch_dtype(dtype), base=base, merge_safely=True)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 

@@ -444,11 +444,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainer.loading import (
         inspect_checkpoint,
-        load_model,
-        load_tokenizer,
+        load_checkpoint_model,
+        load_checkpoint_tokenizer,
         resolve_device,
-        resolve_dtype,
     )
+    from trainer.precision import resolve_dtype
     from trainer.recommend import checkpoint_from_args
 
     hf_logging.disable_progress_bar()
@@ -459,8 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     info = inspect_checkpoint(checkpoint_from_args(args.checkpoint, args.best))
     prompts = read_prompts(args, info.training_seed or 0)
     device = resolve_device(args.device)
-    tokenizer = load_tokenizer(info)
-    model = load_model(info, resolve_dtype(args.dtype, device), base=args.base).to(device)
+    tokenizer = load_checkpoint_tokenizer(info)
+    model = load_checkpoint_model(info, resolve_dtype(args.dtype, device), base=args.base).to(device)
     rows = [
         prompt_row(tokenizer, test_prompt, seed + sample)
         for test_prompt, seed in prompts

@@ -26,12 +26,12 @@ import yaml
 
 from trainer.errors import UsageError, UserError
 from trainer.hub import load_options, offline_fix
+from trainer.precision import DTYPE_CHOICES, DTYPE_NAMES
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 TRAINER_CONFIG = "config.yaml"
-DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 # "gpt2" or "EleutherAI/gpt-j-6b": what the Hub accepts as a model id.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -121,13 +121,6 @@ def _base_fix(info: CheckpointInfo) -> str:
     )
 
 
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """`--dtype`: a dtype name, or `auto`/None, resolved as training resolves `model.dtype`."""
-    from trainer.model import resolve_dtype as resolve_model_dtype
-
-    return resolve_model_dtype(name or "auto", device)
-
-
 def resolve_device(name: str | None = None) -> torch.device:
     """`--device`: a torch device name, or `auto`/None: cuda if a GPU is visible, else cpu."""
     if not name or name == "auto":
@@ -143,7 +136,7 @@ def resolve_device(name: str | None = None) -> torch.device:
     return device
 
 
-def load_tokenizer(info: CheckpointInfo):
+def load_checkpoint_tokenizer(info: CheckpointInfo):
     from transformers import AutoTokenizer
 
     try:
@@ -159,7 +152,9 @@ def load_tokenizer(info: CheckpointInfo):
     return tokenizer
 
 
-def load_model(info: CheckpointInfo, dtype: torch.dtype, *, base: str | None = None, merge_safely: bool = False):
+def load_checkpoint_model(
+    info: CheckpointInfo, dtype: torch.dtype, *, base: str | None = None, merge_safely: bool = False
+):
     """The model on the CPU in `dtype`, eval mode: the full model, or the base with the adapter merged.
     `merge_safely` checks the merged weights for NaN first (peft's safe_merge), as export does."""
     from transformers import AutoModelForCausalLM
@@ -225,7 +220,7 @@ def add_model_arguments(parser, base_help: str = "base model of an adapter check
     parser.add_argument(
         "--dtype",
         default="auto",
-        choices=("auto", "bfloat16", "float16", "float32"),
+        choices=DTYPE_CHOICES,
         help="weights dtype (auto: bfloat16 on a CUDA GPU that supports it, else float32)",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")

@@ -10,18 +10,8 @@ from trainer.config import Config
 from trainer.errors import UserError
 from trainer.families import family_of
 from trainer.hub import load_options, model_source, offline_fix
+from trainer.precision import torch_dtype
 from trainer.quantization import keep_4bit_training_layout, kernel_notice, quiet_bitsandbytes_import
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 on a CUDA GPU that supports it, else float32 (CPU smoke tests)."""
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 def _load_error(config: Config, what: str, err: Exception) -> UserError:
@@ -70,7 +60,7 @@ def storage_dtype(config: Config) -> torch.dtype:
     `model.dtype` is (then the compute dtype, under autocast): AdamW applied to bfloat16 weights
     loses every update smaller than half a bfloat16 step. LoRA and QLoRA keep the frozen base in
     `model.dtype` (peft keeps the adapters in float32)."""
-    return torch.float32 if config.method == "full" else DTYPES[config.model.dtype]
+    return torch.float32 if config.method == "full" else torch_dtype(config.model.dtype)
 
 
 def quantization_options(config: Config, device: torch.device) -> dict:
@@ -88,7 +78,7 @@ def quantization_options(config: Config, device: torch.device) -> dict:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=DTYPES[config.model.dtype],
+            bnb_4bit_compute_dtype=torch_dtype(config.model.dtype),
         ),
         # A quantized model is placed at load time: each process on its own device (GPU, or the CPU).
         "device_map": {"": device.index or 0} if device.type == "cuda" else {"": device.type},
@@ -97,10 +87,11 @@ def quantization_options(config: Config, device: torch.device) -> dict:
 
 def _from_pretrained(config: Config, device: torch.device) -> PreTrainedModel:
     source = _source(config)
+    dtype = storage_dtype(config)  # outside the try: a config whose dtype is not resolved is no loading error
     try:
         return AutoModelForCausalLM.from_pretrained(
             source,
-            dtype=storage_dtype(config),
+            dtype=dtype,
             trust_remote_code=config.model.trust_remote_code,
             **quantization_options(config, device),
             **load_options(source),
@@ -109,18 +100,44 @@ def _from_pretrained(config: Config, device: torch.device) -> PreTrainedModel:
         raise _load_error(config, "model", err) from None
 
 
+def _from_config(config: Config, device: torch.device, model_config) -> PreTrainedModel:
+    """The model of `model_config` with random weights, built directly on `device` in the dtype a
+    checkpoint would load in; QLoRA's linear layers made 4-bit as loading a checkpoint makes them."""
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            model_config, dtype=storage_dtype(config), trust_remote_code=config.model.trust_remote_code
+        )
+    if config.method == "qlora":
+        from trainer.quantization import quantize_to_4bit
+
+        quantize_to_4bit(model, quantization_options(config, device)["quantization_config"], device)
+    return model
+
+
 def load_model(
-    config: Config, device: torch.device = torch.device("cpu"), *, on_meta: bool = False
+    config: Config,
+    device: torch.device = torch.device("cpu"),
+    *,
+    on_meta: bool = False,
+    random_weights: bool = False,
+    model_config=None,
 ) -> tuple[PreTrainedModel, str]:
     """The model, ready for `apply_method`, and the attention implementation installed in it.
 
     `on_meta`: the same model without any weights (FSDP's other processes, which receive their
-    shards from the main process), built from config.json alone."""
+    shards from the main process), built from config.json alone. `random_weights`: the same model
+    with randomly initialised weights instead of the checkpoint's (the doctor, where the weights are
+    not here), every other step as in training. Both build from `model_config` (a transformers
+    config; default: model.name_or_path's config.json)."""
+    if on_meta or random_weights:
+        model_config = model_config if model_config is not None else load_model_config(config)
     if on_meta:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(
-                load_model_config(config), dtype=storage_dtype(config), trust_remote_code=config.model.trust_remote_code
+                model_config, dtype=storage_dtype(config), trust_remote_code=config.model.trust_remote_code
             )
+    elif random_weights:
+        model = _from_config(config, device, model_config)
     else:
         model = _from_pretrained(config, device)
     model.config.use_cache = False  # the KV cache is for generation; training only wastes memory on it

@@ -4,10 +4,10 @@ activations, estimated from the config alone, and what to change when it does no
     python scripts/plan.py configs/gptj.yaml --gpus 1 --gpu-memory 80GB
 
     # The trainer's preflight on CUDA (resolved config, its model config, the device's memory):
-    plan = plan_run(config, gpus=accelerator.num_processes, model_config=model_config,
+    estimate = estimate_run(config, gpus=accelerator.num_processes, model_config=model_config,
                     gpu_memory_bytes=torch.cuda.get_device_properties(device).total_memory)
-    if plan.warning():
-        print(plan.warning())     # one paragraph: the numbers, the verdict, what would fit
+    if estimate.warning():
+        print(estimate.warning())     # one paragraph: the numbers, the verdict, what would fit
 
 The model is built on the meta device (shapes and dtypes, no weights, nothing downloaded) from its
 config.json (a local folder, or the local Hugging Face cache), or else from the family's published
@@ -55,13 +55,12 @@ from trainer.config import Config
 from trainer.disk import human
 from trainer.errors import UserError
 from trainer.families import PUBLISHED_CONFIGS, estimates_memory, family_of, memory_families, transformer_blocks
+from trainer.precision import AUTOCAST, autocast_dtype, torch_dtype
 from trainer.resolve import autocast_caches_weights
 
 #: Share of the GPU's memory kept free for what the estimate does not count.
 HEADROOM = 0.10
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: bitsandbytes keeps optimizer state of tensors smaller than this in float32 (`min_8bit_size`).
 MIN_8BIT_SIZE = 4096
@@ -131,7 +130,7 @@ class Settings:
 
 
 @dataclass(frozen=True)
-class Plan:
+class RunEstimate:
     settings: Settings
     model: dict
     """name_or_path, model_type, where its shape came from, parameters and trained parameters."""
@@ -223,13 +222,13 @@ def load_shape(config: Config):
 
 
 def resolve_settings(config: Config, model_config, gpus: int) -> Settings:
-    """Every `auto` resolved as the trainer resolves it (trainer/resolve.py, trainer/strategy.py)
+    """Every `auto` resolved as the trainer resolves it (trainer/resolve.py)
     on a CUDA GPU with bfloat16. Raises the trainer's UserError for what it would refuse (a float32
     autocast-less full run in 16 bits, QLoRA or 8-bit AdamW under FSDP)."""
     from trainer.attention import choose_attention_for
     from trainer.model import lora_target_modules
-    from trainer.resolve import activation_dtype, resolve_precision
-    from trainer.strategy import check_fsdp_config, strategy_name
+    from trainer.resolve import activation_dtype, resolve_precision, resolve_strategy
+    from trainer.strategy import check_fsdp_config
 
     resolved = config.model_copy(deep=True)
     if resolved.model.dtype == "auto":  # what resolve_dtype picks on a GPU with bfloat16
@@ -238,7 +237,7 @@ def resolve_settings(config: Config, model_config, gpus: int) -> Settings:
     mixed = resolved.training.mixed_precision
     cuda = torch.device("cuda")
     attention = choose_attention_for(model_config, activation_dtype(resolved), config.model.attention, cuda)
-    strategy = strategy_name(config, gpus)
+    strategy = resolve_strategy(config, gpus)
     if strategy == "fsdp":
         check_fsdp_config(config)
     packing = config.data.packing if config.data.packing != "auto" else family_of(model_config) is not None
@@ -248,7 +247,7 @@ def resolve_settings(config: Config, model_config, gpus: int) -> Settings:
         method=method,
         base_dtype={"full": "float32", "qlora": "nf4"}.get(method, resolved.model.dtype),
         compute_dtype=resolved.model.dtype,
-        autocast=mixed if mixed in AUTOCAST else None,
+        autocast=mixed if mixed in AUTOCAST.values() else None,
         gradient_checkpointing=config.model.gradient_checkpointing,
         attention=attention,
         micro_batch_size=config.training.micro_batch_size,
@@ -322,7 +321,7 @@ def prepared_model(config: Config, model_config, method: str):
     dtype = (
         torch.float32
         if method == "full"
-        else DTYPES["bfloat16" if config.model.dtype == "auto" else config.model.dtype]
+        else torch_dtype("bfloat16" if config.model.dtype == "auto" else config.model.dtype)
     )
     model = _meta_model(model_config, dtype)
     return apply_method(config.model_copy(update={"method": "full" if method == "full" else "lora"}), model)
@@ -437,7 +436,7 @@ def _fsdp_gathered(inventory: Inventory, settings: Settings) -> dict:
     blocks for compute (the largest twice: the next one is prefetched; or all of them when nothing
     is resharded after forward), the root (embeddings, final norm, head) for the whole step, and one
     block's gradients before the reduce-scatter, with their float32 copy (reduce_dtype float32)."""
-    size = DTYPES[settings.compute_dtype].itemsize
+    size = torch_dtype(settings.compute_dtype).itemsize
     blocks: dict[int, int] = {}
     block_grads: dict[int, int] = {}
     root = 0
@@ -462,8 +461,8 @@ def _fsdp_gathered(inventory: Inventory, settings: Settings) -> dict:
 def activation_setup(settings: Settings, model_config, inventory: Inventory) -> ActivationSetup:
     """What the forward pass sees: the weights' and other parameters' dtypes under this method and
     strategy (FSDP computes with its gathered bf16 copies), autocast, LoRA, checkpointing."""
-    autocast = AUTOCAST[settings.autocast] if settings.autocast else None
-    compute = DTYPES[settings.compute_dtype]
+    autocast = autocast_dtype(settings.autocast) if settings.autocast else None
+    compute = torch_dtype(settings.compute_dtype)
     if settings.method == "qlora":  # 4-bit linears computed in model.dtype; k-bit preparation: float32 rest
         weight, other = compute, torch.float32
     elif settings.method == "full":  # FSDP computes with its gathered copies, DDP with the float32 masters
@@ -517,12 +516,12 @@ def per_gpu_bytes(settings: Settings, model_config, inventory: Inventory) -> tup
 
 
 # ---------------------------------------------------------------------------------------------
-# The plan, and what would fit
+# The estimate, and what would fit
 
 
 @dataclass
 class _Planner:
-    """One plan's model shape and inventories (built once per method: LoRA's take seconds)."""
+    """One estimate's model shape and inventories (built once per method: LoRA's take seconds)."""
 
     config: Config
     model_config: object
@@ -552,7 +551,9 @@ class _Planner:
         return settings, per_gpu, details, cpu
 
 
-def plan_run(config: Config, *, gpus: int, gpu_memory_bytes: int, model_config=None, suggest: bool = True) -> Plan:
+def estimate_run(
+    config: Config, *, gpus: int, gpu_memory_bytes: int, model_config=None, suggest: bool = True
+) -> RunEstimate:
     """Estimate per-GPU memory of `config` on `gpus` GPUs of `gpu_memory_bytes` each and, when it
     does not fit (and `suggest`), the fewest changes that would, each with its per-GPU total.
 
@@ -575,19 +576,19 @@ def plan_run(config: Config, *, gpus: int, gpu_memory_bytes: int, model_config=N
         "parameters": sum(t.numel for t in held.tensors if not t.buffer and not _is_lora_shape(t, settings)),
         "trained_parameters": sum(t.numel for t in held.trained),
     }
-    plan = Plan(settings, model, per_gpu, details, cpu, gpu_memory_bytes, notes=_notes(settings, source))
-    if suggest and not plan.fits:
-        plan = Plan(
+    estimate = RunEstimate(settings, model, per_gpu, details, cpu, gpu_memory_bytes, notes=_notes(settings, source))
+    if suggest and not estimate.fits:
+        estimate = RunEstimate(
             settings,
             model,
             per_gpu,
             details,
             cpu,
             gpu_memory_bytes,
-            suggestions=tuple(_suggestions(planner, config, gpus, plan.usable_bytes)),
-            notes=plan.notes,
+            suggestions=tuple(_suggestions(planner, config, gpus, estimate.usable_bytes)),
+            notes=estimate.notes,
         )
-    return plan
+    return estimate
 
 
 def _is_lora_shape(tensor: Tensor, settings: Settings) -> bool:
@@ -716,9 +717,9 @@ def _first_fit(
 # Text
 
 
-def format_plan(plan: Plan, config_path: str = "") -> str:
+def format_estimate(estimate: RunEstimate, config_path: str = "") -> str:
     """The CLI's human-readable report."""
-    s, m, b = plan.settings, plan.model, plan.per_gpu
+    s, m, b = estimate.settings, estimate.model, estimate.per_gpu
     lines = [
         f"{config_path + ': ' if config_path else ''}{m['name_or_path']} ({m['model_type']}, {m['parameters']:,} "
         f"parameters; shape from {m['shape_from']})",
@@ -741,51 +742,51 @@ def format_plan(plan: Plan, config_path: str = "") -> str:
         "per GPU:",
     ]
     for name, value, why in (
-        ("weights", b.weights, _weights_note(plan)),
-        ("gradients", b.gradients, _gradients_note(plan)),
-        ("optimizer", b.optimizer, "" if b.optimizer or not plan.cpu_bytes else "in CPU memory (cpu_offload)"),
-        ("activations", b.activations, _activations_note(plan)),
+        ("weights", b.weights, _weights_note(estimate)),
+        ("gradients", b.gradients, _gradients_note(estimate)),
+        ("optimizer", b.optimizer, "" if b.optimizer or not estimate.cpu_bytes else "in CPU memory (cpu_offload)"),
+        ("activations", b.activations, _activations_note(estimate)),
         ("total", b.total, ""),
     ):
         lines.append(f"  {name:<12}{human(value):>10}  {why}".rstrip())
-    if plan.cpu_bytes:
-        lines.append(f"  (and {human(plan.cpu_bytes)} of CPU memory per GPU: the offloaded shards)")
-    lines += ["", plan.verdict()]
-    if not plan.fits:
-        if plan.suggestions:
+    if estimate.cpu_bytes:
+        lines.append(f"  (and {human(estimate.cpu_bytes)} of CPU memory per GPU: the offloaded shards)")
+    lines += ["", estimate.verdict()]
+    if not estimate.fits:
+        if estimate.suggestions:
             lines.append("what would fit (estimated per-GPU total):")
-            width = max(len(x.change) for x in plan.suggestions)
-            lines += [f"  {x.change:<{width}}  {human(x.per_gpu.total):>10}" for x in plan.suggestions]
+            width = max(len(x.change) for x in estimate.suggestions)
+            lines += [f"  {x.change:<{width}}  {human(x.per_gpu.total):>10}" for x in estimate.suggestions]
         else:
             lines.append("no combination of up to three changes fits (try a smaller model or more GPUs)")
-    lines += ["", "assumptions: " + "; ".join(plan.notes[1:]) + "."]
+    lines += ["", "assumptions: " + "; ".join(estimate.notes[1:]) + "."]
     return "\n".join(lines)
 
 
-def _weights_note(plan: Plan) -> str:
-    d = plan.details
+def _weights_note(estimate: RunEstimate) -> str:
+    d = estimate.details
     if "fsdp_gathered_blocks" in d:
         return (
-            f"{human(d.get('weights_sharded', 0))} shard + gathered in {plan.settings.compute_dtype}: "
+            f"{human(d.get('weights_sharded', 0))} shard + gathered in {estimate.settings.compute_dtype}: "
             f"{human(d['fsdp_gathered_blocks'])} blocks, {human(d['fsdp_gathered_root'])} root"
         )
     return ""
 
 
-def _gradients_note(plan: Plan) -> str:
-    d = plan.details
+def _gradients_note(estimate: RunEstimate) -> str:
+    d = estimate.details
     if "ddp_gradient_buckets" in d:
         return "and DDP's gradient buckets (a second copy)"
     if "fsdp_unsharded_block_gradients" in d:
         return (
-            f"shard + one block's unsharded gradients, in {plan.settings.compute_dtype} and float32 "
+            f"shard + one block's unsharded gradients, in {estimate.settings.compute_dtype} and float32 "
             f"({human(d['fsdp_unsharded_block_gradients'])})"
         )
     return ""
 
 
-def _activations_note(plan: Plan) -> str:
-    d = plan.details
+def _activations_note(estimate: RunEstimate) -> str:
+    d = estimate.details
     return (
         f"{human(d['activations_kept_by_forward'])} kept by the forward pass + "
         f"{human(d['activations_backward_working_set'])} backward working set"
@@ -803,5 +804,5 @@ def memory_message(config: Config, model_config, *, gpus: int, gpu_memory_bytes:
             f"note: no memory estimate for model_type {model_config.model_type!r} (the planner knows "
             f"{', '.join(memory_families())}); training goes on without one"
         )
-    warning = plan_run(config, gpus=gpus, gpu_memory_bytes=gpu_memory_bytes, model_config=model_config).warning()
+    warning = estimate_run(config, gpus=gpus, gpu_memory_bytes=gpu_memory_bytes, model_config=model_config).warning()
     return f"warning: {warning}" if warning else None

@@ -1,5 +1,6 @@
-"""bitsandbytes as the trainer uses it: imported without its import-time kernel warning, and its
-4-bit layers kept in the one weight layout that QLoRA training can use.
+"""bitsandbytes as the trainer uses it: imported without its import-time kernel warning, its
+4-bit layers kept in the one weight layout that QLoRA training can use, and a model built without a
+checkpoint (random weights) made 4-bit as loading a checkpoint makes it (`quantize_to_4bit`).
 
 Two things bitsandbytes 0.50 does on CPUs with AVX512-BF16 that a trainer must handle:
 
@@ -121,3 +122,37 @@ def keep_4bit_training_layout(model: torch.nn.Module, device: torch.device) -> i
             )
         setattr(layer, REPACK_FLAG, False)
     return len(layers)
+
+
+def quantize_to_4bit(model, quantization_config, device: torch.device) -> None:
+    """Replace every `nn.Linear` but the output head by bitsandbytes' `Linear4bit` holding the same
+    weights in NF4, as `from_pretrained(quantization_config=...)` does while loading a checkpoint
+    (transformers' `replace_with_bnb_linear` + `Bnb4bitQuantize`); quantization happens on `.to()`."""
+    bnb = import_bitsandbytes()
+
+    head = model.get_output_embeddings()
+    # Names, not modules: holding a list of the Linear modules would keep every bf16 weight alive
+    # until the end, instead of freeing each one as soon as its 4-bit copy exists.
+    names = [name for name, module in model.named_modules() if type(module) is torch.nn.Linear and module is not head]
+    for name in names:
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        child = getattr(parent, attribute)
+        with torch.device("meta"):
+            quantized = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=quantization_config.bnb_4bit_compute_dtype,
+                compress_statistics=quantization_config.bnb_4bit_use_double_quant,
+                quant_type=quantization_config.bnb_4bit_quant_type,
+                quant_storage=quantization_config.bnb_4bit_quant_storage,
+            )
+        quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, **quantized.weight.__dict__).to(
+            device
+        )
+        if child.bias is not None:
+            quantized.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+        setattr(parent, attribute, quantized)
+        del child  # the last reference to the bf16 weight
+    model.is_loaded_in_4bit = True  # what peft checks to wrap Linear4bit layers

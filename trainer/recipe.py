@@ -41,6 +41,7 @@ from trainer.generate import encode_test_prompt, test_prompt_samples
 from trainer.model import count_parameters, load_model_config, load_tokenizer
 from trainer.optim import build_optimizer, require_device_features
 from trainer.plan import memory_message
+from trainer.precision import torch_dtype
 from trainer.progress import TrainingProgress
 from trainer.report import CheckpointSummary
 from trainer.resolve import activation_dtype, resolve_config
@@ -123,7 +124,7 @@ class FineTuneRecipe:
             acc, lambda: reports if reports is not None else preflight_data(cfg, log=self.log)
         )
         self.model_config = load_model_config(cfg)
-        resolve_config(cfg, device=acc.device, model_config=self.model_config)
+        resolve_config(cfg, device=acc.device, model_config=self.model_config, num_processes=acc.num_processes)
         self.decision = decide_on_main(acc, lambda: decide_run(cfg, acc.num_processes))
 
     def _setup_data(self) -> None:
@@ -188,7 +189,7 @@ class FineTuneRecipe:
             method=cfg.method,
             optimizer=cfg.training.optimizer,
             tokenizer_size=tokenizer_bytes(self.tokenizer),
-            checkpoint_dtype=getattr(torch, cfg.model.dtype),
+            checkpoint_dtype=torch_dtype(cfg.model.dtype),
         )
         resumed = self.decision.action == "resume"
         done = self.decision.state.step if resumed else 0

@@ -37,6 +37,11 @@ RESULT_NEUTRAL_KEYS = frozenset(
     }
 )
 
+#: Keys that an earlier trainer saved as `auto` and this one resolves at start into the resolved
+#: config. A saved `auto` for one of them is the same run: what decides the value (the method and
+#: the number of processes) is compared anyway.
+RESOLVED_SINCE = frozenset({"distributed.strategy"})
+
 FIX = (
     "Fix: rerun with the config that run used to continue it; or start a new run in another folder "
     "(output_dir=runs/another resume=never), or replace it (overwrite_output_dir=true)"
@@ -62,7 +67,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: dict, current: dict, ignore: frozenset[str] = RESULT_NEUTRAL_KEYS) -> dict[str, str]:
-    """{key: 'key (X there, Y now)'} for every key whose values differ, except `ignore`d ones."""
+    """{key: 'key (X there, Y now)'} for every key whose values differ, except `ignore`d ones, keys
+    a newer trainer added (at their defaults) and `RESOLVED_SINCE` keys saved as `auto`."""
     old, new = flatten(saved), flatten(current)
     shown = lambda value: (
         "missing" if value is None else repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "...'"
@@ -70,7 +76,10 @@ def config_differences(saved: dict, current: dict, ignore: frozenset[str] = RESU
     return {
         key: f"{key} ({shown(old.get(key))} there, {shown(new.get(key))} now)"
         for key in sorted(old.keys() | new.keys())
-        if key not in ignore and old.get(key) != new.get(key) and not _added_since(key, old, new)
+        if key not in ignore
+        and old.get(key) != new.get(key)
+        and not _added_since(key, old, new)
+        and not (key in RESOLVED_SINCE and old.get(key) == "auto")
     }
 
 
@@ -112,6 +121,10 @@ def _compare(
 ) -> None:
     current = config.model_dump(mode="json")
     differences = config_differences(saved_config, current, ignore)
+    if state is not None and state.world_size != world_size:
+        # `auto` resolves the strategy by the number of processes: with another number, a strategy
+        # that differs is that number's doing, which is refused (or, for a complete run, allowed) below.
+        differences.pop("distributed.strategy", None)
     if state is not None:
         saved_data = state.info.get("data_files", {})
         differences |= {

@@ -154,20 +154,20 @@ def build_server(args: argparse.Namespace, key: str | None):
     from trainer.generate import generate_all
     from trainer.loading import (
         inspect_checkpoint,
-        load_model,
-        load_tokenizer,
+        load_checkpoint_model,
+        load_checkpoint_tokenizer,
         position_limit,
         resolve_device,
-        resolve_dtype,
     )
+    from trainer.precision import resolve_dtype
     from trainer.serving.app import ServedModel, create_app
     from trainer.serving.embed import embed_rows
     from trainer.serving.worker import GenerationWorker
 
     info = inspect_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
-    tokenizer = load_tokenizer(info)
-    model = load_model(info, resolve_dtype(args.dtype, device), base=args.base).to(device)
+    tokenizer = load_checkpoint_tokenizer(info)
+    model = load_checkpoint_model(info, resolve_dtype(args.dtype, device), base=args.base).to(device)
     # The worker thread uses `tokenizer`; the app encodes requests with its own copy (create_app).
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     worker = GenerationWorker(

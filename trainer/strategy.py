@@ -31,15 +31,9 @@ from trainer.distributed import LauncherConflict, ensure_process_group, launcher
 from trainer.errors import UserError
 from trainer.families import family_of, transformer_blocks
 from trainer.model import apply_method, load_model, load_model_config
+from trainer.precision import torch_dtype
+from trainer.resolve import resolve_strategy
 from trainer.unwrap import transformers_model
-
-
-def strategy_name(config: Config, num_processes: int) -> str:
-    """`distributed.strategy` with `auto` resolved: fsdp for full fine-tuning on several processes."""
-    requested = config.distributed.strategy
-    if requested != "auto":
-        return requested
-    return "fsdp" if config.method == "full" and num_processes > 1 else "ddp"
 
 
 def check_fsdp_config(config: Config) -> None:
@@ -68,8 +62,11 @@ class Replicated:
     def __init__(self, accelerator, config: Config):
         self.accelerator, self.config = accelerator, config
 
-    def build_model(self) -> torch.nn.Module:
-        model, _ = load_model(self.config, self.accelerator.device)
+    def build_model(self, *, random_weights: bool = False, model_config=None) -> torch.nn.Module:
+        """`random_weights`, `model_config`: as `trainer.model.load_model` takes them (the doctor)."""
+        model, _ = load_model(
+            self.config, self.accelerator.device, random_weights=random_weights, model_config=model_config
+        )
         return apply_method(self.config, model)
 
     def prepare(self, model, optimizer):
@@ -104,14 +101,15 @@ class Sharded:
     def _mixed_precision(self):
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        compute = getattr(torch, self.config.model.dtype)
+        compute = torch_dtype(self.config.model.dtype)
         if compute == torch.float32:
             return None
         return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
 
-    def build_model(self) -> torch.nn.Module:
+    def build_model(self, *, random_weights: bool = False, model_config=None) -> torch.nn.Module:
         """Main process: the real model on the CPU, method applied (LoRA initialised from the seed);
-        the others: the same model on the meta device. Then shard, and broadcast the weights."""
+        the others: the same model on the meta device. Then shard, and broadcast the weights.
+        `random_weights`, `model_config`: as `trainer.model.load_model` takes them (the doctor)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
@@ -120,7 +118,9 @@ class Sharded:
         if acc.num_processes == 1:
             ensure_process_group(acc.device)  # no launcher made one; shut down in trainer.distributed.shutdown
         self.check_wrap_classes()
-        model, _ = load_model(config, torch.device("cpu"), on_meta=not main)
+        model, _ = load_model(
+            config, torch.device("cpu"), on_meta=not main, random_weights=random_weights, model_config=model_config
+        )
         model = apply_method(config, model)
         if family_of(model) is None:
             raise UserError(
@@ -214,9 +214,11 @@ class Sharded:
 
 
 def make_strategy(accelerator, config: Config):
+    """The strategy a resolved config names (`distributed.strategy`; `auto`, in a config that was
+    not resolved, as `trainer.resolve.resolve_strategy` resolves it for the accelerator's processes)."""
     return (
         Sharded(accelerator, config)
-        if strategy_name(config, accelerator.num_processes) == "fsdp"
+        if resolve_strategy(config, accelerator.num_processes) == "fsdp"
         else Replicated(accelerator, config)
     )
 

@@ -1,4 +1,4 @@
-"""trainer/data/batching.py directly: the data order, the step plan, a process's share of a
+"""trainer/data/batching.py directly: the data order, the step batches, a process's share of a
 micro-batch, padded batches and the per-item sizes."""
 
 import numpy as np
@@ -21,16 +21,22 @@ def test_epoch_order_is_a_fixed_permutation_per_seed_and_epoch():
     assert sorted(epoch_order(1000, 5, 3)) == list(range(1000))
 
 
-def test_the_plan_splits_each_epoch_into_steps_of_global_micro_batches():
+def test_step_batches_split_each_epoch_into_steps_of_global_micro_batches():
     # 10 examples, 2 per process, 2 processes, 2 micro-batches a step: micro-batches of 4, 4, 2,
     # so 2 steps an epoch, the second one with a single, short micro-batch.
     schedule = DataSchedule(10, micro_batch_size=2, accumulation=2, world_size=2, seed=1)
     assert (schedule.global_batch, schedule.micro_batches_per_epoch, schedule.steps_per_epoch) == (4, 3, 2)
-    assert schedule.plan(1).epoch == 0 and schedule.plan(1).micro_batches == [[2, 7, 1, 0], [3, 9, 8, 5]]
-    assert schedule.plan(2).epoch == 0 and schedule.plan(2).micro_batches == [[4, 6]]
-    assert schedule.plan(3).epoch == 1 and schedule.plan(3).micro_batches == [[3, 2, 6, 1], [9, 5, 8, 0]]
-    assert schedule.plan(4).micro_batches == [[4, 7]]
-    assert schedule.plan(1) == schedule.plan(1)  # a pure function of the step: a resume replays it
+    assert schedule.step_batches(1).epoch == 0 and schedule.step_batches(1).micro_batches == [
+        [2, 7, 1, 0],
+        [3, 9, 8, 5],
+    ]
+    assert schedule.step_batches(2).epoch == 0 and schedule.step_batches(2).micro_batches == [[4, 6]]
+    assert schedule.step_batches(3).epoch == 1 and schedule.step_batches(3).micro_batches == [
+        [3, 2, 6, 1],
+        [9, 5, 8, 0],
+    ]
+    assert schedule.step_batches(4).micro_batches == [[4, 7]]
+    assert schedule.step_batches(1) == schedule.step_batches(1)  # a pure function of the step: a resume replays it
 
 
 @pytest.mark.parametrize(
@@ -43,12 +49,12 @@ def test_every_epoch_covers_each_example_exactly_once(examples, micro_batch_size
     )
     for epoch in range(2):
         steps = range(epoch * schedule.steps_per_epoch + 1, (epoch + 1) * schedule.steps_per_epoch + 1)
-        plans = [schedule.plan(step) for step in steps]
-        assert {plan.epoch for plan in plans} == {epoch}
-        seen = [i for plan in plans for micro_batch in plan.micro_batches for i in micro_batch]
+        step_batches = [schedule.step_batches(step) for step in steps]
+        assert {batches.epoch for batches in step_batches} == {epoch}
+        seen = [i for batches in step_batches for micro_batch in batches.micro_batches for i in micro_batch]
         assert sorted(seen) == list(range(examples))
-        assert all(1 <= len(plan.micro_batches) <= accumulation for plan in plans)
-        assert all(len(mb) <= micro_batch_size * world_size for plan in plans for mb in plan.micro_batches)
+        assert all(1 <= len(batches.micro_batches) <= accumulation for batches in step_batches)
+        assert all(len(mb) <= micro_batch_size * world_size for batches in step_batches for mb in batches.micro_batches)
 
 
 def test_total_steps_rounds_a_fraction_of_an_epoch_up_and_is_at_least_one():

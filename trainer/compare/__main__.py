@@ -69,7 +69,8 @@ def build_app(args: argparse.Namespace, key: str | None):
     from trainer.compare.app import create_app
     from trainer.compare.folder import RunReader, check_run_folder
     from trainer.compare.models import CheckpointModels
-    from trainer.loading import resolve_device, resolve_dtype
+    from trainer.loading import resolve_device
+    from trainer.precision import resolve_dtype
 
     run_dir = check_run_folder(args.run_dir)
     device = resolve_device(args.device)

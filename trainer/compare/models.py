@@ -35,8 +35,8 @@ from trainer.loading import (
     _first_line,
     base_model_name,
     inspect_checkpoint,
-    load_model,
-    load_tokenizer,
+    load_checkpoint_model,
+    load_checkpoint_tokenizer,
     position_limit,
 )
 
@@ -111,7 +111,7 @@ class CheckpointModels:
     def _tokenizer(self, checkpoint: Checkpoint, info):
         held = self._tokenizers.get(str(checkpoint.path))
         if held is None or held[0] != checkpoint.identity:
-            held = (checkpoint.identity, load_tokenizer(info))
+            held = (checkpoint.identity, load_checkpoint_tokenizer(info))
             self._tokenizers[str(checkpoint.path)] = held
         return held[1]
 
@@ -126,7 +126,7 @@ class CheckpointModels:
         self._drop_full(key)
         while len(self._full) >= self.max_loaded:
             self._drop_full(next(iter(self._full)))
-        model = load_model(info, self.dtype).to(self.device)
+        model = load_checkpoint_model(info, self.dtype).to(self.device)
         self.stats.full_models += 1
         self._full[key] = (checkpoint.identity, model)
         return model

@@ -28,7 +28,7 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
 
 
 @dataclass(frozen=True)
-class StepPlan:
+class StepBatches:
     """Which examples each micro-batch of one optimizer step holds, on every process."""
 
     epoch: int
@@ -52,14 +52,14 @@ class DataSchedule:
     def total_steps(self, epochs: float) -> int:
         return max(1, math.ceil(self.steps_per_epoch * epochs))
 
-    def plan(self, step: int) -> StepPlan:
+    def step_batches(self, step: int) -> StepBatches:
         """The micro-batches of optimizer step `step` (1-based)."""
         epoch, step_in_epoch = divmod(step - 1, self.steps_per_epoch)
         order = epoch_order(self.num_examples, self.seed, epoch)
         first = step_in_epoch * self.accumulation
         last = min(first + self.accumulation, self.micro_batches_per_epoch)
         micro_batches = [order[m * self.global_batch : (m + 1) * self.global_batch] for m in range(first, last)]
-        return StepPlan(epoch=epoch, micro_batches=micro_batches)
+        return StepBatches(epoch=epoch, micro_batches=micro_batches)
 
 
 def shard(global_micro_batch: list[int], rank: int, world_size: int) -> tuple[list[int], bool]:
@@ -129,7 +129,7 @@ class TrainingBatches:
     def of_step(self, step: int) -> tuple[list[dict], list[int], int]:
         """(this process's collated micro-batches, on the CPU; the indices of the step's items on
         all processes; the step's supervised tokens)."""
-        micro_batches = self.schedule.plan(step).micro_batches
+        micro_batches = self.schedule.step_batches(step).micro_batches
         step_items = [i for micro_batch in micro_batches for i in micro_batch]
         batches = [self._collated(micro_batch)[1] for micro_batch in micro_batches]
         return batches, step_items, int(self.supervised[step_items].sum())
@@ -137,7 +137,7 @@ class TrainingBatches:
     def first_micro_batch(self, step: int) -> tuple[list, dict, bool]:
         """This process's first micro-batch of `step`: its items, the collated batch, and whether
         it trains (a process with no item of its own gets a stand-in with no labels)."""
-        return self._collated(self.schedule.plan(step).micro_batches[0])
+        return self._collated(self.schedule.step_batches(step).micro_batches[0])
 
     def tokens_of(self, items: list[int]) -> int:
         return int(self.tokens[items].sum())
