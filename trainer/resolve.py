@@ -4,6 +4,12 @@ The resolved config is what the run folder and each checkpoint record, and what 
 with the run's saved one (a resume on another kind of machine, where `auto` would choose another
 dtype, is then refused instead of silently training differently). It depends only on the config,
 the training files' sizes, the model's config.json, the device and the number of processes.
+
+Two `auto`s are decided by the data instead, and recorded where the data is: `data.format` is a
+property of each file (a chat train file beside a prompt/completion validation file is fine), found
+as the file is read and written to data_report.json; `eval.metrics` follows the task the preflight
+found and the validation references, and each checkpoint.json names the metrics it was scored by.
+A resume cannot decide them differently: it requires the same data files (their SHA-256s).
 """
 
 from __future__ import annotations

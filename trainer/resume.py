@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+from trainer.config import flatten
 from trainer.data.cache import file_digest
 from trainer.data.pipeline import data_paths
 from trainer.errors import ConfigChanged, ProcessCountChanged, UserError
@@ -54,16 +55,6 @@ class RunDecision:
     state: SavedState | None = None
     copy_history_from: Path | None = None
     """`resume=PATH` from another run folder: its metrics and earlier checkpoints are copied over."""
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; lists stay whole values."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
 
 
 def config_differences(saved: dict, current: dict, ignore: frozenset[str] = RESULT_NEUTRAL_KEYS) -> dict[str, str]:

@@ -14,7 +14,7 @@ import importlib.util
 import secrets
 from pathlib import Path
 
-from trainer.config import Config
+from trainer.config import Config, flatten
 from trainer.errors import UserError
 from trainer.layout import LOG_DIR, WANDB_DIR
 from trainer.report import markdown_cell
@@ -60,8 +60,6 @@ def new_run_id() -> str:
 
 def flat_config(config: Config) -> dict:
     """The resolved config as `section.key` -> bool/int/float/str (what TensorBoard's hparams take)."""
-    from trainer.resume import flatten
-
     return {
         key: value if isinstance(value, (bool, int, float, str)) else str(value)
         for key, value in flatten(config.model_dump(mode="json")).items()
