@@ -315,3 +315,21 @@ def test_a_strategy_that_differs_with_the_processes_is_refused_as_the_process_co
     saved_file.write_text(saved_file.read_text().replace("strategy: ddp", "strategy: fsdp"))
     with pytest.raises(ProcessCountChanged, match="started with 2 process"):
         decide_run(_resolved(config, run), 1)
+
+
+def test_a_folder_with_checkpoints_but_no_state_starts_afresh_whatever_its_strategy(runs, tmp_path):
+    """Killed between a checkpoint and its state: nothing to continue, so the run starts afresh; a
+    strategy that `auto` resolved for another number of processes is no reason to refuse."""
+    import shutil
+
+    config, _, stopped = runs
+    run = copy_of(stopped, tmp_path)
+    for state in run.glob("state-*"):
+        shutil.rmtree(state)
+    (run / "checkpoint-1").mkdir(exist_ok=True)  # a checkpoint: the folder holds a run
+    saved_file = run / "config.yaml"
+    saved_file.write_text(saved_file.read_text().replace("strategy: ddp", "strategy: fsdp"))
+    assert decide_run(_resolved(config, run), 1).action == "fresh"
+    saved_file.write_text(saved_file.read_text().replace("learning_rate: ", "learning_rate: 1"))
+    with pytest.raises(ConfigChanged, match="training.learning_rate"):
+        decide_run(_resolved(config, run), 1)  # another config still is another run

@@ -112,9 +112,10 @@ def _compare(
 ) -> None:
     current = config.model_dump(mode="json")
     differences = config_differences(saved_config, current, ignore)
-    if state is not None and state.world_size != world_size:
+    if state is None or state.world_size != world_size:
         # `auto` resolves the strategy by the number of processes: with another number, a strategy
-        # that differs is that number's doing, which is refused (or, for a complete run, allowed) below.
+        # that differs is that number's doing, which is refused (or, for a complete run, allowed)
+        # below; with no state the run starts afresh, with any number.
         differences.pop("distributed.strategy", None)
     if state is not None:
         saved_data = state.info.get("data_files", {})
