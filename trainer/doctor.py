@@ -56,6 +56,7 @@ import torch
 
 from trainer.cli import USER_ERRORS, Ending, Failure, Kind, command
 from trainer.errors import EXIT_DONE, EXIT_USER_ERROR, UsageError, UserError
+from trainer.peak_memory import PeakMemory
 
 USAGE = "usage: python -m trainer.doctor CONFIG.yaml [section.key=value ...] [--speed] [--steps N] [--gpus N] [--json]"
 
@@ -506,23 +507,6 @@ def weights_cached(name_or_path: str) -> bool:
     )
 
 
-def _load_bench():
-    """scripts/bench.py (a source checkout), for what it already does: peak memory as RSS on a CPU.
-    None where it is absent."""
-    import importlib.util
-
-    path = REPO / "scripts" / "bench.py"
-    if "trainer_bench" in sys.modules:
-        return sys.modules["trainer_bench"]
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("trainer_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["trainer_bench"] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
 def _parameter_count(model_config) -> int:
     from transformers import AutoModelForCausalLM
 
@@ -740,27 +724,6 @@ def synthetic_rows(count: int, *, seq_len: int, vocab: int, seed: int) -> list:
     return rows
 
 
-class _PeakMemory:
-    """Peak memory during the steps: scripts/bench.py's measure (CUDA: max_memory_allocated; Linux
-    CPUs: peak RSS growth), or not measured where that script is absent."""
-
-    def __init__(self, device: torch.device):
-        bench = _load_bench()
-        self.memory = bench.PeakMemory(device) if bench is not None else None
-        self.label = self.memory.label if self.memory else "not measured (scripts/bench.py not found)"
-
-    def before_model(self):
-        if self.memory:
-            self.memory.before_model()
-
-    def before_steps(self):
-        if self.memory:
-            self.memory.before_steps()
-
-    def peak_bytes(self) -> int | None:
-        return self.memory.peak_bytes() if self.memory else None
-
-
 def check_speed(
     report: Report,
     resolved: Resolved,
@@ -768,7 +731,7 @@ def check_speed(
     device: torch.device,
     steps: int,
     memory_estimate,
-    memory: _PeakMemory,
+    memory: PeakMemory,
 ) -> None:
     from trainer.data.packing import collate_packed
     from trainer.families import model_shape
@@ -886,7 +849,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
     device = check_device(report)
     disk_folder = check_disk_free(report, config.output_dir)
     gpus = args.gpus or (torch.cuda.device_count() if device.type == "cuda" else 1)
-    memory = _PeakMemory(device)
+    memory = PeakMemory(device)
     memory.before_model()  # CPU: the RSS before the model exists is the measure's baseline
     resolved = resolve(report, config, gpus)
     if resolved is None:
