@@ -56,10 +56,13 @@ def test_the_environment_names_the_path_and_what_to_check(path_must_be):
 
 
 def test_a_second_ctrl_c_is_130_said_by_rank_0():
-    assert classify(KeyboardInterrupt()) == Failure(Kind.INTERRUPTED, INTERRUPTED, EXIT_INTERRUPTED, shared=True)
+    interrupt = KeyboardInterrupt()
+    assert classify(interrupt) == Failure(
+        Kind.INTERRUPTED, INTERRUPTED, EXIT_INTERRUPTED, error=interrupt, shared=True
+    )  # the error: train records it in status.json
     assert EXIT_INTERRUPTED == 130 and INTERRUPTED == (
-        "\ninterrupted by a second Ctrl-C: stopped at once, without saving. Rerun the same command to continue "
-        "from the newest resumable state"
+        "\ninterrupted by a second Ctrl-C: stopped at once (a state save under way is not kept). Rerun the same "
+        "command to continue from the newest resumable state"
     )
 
 

@@ -165,3 +165,25 @@ def test_the_embedded_default_continues_a_stopped_run_and_says_when_it_is_comple
     assert "resumed from step 3 of " in capsys.readouterr().out
     assert main(command) == 0
     assert "is already complete" in capsys.readouterr().out
+
+
+def test_a_second_ctrl_c_is_recorded_as_130_in_the_status(tmp_path, monkeypatch, capsys):
+    """A second SIGINT raises KeyboardInterrupt wherever the run is (trainer/stopping.py): the job
+    exits 130 and status.json says so, so `python -m trainer.status` gives 130 too."""
+    from trainer.status import describe
+
+    train_step = FineTuneRecipe.train_step
+
+    def interrupted_at_step_2(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return train_step(self, step)
+
+    monkeypatch.setattr(FineTuneRecipe, "train_step", interrupted_at_step_2)
+    run = tmp_path / "run"
+    assert main(["configs/tiny-gpt2.yaml", f"output_dir={run}", "training.epochs=0.1", "checkpoints.count=1"]) == 130
+    assert "interrupted by a second Ctrl-C: stopped at once" in capsys.readouterr().err
+    status = json.loads((run / "status.json").read_text())
+    assert (status["status"], status["exit_code"], status["step"]) == ("failed", 130, 2)
+    assert status["message"] == "interrupted by a second Ctrl-C"
+    assert describe(run)[1] == 130

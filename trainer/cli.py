@@ -36,8 +36,8 @@ OUT_OF_MEMORY_FIX = (
 )
 
 INTERRUPTED = (
-    "\ninterrupted by a second Ctrl-C: stopped at once, without saving. Rerun the same command to "
-    "continue from the newest resumable state"
+    "\ninterrupted by a second Ctrl-C: stopped at once (a state save under way is not kept). Rerun the "
+    "same command to continue from the newest resumable state"
 )
 
 
@@ -70,7 +70,7 @@ class Failure:
     """Whether the traceback follows the line: only for a bug, which the user cannot fix."""
     error: BaseException | None = None
     """What a run records as its failure: the `UserError` the user reads (the environment's and
-    the memory's made into one), or the bug itself; None for an exit or an interrupt."""
+    the memory's made into one), the interrupt, or the bug itself; None for argparse's exit."""
     shared: bool = False
     """Every process meets it alike: rank 0 alone prints it (a `UserError` marked `shared`, Ctrl-C)."""
 
@@ -96,7 +96,7 @@ def classify(
     if isinstance(err, UserError):
         return Failure(Kind.USER, f"error: {err}", err.exit_code, error=err, shared=getattr(err, "shared", False))
     if isinstance(err, KeyboardInterrupt):
-        return Failure(Kind.INTERRUPTED, INTERRUPTED, EXIT_INTERRUPTED, shared=True)
+        return Failure(Kind.INTERRUPTED, INTERRUPTED, EXIT_INTERRUPTED, error=err, shared=True)
     if isinstance(err, OSError):
         user = UserError(
             f"{err.strerror or err}: {err.filename}. Fix: check that this path is {path_must_be} and its "

@@ -485,7 +485,10 @@ class FineTuneRecipe:
     def failed(self, err: Exception, exit_code: int) -> None:
         """Record how the run ended in its status (only a folder this job made its own)."""
         if self.is_main and self.owns_folder:
-            message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+            if isinstance(err, KeyboardInterrupt):
+                message = "interrupted by a second Ctrl-C"
+            else:
+                message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
             step = {"step": self.progress.step} if hasattr(self, "model") else {}
             try:
                 self.folder.write_status("failed", exit_code=exit_code, message=message, **step)
