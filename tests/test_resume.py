@@ -329,7 +329,11 @@ def test_a_folder_with_checkpoints_but_no_state_starts_afresh_whatever_its_strat
     (run / "checkpoint-1").mkdir(exist_ok=True)  # a checkpoint: the folder holds a run
     saved_file = run / "config.yaml"
     saved_file.write_text(saved_file.read_text().replace("strategy: ddp", "strategy: fsdp"))
-    assert decide_run(_resolved(config, run), 1).action == "fresh"
+    decision = decide_run(_resolved(config, run), 1)
+    assert decision.action == "fresh" and decision.note == (
+        f"{run} holds checkpoint-1 but no resumable state (its job ended before saving one): the run starts "
+        "again from step 1 and replaces them"
+    )
     saved_file.write_text(saved_file.read_text().replace("learning_rate: ", "learning_rate: 1"))
     with pytest.raises(ConfigChanged, match="training.learning_rate"):
         decide_run(_resolved(config, run), 1)  # another config still is another run

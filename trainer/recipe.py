@@ -126,6 +126,8 @@ class FineTuneRecipe:
         self.model_config = load_model_config(cfg)
         resolve_config(cfg, device=acc.device, model_config=self.model_config, num_processes=acc.num_processes)
         self.decision = decide_on_main(acc, lambda: decide_run(cfg, acc.num_processes))
+        if self.decision.note:
+            self.log(f"note: {self.decision.note}")
 
     def _setup_data(self) -> None:
         """Tokenizer and data (tokenized with the loss mask, cached; each node's main process goes

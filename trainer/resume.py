@@ -55,6 +55,8 @@ class RunDecision:
     state: SavedState | None = None
     copy_history_from: Path | None = None
     """`resume=PATH` from another run folder: its metrics and earlier checkpoints are copied over."""
+    note: str | None = None
+    """What the log says about the decision when it is not what the user may expect."""
 
 
 def config_differences(saved: dict, current: dict, ignore: frozenset[str] = RESULT_NEUTRAL_KEYS) -> dict[str, str]:
@@ -167,7 +169,12 @@ def decide_run(config, world_size: int) -> RunDecision:
         )
     _compare(output_dir, saved, folder.state, config, world_size)
     if folder.state is None:  # killed before its first state was saved: nothing to continue from
-        return RunDecision("fresh")
+        held = ", ".join(f"checkpoint-{step}" for step in folder.checkpoint_steps)
+        return RunDecision(
+            "fresh",
+            note=f"{output_dir} holds {held} but no resumable state (its job ended before saving one): the run "
+            "starts again from step 1 and replaces them",
+        )
     return RunDecision("complete" if folder.state.complete else "resume", folder.state)
 
 
