@@ -104,3 +104,9 @@ def test_warmup_steps_equal_the_hugging_face_trainers_for_every_total_and_ratio(
         for total in range(1, 401):
             assert warmup_steps(total, ratio) == args.get_warmup_steps(total), (total, ratio)
     assert warmup_steps(100, 0.07) == 8 and warmup_steps(100, 0.03) == 3
+
+
+def test_the_epochs_table_in_words_is_the_one_auto_uses():
+    from trainer.schedule import epochs_table
+
+    assert epochs_table() == "under 10 MB 4, under 100 MB 3, under 500 MB 2, larger 1"

@@ -9,11 +9,16 @@ from trainer.errors import UserError
 
 # The seeds' recommendation, at the upper end of each range: the N checkpoints let the user pick
 # an earlier, less trained one ("slightly overtrain, then pick").
-EPOCHS_BY_SIZE = ((1_000_000, 4), (10_000_000, 4), (100_000_000, 3), (500_000_000, 2))
+EPOCHS_BY_SIZE = ((10_000_000, 4), (100_000_000, 3), (500_000_000, 2))
+
+
+def epochs_table() -> str:
+    """`EPOCHS_BY_SIZE` in words: "under 10 MB 4, under 100 MB 3, under 500 MB 2, larger 1"."""
+    return ", ".join(f"under {limit // 1_000_000} MB {epochs}" for limit, epochs in EPOCHS_BY_SIZE) + ", larger 1"
 
 
 def auto_epochs(train_bytes: int) -> int:
-    """Epochs for a training file of `train_bytes` bytes (under 1 MB 4, 10 MB 4, 100 MB 3, 500 MB 2, else 1)."""
+    """Epochs for a training file of `train_bytes` bytes (`epochs_table()`)."""
     for limit, epochs in EPOCHS_BY_SIZE:
         if train_bytes < limit:
             return epochs

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from trainer.data.problems import Problem, row_unit
+from trainer.schedule import epochs_table
 
 WARNING_TITLES = {
     "leading_space": "completions that do not start with a space",
@@ -134,7 +135,7 @@ def _render_stats(stats: dict[str, Any]) -> list[str]:
         + (f", minimum recommended ~{stats['min_examples']}" if stats.get("min_examples") else "")
         + ")",
         f"file size: {stats['file_bytes']:,} bytes; recommended epochs: {stats['recommended_epochs']} "
-        "(seed table: <1 MB 4, <10 MB 3-4, <100 MB 2-3, <500 MB 1-2, larger 1)",
+        f"(training.epochs: auto, by size: {epochs_table()})",
     ]
     if stats.get("separator") is not None:
         lines.append(f"separator at the end of prompts: {stats['separator']!r}")
