@@ -50,3 +50,15 @@ def test_a_utf8_byte_order_mark_is_still_read(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_bytes(("\ufeff" + "".join(json.dumps(row) + "\n" for row in ROWS)).encode("utf-8"))
     assert read_jsonl(path) == ([(1, ROWS[0]), (2, ROWS[1])], [])
+
+
+def test_an_object_cut_short_is_reported_at_its_own_last_column(tmp_path):
+    from pathlib import Path
+
+    from trainer.data.jsonl import parse_line
+
+    raw = b'{"prompt": "a", "completion": "b"\n'  # the closing brace is missing
+    problem = parse_line(Path("t.jsonl"), 4, raw)
+    assert (problem.kind, problem.line) == ("invalid_json", 4)
+    assert problem.message == "invalid JSON (Expecting ',' delimiter at column 34)"  # not "column 1" of line 5
+    assert parse_line(Path("t.jsonl"), 4, b'{"prompt": "a"}\r\n') == (4, {"prompt": "a"})

@@ -119,7 +119,9 @@ def parse_line(path: Path, line_no: int, raw: bytes) -> tuple[int, Any] | Proble
     if not text.strip():
         return None
     try:
-        return line_no, json.loads(text)
+        # Without its line ending: an object cut short is reported at its last column, not at
+        # "column 1" of the next line.
+        return line_no, json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as err:
         return Problem(
             "invalid_json",
