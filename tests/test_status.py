@@ -38,3 +38,9 @@ def test_a_running_status_whose_process_is_gone_was_killed(tmp_path):
     (tmp_path / LOCK_FILE).write_text(json.dumps(me))
     line, code = describe(tmp_path)
     assert code == 1 and line.startswith(f"{tmp_path}: running (pid {me['pid']}")
+
+
+def test_help_prints_the_exit_codes(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "python -m trainer.status CONFIG.yaml" in out and "75 stopped early and resumable" in out

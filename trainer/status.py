@@ -3,7 +3,8 @@
     python -m trainer.status CONFIG.yaml [section.key=value ...]
 
 prints one line about the run in the config's `output_dir` and exits with the code its last job
-ended with: 0 complete, 75 stopped early and resumable, 1 failed or killed (2 with a usage error).
+ended with: 0 complete, 75 stopped early and resumable, 130 interrupted by a second Ctrl-C, 1
+failed or killed, and 1 while a job is still running (2 with a usage error).
 `accelerate launch` and `torchrun` report any failed worker as exit code 1, so
 scripts/slurm/train.sbatch asks this to know whether a job stopped in a resumable way.
 """
@@ -50,6 +51,9 @@ def describe(folder: Path) -> tuple[str, int]:
 @command
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     if not argv:
         raise UsageError("usage: python -m trainer.status CONFIG.yaml [section.key=value ...]")
     config = load_config(argv[0], argv[1:])
