@@ -228,3 +228,16 @@ def test_config_is_read_without_torch_or_transformers(tmp_path):
         timeout=60,
     )
     assert (result.returncode, result.stdout, result.stderr) == (0, "UserError\n[]\n", "")
+
+
+def test_an_override_that_is_not_yaml_is_one_line_with_the_fix():
+    from trainer.config import load_config
+    from trainer.errors import UsageError
+
+    with pytest.raises(UsageError) as err:
+        load_config("configs/tiny-gpt2.yaml", ["lora.target_modules=[q_proj"])
+    assert str(err.value) == (
+        "override 'lora.target_modules=[q_proj': the value is not valid YAML (expected ',' or ']', but got "
+        "'<stream end>' at column 8). Fix: quote it ('lora.target_modules=\"...\"') or close its brackets "
+        "(lora.target_modules=[a, b])"
+    )

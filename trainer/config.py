@@ -403,7 +403,12 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         try:
             overrides[key] = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as err:
-            raise UsageError(f"override '{arg}': the value is not valid YAML ({err})") from None
+            mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None) or "unreadable"
+            where = f" at column {mark.column + 1}" if mark else ""
+            raise UsageError(
+                f"override '{arg}': the value is not valid YAML ({problem}{where}). Fix: quote it "
+                f"('{key}=\"...\"') or close its brackets ({key}=[a, b])"
+            ) from None
     return overrides
 
 
