@@ -132,3 +132,17 @@ def test_the_hub_probe_answers_without_retrying(monkeypatch):
     assert requests == [(huggingface_hub.constants.ENDPOINT, trainer.hub.PROBE_SECONDS)]
     trainer.hub.hub_reachable.cache_clear()
     assert trainer.hub.load_options(".") == {}  # a local folder never asks
+
+
+def test_a_typo_in_a_local_path_is_a_missing_folder_not_a_hub_id(tmp_path, monkeypatch):
+    """`examples/nope` beside a folder `examples/`: the folder is missing; `EleutherAI/gpt-j-6b` with no
+    folder `EleutherAI/` here stays a Hub id."""
+    from trainer.hub import ModelFolderMissing, model_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples").mkdir()
+    with pytest.raises(ModelFolderMissing, match="the folder examples/nope does not exist"):
+        model_source("examples/nope", "model.name_or_path")
+    assert model_source("EleutherAI/gpt-j-6b", "model.name_or_path") == "EleutherAI/gpt-j-6b"
+    (tmp_path / "examples" / "tiny").mkdir()
+    assert model_source("examples/tiny", "model.name_or_path") == "examples/tiny"

@@ -38,12 +38,19 @@ def written_as_path(name_or_path: str) -> bool:
     )
 
 
+def _in_a_local_folder(name_or_path: str) -> bool:
+    """`folder/name` whose folder exists here (a Hub id's owner is rarely a folder beside it)."""
+    parent = Path(name_or_path).parent
+    return parent != Path(".") and parent.is_dir()
+
+
 def model_source(name_or_path: str, key: str) -> str:
     """What to give `from_pretrained` for the model that `key` names: a value written as a path is
     that folder, with `~` expanded (transformers would take `~/model` for a malformed Hub id), and
     must exist: a missing one is said to be missing at once, rather than looked for on the Hub (with
-    the advice `hf download /some/path`). Anything else is a local folder or a Hub id, as it is."""
-    if not written_as_path(name_or_path):
+    the advice `hf download /some/path`). So is `examples/nope` when the folder `examples/` is here:
+    a typo in a local path, not a Hub id. Anything else is a local folder or a Hub id, as it is."""
+    if not (written_as_path(name_or_path) or _in_a_local_folder(name_or_path)):
         return name_or_path
     expanded = Path(name_or_path).expanduser()
     if expanded.exists():
