@@ -134,15 +134,18 @@ def test_the_hub_probe_answers_without_retrying(monkeypatch):
     assert trainer.hub.load_options(".") == {}  # a local folder never asks
 
 
-def test_a_typo_in_a_local_path_is_a_missing_folder_not_a_hub_id(tmp_path, monkeypatch):
-    """`examples/nope` beside a folder `examples/`: the folder is missing; `EleutherAI/gpt-j-6b` with no
-    folder `EleutherAI/` here stays a Hub id."""
-    from trainer.hub import ModelFolderMissing, model_source
+def test_a_typo_in_a_local_path_says_the_folder_is_not_there(tmp_path, monkeypatch):
+    """`examples/nope` beside a folder `examples/` could be a Hub id, so it is looked up as one; when
+    that fails, the message first says there is no such folder here, and what `examples/` holds."""
+    import trainer.hub
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "examples").mkdir()
-    with pytest.raises(ModelFolderMissing, match="the folder examples/nope does not exist"):
-        model_source("examples/nope", "model.name_or_path")
-    assert model_source("EleutherAI/gpt-j-6b", "model.name_or_path") == "EleutherAI/gpt-j-6b"
-    (tmp_path / "examples" / "tiny").mkdir()
-    assert model_source("examples/tiny", "model.name_or_path") == "examples/tiny"
+    monkeypatch.setattr(trainer.hub, "hub_reachable", lambda: False)
+    (tmp_path / "examples" / "tiny-gpt2").mkdir(parents=True)
+    with pytest.raises(UserError) as failed:
+        load_tokenizer(config("examples/nope"))
+    assert (
+        "could not load the tokenizer of model.name_or_path='examples/nope': there is no folder examples/nope here "
+        "(examples/ holds tiny-gpt2); as a Hugging Face id: the Hub"
+    ) in str(failed.value)
+    assert trainer.hub.local_folder_hint("EleutherAI/gpt-j-6b") == ""  # no folder EleutherAI/ here

@@ -216,6 +216,8 @@ def test_a_folder_without_checkpoint_or_state_is_not_a_run(runs, tmp_path, capsy
     run = tmp_path / "run"
     assert main([str(config), f"output_dir={run}", "checkpoints.count=99"]) == 1
     assert "checkpoints.count=99 but training has only 24" in capsys.readouterr().err
+    assert not run.exists()  # it wrote nothing, so the folder it made is gone
+    run.mkdir()
     (run / "data_report.json").write_text("[]")  # leftovers of an older failed start
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
     assert main([str(config), f"output_dir={run}"]) == 0

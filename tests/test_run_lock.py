@@ -73,3 +73,21 @@ def test_an_unwritable_folder_or_a_file_is_a_user_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="cannot write to output_dir"):
         RunLock(tmp_path / "file" / "run").acquire()
+
+
+def test_an_output_dir_that_is_a_file_is_named_so(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"output_dir .*file is a file, not a folder\. Fix: choose a folder"):
+        RunLock(tmp_path / "file").acquire()
+
+
+def test_a_folder_the_lock_made_goes_when_the_job_wrote_nothing(tmp_path):
+    RunLock(tmp_path / "new" / "run").acquire().release()  # a start that failed before writing
+    assert not (tmp_path / "new" / "run").exists()
+    lock = RunLock(tmp_path / "kept").acquire()
+    (tmp_path / "kept" / "status.json").write_text("{}")
+    lock.release()
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["status.json"]
+    (tmp_path / "existing").mkdir()
+    RunLock(tmp_path / "existing").acquire().release()
+    assert (tmp_path / "existing").is_dir()  # not ours to remove

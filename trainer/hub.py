@@ -38,19 +38,13 @@ def written_as_path(name_or_path: str) -> bool:
     )
 
 
-def _in_a_local_folder(name_or_path: str) -> bool:
-    """`folder/name` whose folder exists here (a Hub id's owner is rarely a folder beside it)."""
-    parent = Path(name_or_path).parent
-    return parent != Path(".") and parent.is_dir()
-
-
 def model_source(name_or_path: str, key: str) -> str:
     """What to give `from_pretrained` for the model that `key` names: a value written as a path is
     that folder, with `~` expanded (transformers would take `~/model` for a malformed Hub id), and
     must exist: a missing one is said to be missing at once, rather than looked for on the Hub (with
-    the advice `hf download /some/path`). So is `examples/nope` when the folder `examples/` is here:
-    a typo in a local path, not a Hub id. Anything else is a local folder or a Hub id, as it is."""
-    if not (written_as_path(name_or_path) or _in_a_local_folder(name_or_path)):
+    the advice `hf download /some/path`). Anything else is a local folder or a Hub id, as it is
+    (`examples/nope` too: when it fails to load, `local_folder_hint` says the folder is not there)."""
+    if not written_as_path(name_or_path):
         return name_or_path
     expanded = Path(name_or_path).expanduser()
     if expanded.exists():
@@ -87,11 +81,22 @@ def load_options(name_or_path: str) -> dict:
     return {"local_files_only": True}
 
 
+def local_folder_hint(name_or_path: str) -> str:
+    """For `examples/nope` beside a folder `examples/`: "there is no folder examples/nope here (examples/
+    holds a, b); " -- most likely a typo in a path, which is otherwise taken for a Hub id."""
+    parent = Path(name_or_path).parent
+    if parent == Path(".") or not parent.is_dir() or Path(name_or_path).exists():
+        return ""
+    held = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    listed = f" holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''}" if held else " holds no folder"
+    return f"there is no folder {name_or_path} here ({parent}/{listed}); as a Hugging Face id: "
+
+
 def offline_fix(name_or_path: str) -> str:
     """How to get a model onto a machine that cannot reach the Hub."""
     from huggingface_hub import constants
 
-    return (
+    return local_folder_hint(name_or_path) + (
         f"the Hub ({constants.ENDPOINT}) cannot be reached from this machine and '{name_or_path}' is not in the "
         f"local cache ({constants.HF_HUB_CACHE}). Fix: download it where there is network "
         f"(`hf download {name_or_path}`) into a cache this machine reads (set HF_HOME), or copy a folder made by "

@@ -9,7 +9,7 @@ from trainer.attention import configure_attention, install_attention
 from trainer.config import Config
 from trainer.errors import UserError
 from trainer.families import family_of
-from trainer.hub import load_options, model_source, offline_fix
+from trainer.hub import load_options, local_folder_hint, model_source, offline_fix
 from trainer.precision import torch_dtype
 from trainer.quantization import keep_4bit_training_layout, kernel_notice, quiet_bitsandbytes_import
 
@@ -19,7 +19,7 @@ def _load_error(config: Config, what: str, err: Exception) -> UserError:
     if load_options(name).get("local_files_only"):
         return UserError(f"could not load the {what} of model.name_or_path='{name}': {offline_fix(name)}")
     return UserError(
-        f"could not load the {what} from model.name_or_path='{name}': {err}\n"
+        f"could not load the {what} from model.name_or_path='{name}': {local_folder_hint(name)}{err}\n"
         "Fix: give a local folder made by save_pretrained, or a Hugging Face model id that is in your "
         "local cache (or reachable from this machine)."
     )

@@ -95,14 +95,18 @@ class RunLock:
         self.me = this_process()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.made_folder = False  # a job that fails before writing anything leaves no empty folder
 
     def acquire(self) -> "RunLock":
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UserError(
+                f"output_dir {self.folder} is a file, not a folder. Fix: choose a folder (output_dir=runs/another)"
+            )
+        self.made_folder = not self.folder.exists()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise _folder_error(self.folder, err) from None
-        if not self.folder.is_dir():
-            raise UserError(f"output_dir {self.folder} is a file. Fix: choose a folder (output_dir=runs/another)")
         for _ in range(3):  # a lock taken over can be taken by a third job in between: look again
             try:
                 handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
@@ -167,6 +171,11 @@ class RunLock:
                 self.path.unlink()
         except (OSError, ValueError):
             pass
+        if self.made_folder:
+            try:
+                self.folder.rmdir()  # only when empty: what a run wrote stays
+            except OSError:
+                pass
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
