@@ -56,6 +56,26 @@ def test_without_task_metrics_the_lowest_eval_loss_and_without_either_nothing():
     assert recommend([]) is None
 
 
+def test_a_metric_that_is_the_same_everywhere_leaves_it_to_the_eval_loss():
+    """Every checkpoint answered every example wrong (or right): the metric tells them nothing."""
+    checkpoints = [
+        summary(2, 5.45, {"exact_match": 0.0}),
+        summary(7, 4.56, {"exact_match": 0.0}),
+        summary(9, 4.6, {"exact_match": 0.0}),
+    ]
+    assert recommend(checkpoints) == Recommendation(
+        "checkpoint-7",
+        "eval_loss",
+        4.56,
+        "exact_match is 0.0000 at every checkpoint, so the eval loss decides: lowest eval loss (4.5600) of 3 "
+        "checkpoints",
+    )
+    alone = [summary(2, 5.45, {"exact_match": 0.0})]  # one checkpoint: nothing to tell apart
+    assert recommend(alone).metric == "exact_match"
+    no_loss = [summary(2, None, {"exact_match": 1.0}), summary(4, None, {"exact_match": 1.0})]
+    assert recommend(no_loss).checkpoint == "checkpoint-2"  # no loss to ask: the earlier of equals
+
+
 def test_a_resumed_run_recommends_what_an_uninterrupted_one_does():
     checkpoints = [summary(10, 0.9, {"accuracy": 0.8}), summary(20, 0.7, {"accuracy": 0.9})]
     saved = json.loads(json.dumps([asdict(c) for c in checkpoints]))  # the resumable state's round trip

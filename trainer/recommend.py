@@ -4,7 +4,8 @@
 or their dicts from the resumable state), so a resumed run recommends exactly what an uninterrupted
 run does. The rule: the highest value of the primary task metric (the first of `eval.metrics`,
 trainer/task_metrics.py), the earlier checkpoint on a tie (less trained, as good on the task); with
-no task metric, the lowest eval loss (the earlier on a tie); with neither, no recommendation.
+no task metric, or one that is the same at every checkpoint (0 everywhere tells nothing), the lowest
+eval loss (the earlier on a tie); with neither, no recommendation.
 
 `write_recommendation` writes `{"checkpoint", "metric", "value", "why"}` into the run folder
 atomically. `resolve_checkpoint_arg(path, best)` is how `python -m trainer.export`, `trainer.generate`
@@ -60,11 +61,16 @@ def recommend(checkpoints: Sequence, primary: str | None = None) -> Recommendati
     primary = primary or primary_metric(ordered)
     scored = [(c, _finite((_get(c, "metrics") or {}).get(primary))) for c in ordered] if primary else []
     scored = [(c, v) for c, v in scored if v is not None]
+    losses = [(c, v) for c, v in ((c, _finite(_get(c, "eval_loss"))) for c in ordered) if v is not None]
+    undecided = None
+    if len(scored) > 1 and len({v for _, v in scored}) == 1 and losses:
+        # The metric does not tell the checkpoints apart (all wrong, or all right): the loss does.
+        undecided = f"{primary} is {scored[0][1]:.4f} at every checkpoint, so the eval loss decides: "
+        scored = []
     if scored:
         metric, lower = primary, False
     else:
-        scored = [(c, v) for c, v in ((c, _finite(_get(c, "eval_loss"))) for c in ordered) if v is not None]
-        metric, lower = "eval_loss", True
+        scored, metric, lower = losses, "eval_loss", True
     if not scored:
         return None
     best_value = min(v for _, v in scored) if lower else max(v for _, v in scored)
@@ -72,10 +78,8 @@ def recommend(checkpoints: Sequence, primary: str | None = None) -> Recommendati
     chosen = tied[0]  # sorted by step: the earliest of equals
     name = f"{CHECKPOINT_PREFIX}{_get(chosen, 'step')}"
     if metric == "eval_loss":
-        why = (
-            f"lowest eval loss ({best_value:.4f}) of {len(scored)} checkpoint{'s' if len(scored) != 1 else ''}, "
-            "as no task metric was computed"
-        )
+        why = f"lowest eval loss ({best_value:.4f}) of {len(scored)} checkpoint{'s' if len(scored) != 1 else ''}"
+        why = undecided + why if undecided else why + ", as no task metric was computed"
     else:
         examples = _get(chosen, "eval_examples")
         over = f" on {examples} validation examples" if examples else ""
