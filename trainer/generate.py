@@ -380,15 +380,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sampling_options(args: argparse.Namespace) -> dict:
+    """The command line's sampling options, checked here so that a bad one names its flag (exit 2)."""
     from trainer.data.convert import unescape
 
-    return {
+    options = {
         "temperature": args.temperature,
         "top_p": args.top_p,
         "top_k": args.top_k,
         "max_new_tokens": args.max_new_tokens,
         "stop": [unescape(stop) for stop in args.stop],
     }
+    try:
+        TestPrompt(prompt="", **options)
+    except ValidationError as err:
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())
+        raise UsageError(problems) from None
+    return options
 
 
 def _test_prompt(fields: dict, where: str) -> TestPrompt:
