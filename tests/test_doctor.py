@@ -102,8 +102,14 @@ def test_a_failing_self_test_is_a_failing_item_and_exit_1(capsys, tmp_path, bloo
     assert [failed["item"] for failed in report["failures"]] == ["self-test"]
     assert "packed examples attend to each other" in report["failures"][0]["message"]
     assert [c["name"] for c in report["self_test"]["checks"] if not c["passed"]] == ["layout"]
-    # The planner knows no BLOOM: on a CPU that is a warning, not a failure.
-    assert [warning["item"] for warning in report["warnings"]] == ["memory"]
+    # The planner knows no BLOOM: on a CPU that is a warning, not a failure. The data's warnings
+    # (tests/helpers.py repeats its rows) are training's preflight's, one line a file.
+    assert [warning["item"] for warning in report["warnings"]] == ["data", "data", "memory"]
+    assert report["warnings"][0]["message"] == (
+        f"{tmp_path / 'train.jsonl'}: 46 warnings (42 duplicate, 1 too_few_examples, 3 test_prompt_in_data): "
+        "training runs, but results may suffer. Details and fixes: python scripts/prepare_data.py validate "
+        f"{tmp_path / 'train.jsonl'}"
+    )
     # The text report lists the failing item last.
     assert doctor.main([str(config)]) == 1
     last = capsys.readouterr().out.rstrip().splitlines()[-2:]
@@ -152,7 +158,9 @@ def test_weights_missing_from_the_cache_are_built_random_and_said_so(capsys, tmp
     code, report = run_doctor(capsys, str(config))
     assert code == 0 and report["self_test"]["weights"] == "random" and report["self_test"]["passed"] is True
     assert [c["name"] for c in report["self_test"]["checks"]] == ["attention", "layout"]
-    assert [w["item"] for w in report["warnings"]] == ["config", "weights"]  # no config.json; training cannot load them
+    # No config.json; the data's own warnings (the preflight needs no tokenizer); training cannot load the weights.
+    assert [w["item"] for w in report["warnings"]] == ["config", "data", "data", "weights"]
+    assert "first_batch" not in report["data"] and report["data"]["files"][0]["warnings"] == 46
 
 
 def test_user_errors_are_one_line_and_exit_1(capsys, tmp_path, in_repo):
@@ -181,4 +189,97 @@ def test_with_json_a_user_error_is_also_one_json_object_and_the_environment_one_
         "",
         f"error: Permission denied: {tmp_path / 'data'}. Fix: check that this path is readable and its disk has "
         "free space\n",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Where training refuses at its start, the doctor fails, with training's message
+
+
+def test_more_checkpoints_than_optimizer_steps_fail_as_the_schedule_says(capsys, in_repo):
+    code, report = run_doctor(capsys, TINY, in_repo, "checkpoints.count=1000")
+    assert code == 1 and report["ok"] is False
+    assert report["failures"] == [
+        {
+            "item": "schedule",
+            "message": "checkpoints.count=1000 but training has only 378 optimizer steps: lower checkpoints.count "
+            "to at most 378, or train longer (training.epochs) or with smaller steps (training.micro_batch_size, "
+            "training.gradient_accumulation_steps)",
+        }
+    ]
+
+
+def test_a_training_file_with_errors_fails_with_the_preflights_message(capsys, tmp_path, in_repo):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"prompt": "a", "completion": " b<|endoftext|>"}\nnot json\n{"prompt": "c"}\n', encoding="utf-8")
+    code, report = run_doctor(capsys, TINY, in_repo, f"data.train_file={train}")
+    assert code == 1 and [failed["item"] for failed in report["failures"]] == ["data"]
+    message = report["failures"][0]["message"]
+    assert message.splitlines()[0] == "the data has 2 errors:"
+    assert message.splitlines()[1].startswith(f"  {train} line 2: invalid JSON")
+    assert message.splitlines()[2] == (
+        f"  {train} line 3: missing key 'completion'. Fix: every line needs 'prompt' and 'completion'"
+    )
+    assert "first_batch" not in report["data"]  # nothing was tokenized: no first batch, no labels check
+    assert [check["name"] for check in report["self_test"]["checks"]] == ["attention", "layout"]
+
+
+def test_examples_longer_than_max_seq_len_fail_naming_the_fix(capsys, in_repo):
+    code, report = run_doctor(capsys, TINY, in_repo, "data.max_seq_len=16")
+    assert code == 1 and [failed["item"] for failed in report["failures"]] == ["data"]
+    message = report["failures"][0]["message"]
+    assert message.splitlines()[0] == "1000 examples are longer than data.max_seq_len=16:"
+    assert message.splitlines()[-1] == (
+        "Fix: raise data.max_seq_len, shorten them, or set data.too_long to drop or truncate"
+    )
+
+
+def test_an_output_dir_that_is_a_file_fails_as_training_does(capsys, tmp_path, in_repo):
+    path = tmp_path / "a-file"
+    path.write_text("not a folder\n", encoding="utf-8")
+    code, report = run_doctor(capsys, TINY, f"output_dir={path}")
+    assert code == 1
+    assert report["failures"] == [
+        {
+            "item": "output_dir",
+            "message": f"cannot write to output_dir {path} (File exists). Fix: choose a folder you can write to "
+            "(output_dir=runs/another) or fix its permissions",
+        }
+    ]
+    assert report["disk"]["checked"] == str(tmp_path)  # the free disk of the folder holding it
+    assert path.read_text(encoding="utf-8") == "not a folder\n"
+
+
+def test_the_output_dir_check_leaves_no_folder_behind(capsys, tmp_path, in_repo):
+    run = tmp_path / "runs" / "new"
+    code, report = run_doctor(capsys, TINY, f"output_dir={run}")
+    assert code == 0 and report["disk"]["checked"] == str(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_self_tests_first_batch_is_trainings(capsys, tmp_path, in_repo):
+    """The labels check runs on the micro-batch training's step 1 starts with (the packed rows of
+    the whole shuffled file), not on a sample of the file's first lines."""
+    from trainer.config import load_config
+    from trainer.recipe import FineTuneRecipe
+
+    code, report = run_doctor(capsys, TINY, in_repo)
+    recipe = FineTuneRecipe(load_config(TINY, [f"output_dir={tmp_path / 'trained'}", "training.self_test=false"]))
+    try:
+        recipe.setup()
+        items, _, real = recipe.batches.first_micro_batch(1)
+    finally:
+        recipe.close()
+    examples = [example for row in items for example in row.examples]
+    assert real and code == 0 and len(items) == 8 and len(examples) == 16
+    assert report["data"]["first_batch"] == {
+        "items": 8,
+        "examples": 16,
+        "lines": [f"{example.source} line {example.line}" for example in examples],
+    }
+    labels = next(check for check in report["self_test"]["checks"] if check["name"] == "labels")
+    assert labels["detail"] == "16 examples supervise exactly their completion and EOS"
+    assert (report["data"]["total_steps"], report["data"]["checkpoint_steps"]) == (
+        recipe.schedule.total_steps,
+        recipe.schedule.checkpoint_steps,
     )

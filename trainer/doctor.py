@@ -6,36 +6,50 @@ It reports, in order, and exits 0 when every item passes, 1 with the failing ite
 
 1. versions: python and the libraries against the tested pins in constraints.txt (a difference is
    a warning: the run may well work, but it is not the tested set);
-2. device: the GPU (name, memory, CUDA, bf16) or the CPU, bitsandbytes and its backend, and the free
-   disk of `output_dir` (its nearest existing parent);
+2. device: the GPU (name, memory, CUDA, bf16) or the CPU, bitsandbytes and its backend; `output_dir`
+   checked as training checks it first (its lock taken and given back, trainer/run_lock.py: a
+   file, a folder that cannot be written or one another job holds fails with training's message;
+   folders the check made are removed again), and the free disk of its nearest existing folder;
 3. config: resolved exactly as training resolves it (`FineTuneRecipe` makes the Accelerator and
    settles the precision, then `load_model_config` and `resolve_config`): every `auto` filled in;
-4. memory: the planner's per-GPU estimate (`trainer.plan.estimate_run`) against this GPU's memory, for
+4. data: training's own data stage, through its functions: the preflight (`preflight_data`: its
+   errors are a failing item with training's message, its warnings warnings), the tokenized data
+   with its length policy (`prepare_data`, which fills training's tokenized-data cache), the test
+   prompts encoded, the training rows (`training_rows`, packed or not), each step's batches for
+   `--gpus` processes (`TrainingBatches`) and the schedule (`RunSchedule.of`: `checkpoints.count`
+   against the optimizer steps); the first micro-batch of step 1 is the self-test's;
+5. memory: the planner's per-GPU estimate (`trainer.plan.estimate_run`) against this GPU's memory, for
    `--gpus` processes (default: the GPUs visible). The planner models CUDA GPUs: on a CPU the
    estimate is of the config as a GPU would run it, with a verdict against a reference 80 GiB GPU
    that is a warning, never a failure (this machine will not run it);
-5. self-test: the model built as training builds it (`make_strategy(...).build_model()`, one
+6. self-test: the model built as training builds it (`make_strategy(...).build_model()`, one
    process), the optimizer and `strategy.prepare`, then the startup self-test
-   (`trainer.selftest.run_self_test`) with its `labels` check on a first batch of the training
-   file; and the disk the run's checkpoints and resumable states need (trainer/disk.py). Weights
-   come from a local folder or the local Hugging Face cache; when they are not there (the doctor
-   never downloads them) the model is built from its config (or the published one) with random
-   weights, and the output says so: the checks compare kernels and layouts, not what was learned;
-6. speed (`--speed`): `--steps` optimizer steps (default 20, after one untimed warm-up step) of the
+   (`trainer.selftest.run_self_test`) with its `labels` check on training's own first micro-batch
+   (process 0's of step 1, section 4); and the disk the run's checkpoints and resumable states need
+   (trainer/disk.py). Weights come from a local folder or the local Hugging Face cache; when they
+   are not there (the doctor never downloads them) the model is built from its config (or the
+   published one) with random weights, and the output says so: the checks compare kernels and
+   layouts, not what was learned (and without a tokenizer section 4 stops after the preflight);
+7. speed (`--speed`): `--steps` optimizer steps (default 20, after one untimed warm-up step) of the
    trainer's own step (`trainer.step.optimizer_step`) on synthetic rows of `data.max_seq_len` tokens,
    packed as training packs them, `micro_batch_size` x `gradient_accumulation_steps` rows a step:
    tokens/s, MFU where the GPU's peak is known (trainer/flops.py), and the peak memory measured
    against the planner's estimate.
 
-Failing items: a config that cannot run here, a failed self-test, not enough disk, a run the planner
-says does not fit this GPU. A config that does not load at all (a missing file, an unknown key) is
-one line on stderr and exit 1, as with the training command.
+Failing items: whatever training would refuse at its start (an `output_dir` it cannot use, data
+errors, examples too long for `data.too_long`, more checkpoints than optimizer steps, a config that
+cannot run here), a failed self-test, not enough disk, a run the planner says does not fit this GPU.
+A config that does not load at all (a missing file, an unknown key) is one line on stderr and exit
+1, as with the training command. Not checked: what the run folder already holds (a resume, a run
+already complete, a refused resume), which training decides from the folder.
 
 Designed to take under 8 minutes on one 80 GB GPU for configs/gptj.yaml --speed (weights not cached;
 not yet measured on a GPU): seconds for everything before the build (the planner's meta-device model
 included), seconds to build GPT-J-6B in bf16 directly on the GPU, about a second for the self-test,
 and 21 steps of 8 x 2048 tokens, which dominate (tens of seconds). With the weights in the cache,
-loading 12 GB from disk is added, as at the start of training.
+loading 12 GB from disk is added, as at the start of training. The data stage takes what training's
+takes: the first time the tokenization of the data files (training then finds them in the cache),
+afterwards seconds.
 """
 
 from __future__ import annotations
@@ -97,9 +111,6 @@ LATER = {
 #: optimizer state).
 WARMUP_STEPS = 1
 
-#: Examples per training file read for the `labels` check's first batch.
-LABEL_SAMPLE = 64
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would exit 2 itself; the entry point prints it
@@ -135,11 +146,11 @@ class Report:
 
     def fail(self, item: str, message: str) -> None:
         self.failures.append({"item": item, "message": message})
-        self.say(f"  FAIL {item}: {message}")
+        self.say(f"  FAIL {item}: {_indented(message)}")
 
     def warn(self, item: str, message: str) -> None:
         self.warnings.append({"item": item, "message": message})
-        self.say(f"  warning ({item}): {message}")
+        self.say(f"  warning ({item}): {_indented(message)}")
 
     def say(self, line: str = "") -> None:
         """Text mode prints as it goes: on a GPU the model build and the timed steps take a while."""
@@ -151,6 +162,11 @@ class Report:
 
     def to_json(self) -> dict:
         return {"ok": not self.failures, **self.sections, "failures": self.failures, "warnings": self.warnings}
+
+
+def _indented(message: str) -> str:
+    """A message of several lines (training's data errors list one per line) under its item."""
+    return message.replace("\n", "\n      ")
 
 
 def _gb(count: int | None) -> str:
@@ -271,8 +287,10 @@ def bitsandbytes_info() -> dict:
 
 
 def nearest_existing(path: Path) -> Path:
+    """The nearest existing folder of `path`: itself, or its nearest parent (a file is not a folder:
+    the free disk of an `output_dir` that is a file is that of the folder holding it)."""
     path = path.expanduser().absolute()
-    while not path.exists() and path != path.parent:
+    while not path.is_dir() and path != path.parent:
         path = path.parent
     return path
 
@@ -316,6 +334,27 @@ def check_device(report: Report) -> torch.device:
     )
     report.sections["device"] = info
     return device
+
+
+def check_output_dir(report: Report, output_dir: str) -> None:
+    """Training's first act: take the run folder's lock (`RunFolder.lock`, trainer/run_lock.py),
+    which makes the folder and refuses a file, a folder it cannot write to, or one another job
+    holds. The doctor takes the lock as training would, gives it back at once and removes the
+    folders that taking it made, so that checking leaves nothing behind."""
+    from trainer.run_folder import RunFolder
+
+    folder = Path(output_dir).absolute()  # as RunFolder takes it
+    made = [path for path in (folder, *folder.parents) if not path.exists() and not path.is_symlink()]
+    try:
+        RunFolder(output_dir).lock().release()
+    except UserError as err:
+        report.fail("output_dir", str(err))
+    finally:
+        for path in made:  # the deepest first; a folder someone else wrote into meanwhile stays
+            try:
+                path.rmdir()
+            except OSError:
+                break
 
 
 def check_disk_free(report: Report, output_dir: str) -> Path:
@@ -439,14 +478,165 @@ def resolve(report: Report, config, gpus: int) -> Resolved | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. The planner's estimate
+# 4. The data, as training checks, tokenizes and batches it
+
+
+@dataclass
+class Data:
+    """What the data stage gives the self-test: the tokenizer, and training's first micro-batch."""
+
+    tokenizer: object | None = None
+    first_batch: tuple | None = None
+    """(items, collated batch) of process 0's first micro-batch of step 1, as training's self-test
+    gets it; None when there is none (no tokenizer, or the data failed)."""
+
+
+def _tokenizer(config):
+    from trainer.data.chat import resolve_chat_template
+    from trainer.model import load_tokenizer
+
+    tokenizer = load_tokenizer(config)
+    tokenizer.chat_template = resolve_chat_template(tokenizer, config.data.chat_template)
+    return tokenizer
+
+
+def _lines(log: list[str]):
+    return lambda message: log.extend(str(message).splitlines())
+
+
+def _data_warning(checked) -> str:
+    """One line for a file the preflight lets through with warnings (or errors that
+    data.on_error=skip leaves out); the section above shows them as training prints them."""
+    from trainer.data.validation_report import plural
+
+    found = []
+    if checked.errors:
+        found.append(f"{plural(len(checked.errors), 'error')}, lines that data.on_error=skip leaves out")
+    if checked.warnings:
+        kinds = ", ".join(f"{count} {kind}" for kind, count in checked.warning_kinds().items())
+        found.append(f"{plural(len(checked.warnings), 'warning')} ({kinds})")
+    return (
+        f"{checked.path}: {'; '.join(found)}: training runs, but results may suffer. "
+        f"Details and fixes: python scripts/prepare_data.py validate {checked.path}"
+    )
+
+
+def check_data(report: Report, resolved: Resolved, gpus: int) -> Data:
+    """Training's own data stage, through its own functions: the tokenizer, the preflight
+    (trainer/data/preflight.py: errors fail, warnings warn), the tokenized data and
+    its length policy (trainer/data/pipeline.py), the test prompts encoded, the training rows
+    (packed or not), each step's batches for `gpus` processes and the schedule (the checkpoint
+    steps); then process 0's first micro-batch of step 1, for the self-test's `labels` check."""
+    from trainer.data import reads
+    from trainer.data.batching import TrainingBatches
+    from trainer.data.packing import training_rows
+    from trainer.data.pipeline import data_paths, prepare_data
+    from trainer.data.preflight import preflight_data
+    from trainer.generate import encode_test_prompt
+    from trainer.schedule import RunSchedule
+
+    report.heading("4. data, checked, tokenized and batched as training does")
+    config = resolved.config
+    section: dict = {"log": []}
+    report.sections["data"] = section
+    # The tokenizer first (training loads it after the preflight): a tokenizer that does not load and
+    # a data error are both reported, and the disk estimate (section 6) counts the tokenizer's files.
+    tokenizer = None
+    try:
+        tokenizer = _tokenizer(config)
+    except UserError as err:
+        if weights_cached(config.model.name_or_path):
+            report.fail("tokenizer", str(err))
+        else:  # training will download it with the weights
+            section["tokenizer_error"] = str(err)
+            report.say(
+                "  tokenizer: not available here, like its weights: the tokenized data, the schedule and "
+                "the labels check are skipped"
+            )
+    checked_ok = False
+    try:
+        # As training runs it (no tokenizer: trainer/train.py runs it before torch loads); what it
+        # finds is shown below, and each file with warnings is also a warning item.
+        reports = preflight_data(config, log=lambda _: None)
+    except UserError as err:
+        report.fail("data", str(err))
+    else:
+        checked_ok = True
+        section["files"] = [{"file": r.path, "errors": len(r.errors), "warnings": len(r.warnings)} for r in reports]
+        for checked in reports:
+            if checked.warnings or checked.errors or checked.notes:  # what training prints
+                report.say("\n".join(f"  {line}" if line else "" for line in checked.render(stats=False).splitlines()))
+            if checked.warnings or checked.errors:  # errors here are lines data.on_error=skip leaves out
+                report.warn("data", _data_warning(checked))
+    if tokenizer is None or not checked_ok:
+        for path in data_paths(config):
+            reads.drop_rows(path)  # what the preflight kept for tokenizing, which will not happen here
+        return Data(tokenizer)
+
+    log = section["log"]
+    try:
+        data = prepare_data(config, tokenizer, _lines(log))
+        for test_prompt in config.test_prompts:  # a template that cannot render one fails training's setup
+            encode_test_prompt(tokenizer, test_prompt, config.data.chat_template)
+        rows, collate_rows = training_rows(data.train, config.data, _lines(log))
+        batches = TrainingBatches.for_run(
+            rows, collate_rows, tokenizer.pad_token_id, config.training, rank=0, world_size=gpus
+        )
+    except UserError as err:
+        for line in log:
+            report.say(f"  {line}")
+        report.fail("data", str(err))
+        return Data(tokenizer)
+    try:
+        schedule = RunSchedule.of(config.training, config.checkpoints, batches.schedule)
+    except UserError as err:  # checkpoints.count against the optimizer steps the data makes
+        for line in log:
+            report.say(f"  {line}")
+        report.fail("schedule", str(err))
+        return Data(tokenizer)
+    warned = {f"warning: {warning}" for warning in data.warnings}
+    for line in log:
+        if line not in warned:  # said once, as a warning item
+            report.say(f"  {line}")
+    for warning in data.warnings:
+        report.warn("data", warning)
+
+    items, batch, real = batches.first_micro_batch(1)
+    members = [member for item in items for member in getattr(item, "examples", (item,))]
+    unit = "rows" if config.data.packing else "examples"
+    section.update(
+        training_items=len(rows),
+        unit=unit,
+        validation_examples=len(data.valid),
+        total_steps=schedule.total_steps,
+        checkpoint_steps=schedule.checkpoint_steps,
+        first_batch={
+            "items": len(items),
+            "examples": len(members),
+            "lines": [f"{member.source} line {member.line}" for member in members],
+        },
+    )
+    report.say(
+        f"  {len(rows)} training {unit} and {len(data.valid)} validation examples; {config.training.epochs:g} "
+        f"epochs = {schedule.total_steps} optimizer steps on {gpus} process{'es' if gpus > 1 else ''}; "
+        f"checkpoints at steps {schedule.checkpoint_steps}"
+    )
+    report.say(
+        f"  step 1's first micro-batch (process 0): {len(items)} {unit}"
+        + (f", {len(members)} examples" if config.data.packing else "")
+    )
+    return Data(tokenizer, (items, batch) if real else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The planner's estimate
 
 
 def check_memory_estimate(report: Report, resolved: Resolved, device: torch.device, gpus: int):
     from trainer.families import FAMILIES, family_of
     from trainer.plan import estimate_run
 
-    report.heading("4. memory estimate (trainer/plan.py)")
+    report.heading("5. memory estimate (trainer/plan.py)")
     cuda = device.type == "cuda"
     memory = torch.cuda.get_device_properties(device).total_memory if cuda else REFERENCE_GPU_BYTES
     # On a GPU the planner gets what training gives it (the resolved config); on a CPU the config as
@@ -485,7 +675,7 @@ def check_memory_estimate(report: Report, resolved: Resolved, device: torch.devi
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. The model as training builds it, and the self-test
+# 6. The model as training builds it, and the self-test
 
 
 def weights_cached(name_or_path: str) -> bool:
@@ -522,49 +712,9 @@ class Built:
     tokenizer: object | None
 
 
-def _tokenizer(config):
-    from trainer.data.chat import resolve_chat_template
-    from trainer.model import load_tokenizer
-
-    tokenizer = load_tokenizer(config)
-    tokenizer.chat_template = resolve_chat_template(tokenizer, config.data.chat_template)
-    return tokenizer
-
-
-def first_batch(config, tokenizer) -> tuple[list, dict]:
-    """A micro-batch made as training makes its batches, from the first examples of the first
-    training file: tokenized with the loss mask, packed when packing is on, collated."""
-    from trainer.data.batching import collate
-    from trainer.data.examples import first_examples
-    from trainer.data.packing import collate_packed, pack_examples
-    from trainer.data.pipeline import data_paths
-    from trainer.data.tokenize import tokenize_examples
-
-    path = data_paths(config)[0]
-    examples = first_examples(path, config.data.format, count=LABEL_SAMPLE)  # not the whole file
-    # too_long=drop: this is a sample for the labels check; the data's own checks are
-    # `scripts/prepare_data.py validate` and training's preflight.
-    items, _ = tokenize_examples(
-        examples,
-        tokenizer,
-        max_seq_len=config.data.max_seq_len,
-        too_long="drop",
-        chat_template=tokenizer.chat_template,
-        train_on=config.data.train_on,
-        on_error="skip",
-    )
-    if not items:
-        raise UserError(
-            f"none of the first {LABEL_SAMPLE} examples of {path} fits data.max_seq_len={config.data.max_seq_len}"
-        )
-    if config.data.packing:
-        rows = pack_examples(items, config.data.max_seq_len)[: config.training.micro_batch_size]
-        return rows, collate_packed(rows, tokenizer.pad_token_id)
-    items = items[: config.training.micro_batch_size]
-    return items, collate(items, tokenizer.pad_token_id)
-
-
-def build_and_self_test(report: Report, resolved: Resolved, device: torch.device, disk_folder: Path) -> Built | None:
+def build_and_self_test(
+    report: Report, resolved: Resolved, device: torch.device, disk_folder: Path, data: Data
+) -> Built | None:
     from accelerate.utils import set_seed
 
     from trainer.disk import check_free_space, run_bytes, tokenizer_bytes
@@ -577,7 +727,7 @@ def build_and_self_test(report: Report, resolved: Resolved, device: torch.device
     from trainer.selftest import failure, run_self_test
     from trainer.strategy import make_strategy
 
-    report.heading("5. model and self-test (one process)")
+    report.heading("6. model and self-test (one process)")
     config, acc = resolved.config, resolved.recipe.accelerator
     name = config.model.name_or_path
     section: dict = {"weights": None, "passed": None}
@@ -626,14 +776,7 @@ def build_and_self_test(report: Report, resolved: Resolved, device: torch.device
         f"{trainable:,} of {total:,} parameters trainable, {config.model.attention} attention"
     )
 
-    tokenizer = None
-    try:
-        tokenizer = _tokenizer(config)
-    except UserError as err:
-        why = "not available here, like its weights" if not real else str(err)
-        section["tokenizer_error"] = str(err)
-        report.say(f"  tokenizer: {why}: the labels check is skipped")
-
+    tokenizer = data.tokenizer
     # The disk the run will need (trainer/disk.py), as training checks it before the first step:
     # a fresh run, every checkpoint still to be written.
     sizes = run_bytes(
@@ -657,12 +800,8 @@ def build_and_self_test(report: Report, resolved: Resolved, device: torch.device
 
     optimizer = build_optimizer(config, model, acc.device)
     model, optimizer = strategy.prepare(model, optimizer)
-    batch = None
-    if tokenizer is not None:
-        try:
-            batch = first_batch(config, tokenizer)
-        except UserError as err:
-            report.say(f"  first batch: could not be made ({err}): the labels check is skipped")
+    if data.first_batch is None:
+        report.say("  no first batch of the training data (section 4): the labels check is skipped")
     result = run_self_test(
         model,
         attention=config.model.attention,
@@ -670,7 +809,7 @@ def build_and_self_test(report: Report, resolved: Resolved, device: torch.device
         compute_dtype=activation_dtype(config),
         autocast=acc.autocast,
         device=acc.device,
-        first_batch=batch,
+        first_batch=data.first_batch,
         tokenizer=tokenizer,
         data_format=config.data.format,
     )
@@ -696,7 +835,7 @@ def build_and_self_test(report: Report, resolved: Resolved, device: torch.device
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Speed
+# 7. Speed
 
 
 def synthetic_rows(count: int, *, seq_len: int, vocab: int, seed: int) -> list:
@@ -738,7 +877,7 @@ def check_speed(
     from trainer.flops import gpu_peak, mfu, training_flops
     from trainer.step import optimizer_step
 
-    report.heading(f"6. speed: {WARMUP_STEPS} warm-up + {steps} timed steps of trainer.step.optimizer_step")
+    report.heading(f"7. speed: {WARMUP_STEPS} warm-up + {steps} timed steps of trainer.step.optimizer_step")
     config, acc = resolved.config, resolved.recipe.accelerator
     seq_len, rows_per_micro = config.data.max_seq_len, config.training.micro_batch_size
     accumulation = config.training.gradient_accumulation_steps
@@ -847,6 +986,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
     report.sections["command"] = "python -m trainer.doctor " + " ".join([args.config, *args.overrides])
     check_versions(report)
     device = check_device(report)
+    check_output_dir(report, config.output_dir)
     disk_folder = check_disk_free(report, config.output_dir)
     gpus = args.gpus or (torch.cuda.device_count() if device.type == "cuda" else 1)
     memory = PeakMemory(device)
@@ -855,10 +995,11 @@ def run(args: argparse.Namespace, report: Report) -> None:
     if resolved is None:
         return
     try:
+        data = check_data(report, resolved, gpus)
         memory_estimate = check_memory_estimate(report, resolved, device, gpus)
         built = None
         try:
-            built = build_and_self_test(report, resolved, device, disk_folder)
+            built = build_and_self_test(report, resolved, device, disk_folder, data)
         except torch.OutOfMemoryError as err:  # a finding about this machine, not a crash
             report.fail("self-test", f"out of memory while building or probing the model: {_first_line(err)}")
         if args.speed:
@@ -913,14 +1054,14 @@ def main(argv: list[str] | None = None, *, ending: DoctorEnding) -> int:
     else:
         report.heading("result")
         for warning in report.warnings:
-            report.say(f"  warning ({warning['item']}): {warning['message']}")
+            report.say(f"  warning ({warning['item']}): {_indented(warning['message'])}")
         if report.failures:
             report.say(
                 f"  FAILED ({len(report.failures)} item{'s' if len(report.failures) > 1 else ''}, "
                 f"{report.sections['seconds']:.0f} s):"
             )
             for failed in report.failures:
-                report.say(f"  - {failed['item']}: {failed['message']}")
+                report.say(f"  - {failed['item']}: {_indented(failed['message'])}")
         else:
             warned = (
                 f" ({len(report.warnings)} warning{'s' if len(report.warnings) > 1 else ''} above)"
