@@ -242,12 +242,24 @@ def test_an_output_dir_that_is_a_file_fails_as_training_does(capsys, tmp_path, i
     assert report["failures"] == [
         {
             "item": "output_dir",
-            "message": f"cannot write to output_dir {path} (File exists). Fix: choose a folder you can write to "
-            "(output_dir=runs/another) or fix its permissions",
+            "message": f"output_dir {path} is a file, not a folder. Fix: choose a folder (output_dir=runs/another)",
         }
     ]
     assert report["disk"]["checked"] == str(tmp_path)  # the free disk of the folder holding it
     assert path.read_text(encoding="utf-8") == "not a folder\n"
+
+
+def test_a_run_folder_training_would_refuse_or_find_complete_is_said(capsys, tmp_path, in_repo):
+    """What `decide_run` says of output_dir, as training would say it before loading anything."""
+    old = tmp_path / "old"
+    (old / "checkpoint-4").mkdir(parents=True)  # a run of a version that could not resume: no status
+    code, report = run_doctor(capsys, TINY, f"output_dir={old}")
+    assert code == 1 and [f["item"] for f in report["failures"]] == ["run folder"]
+    assert report["failures"][0]["message"].startswith(
+        f"output_dir {old} already holds a run that this version cannot resume (it has no resumable state)"
+    )
+    code, report = run_doctor(capsys, TINY, in_repo)
+    assert code == 0 and report["run_folder"] == {"action": "fresh", "step": 0}
 
 
 def test_the_output_dir_check_leaves_no_folder_behind(capsys, tmp_path, in_repo):

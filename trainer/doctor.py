@@ -353,8 +353,34 @@ def check_output_dir(report: Report, output_dir: str) -> None:
         for path in made:  # the deepest first; a folder someone else wrote into meanwhile stays
             try:
                 path.rmdir()
+            except FileNotFoundError:  # the lock's release removed the folder it made
+                continue
             except OSError:
                 break
+
+
+def check_run_decision(report: Report, config, gpus: int) -> None:
+    """What training would do with what output_dir holds (trainer/resume.py `decide_run`, on the
+    resolved config): start a fresh run, continue the saved one, find it complete, or refuse."""
+    from trainer.resume import decide_run
+
+    try:
+        decision = decide_run(config, gpus)
+    except UserError as err:
+        report.fail("run folder", str(err))
+        return
+    report.sections["run_folder"] = {"action": decision.action, "step": decision.state.step if decision.state else 0}
+    if decision.action == "complete":
+        report.warn(
+            "run folder",
+            f"the run in {config.output_dir} is already complete (step {decision.state.step}): training would do "
+            "nothing. Fix: overwrite_output_dir=true to train again, or another output_dir",
+        )
+    elif decision.action == "resume":
+        step = decision.state.step
+        report.say(f"  run folder: training would resume the run in {config.output_dir} from step {step}")
+    else:
+        report.say(f"  run folder: a fresh run{f' ({decision.note})' if decision.note else ''}")
 
 
 def check_disk_free(report: Report, output_dir: str) -> Path:
@@ -995,6 +1021,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
     if resolved is None:
         return
     try:
+        check_run_decision(report, resolved.config, gpus)
         data = check_data(report, resolved, gpus)
         memory_estimate = check_memory_estimate(report, resolved, device, gpus)
         built = None
