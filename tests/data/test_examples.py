@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from trainer.data.examples import examples_at, first_examples, read_examples, read_file, split_validation
+from trainer.data.examples import examples_at, read_examples, read_file, split_validation
 from trainer.errors import UserError
 
 GOOD = json.dumps({"prompt": "banana ->", "completion": " yellow<|endoftext|>"})
@@ -148,7 +148,7 @@ def test_a_folder_is_not_a_data_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# A few examples without parsing the whole file: examples_at (the self-test), first_examples (the doctor)
+# A few examples without parsing the whole file: examples_at (the self-test)
 
 CHAT = json.dumps({"messages": [{"role": "user", "content": "Hi?"}, {"role": "agent", "content": "Hello."}]})
 TEXT = json.dumps({"text": "Once upon a time."})
@@ -192,37 +192,3 @@ def test_examples_at_of_a_table_equals_its_whole_read(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), path)
     whole = {e.line: e for e in read_file(path).examples}
     assert examples_at(path, {3, 1, 7}) == {1: whole[1], 3: whole[3]}
-
-
-def test_first_examples_reads_only_up_to_the_last_example_it_returns(tmp_path, parsed_lines):
-    path = tmp_path / "train.jsonl"
-    path.write_bytes(lines(json.dumps({"x": 1}), "{oops", GOOD, "", GOOD, GOOD, "{") + b"\xff\n")
-    assert [e.line for e in first_examples(path, count=2)] == [3, 5]
-    assert parsed_lines == [1, 2, 3, 4, 5]  # lines 6 to 8 are not read
-
-
-@pytest.mark.parametrize(
-    "content, data_format",
-    [
-        (lines(json.dumps({"x": 1}), "{oops", GOOD, json.dumps({"text": "t"}), GOOD, GOOD), "auto"),
-        (lines(TEXT, GOOD, TEXT, TEXT), "auto"),  # the first recognisable row sets the format
-        (lines(GOOD, TEXT, TEXT, GOOD, TEXT), "text"),
-        (lines(CHAT, CHAT.replace("Hi?", "Hey?"), "{", CHAT), "chat"),
-    ],
-)
-def test_first_examples_equals_the_whole_files_first(tmp_path, content, data_format):
-    path = tmp_path / "train.jsonl"
-    path.write_bytes(content)
-    whole = read_file(path, data_format, on_error="skip").examples
-    for count in (1, 2, 3, 10):
-        assert first_examples(path, data_format, count=count) == whole[:count]
-
-
-def test_first_examples_of_a_file_without_a_valid_line_fails_as_the_whole_read(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_bytes(lines(json.dumps({"x": 1}), "{oops", json.dumps({"prompt": "a"})))
-    with pytest.raises(UserError) as whole:
-        read_file(path, on_error="skip")
-    with pytest.raises(UserError) as first:
-        first_examples(path, count=64)
-    assert str(first.value) == str(whole.value) and "3 problems" in str(first.value)

@@ -3,9 +3,8 @@
 `read_file` is the whole story for one file: rows (JSONL, parquet or arrow) -> the file's format ->
 the row checks of `formats.py` -> examples, plus the rows it skipped (`on_error: skip`) and warnings
 (e.g. the role `agent`, read as `assistant`). `read_examples` is the short form that only returns
-the examples and raises on any invalid row. `first_examples` and `examples_at` give a few of the
-examples `read_file` gives without parsing the whole file (the doctor's sample, the self-test's
-first batch).
+the examples and raises on any invalid row. `examples_at` gives a few of the examples `read_file`
+gives without parsing the whole file (the self-test's first batch).
 """
 
 from __future__ import annotations
@@ -16,8 +15,7 @@ from pathlib import Path
 from typing import Any, Collection, Sequence, TypeVar
 
 from trainer.data.formats import ROLE_ALIASES, row_format, row_problem
-from trainer.data.jsonl import iter_jsonl
-from trainer.data.problems import TABLE_SUFFIXES, Problem, raise_problems, row_unit
+from trainer.data.problems import Problem, raise_problems, row_unit
 from trainer.data.readers import read_rows, read_rows_at
 
 Message = tuple[str, str]  # (role, content), with aliases already mapped (agent -> assistant)
@@ -152,32 +150,6 @@ def _file_data(path: Path, rows: list, problems: list[Problem], data_format: str
         raise_problems(path, problems)
     skipped = [SkippedLine(problem) for problem in problems]
     return FileData(str(path), data_format, examples, skipped, alias_lines)
-
-
-def first_examples(path: str | Path, data_format: str = "auto", *, count: int) -> list[Example]:
-    """The first `count` valid examples of a file: `read_file(path, data_format, on_error="skip")`'s
-    first `count`, with its errors, but a JSONL file is read only up to the line that completes them
-    (the doctor's sample of a large file). A table is read whole, as pyarrow reads it anyway."""
-    path = Path(path)
-    if path.suffix.lower() in TABLE_SUFFIXES:
-        return read_file(path, data_format, on_error="skip").examples[:count]
-    rows: list[tuple[int, Any]] = []
-    problems: list[Problem] = []
-    found_format = None if data_format == "auto" else data_format
-    valid = 0
-    for parsed in iter_jsonl(path):
-        if isinstance(parsed, Problem):
-            problems.append(parsed)
-            continue
-        rows.append(parsed)
-        # The format `read_file` detects is the first recognisable row's, which comes at or before
-        # the first valid example: it is known before any row is counted as valid.
-        found_format = found_format or row_format(parsed[1])
-        if found_format is not None and row_problem(parsed[1], found_format) is None:
-            valid += 1
-            if valid == count:
-                break
-    return _file_data(path, rows, problems, data_format, "skip").examples[:count]
 
 
 def examples_at(path: str | Path, lines: Collection[int], data_format: str = "auto") -> dict[int, Example]:
