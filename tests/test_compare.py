@@ -177,7 +177,7 @@ def test_full_checkpoints_are_loaded_on_demand_and_at_most_max_loaded_are_held(t
     for step, source in sources.items():
         shutil.copytree(source, run / f"checkpoint-{step}")
     models = CheckpointModels(torch.device("cpu"), torch.float32, max_loaded=2)
-    folder = lambda step: str(run / f"checkpoint-{step}")  # noqa: E731
+    folder = lambda step: str(run / f"checkpoint-{step}")
     with client(run, models) as http:
 
         def ask(step: int) -> str:

@@ -145,7 +145,7 @@ def test_weights_missing_from_the_cache_are_built_random_and_said_so(capsys, tmp
     published = lambda: FAMILIES["gptj"].tiny_config(
         {"eos_token_id": 0, "bos_token_id": 0},
         n_layer=2,
-        n_embd=32,  # noqa: E731
+        n_embd=32,
         n_head=2,
         n_positions=64,
         vocab_size=320,

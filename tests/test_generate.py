@@ -118,3 +118,22 @@ def test_chat_sample_records_the_rendered_prompt_and_the_messages(tiny_model_dir
     assert sample["prompt"] == "System: Marv.\n\nUser: Hi?\n\nAssistant:"
     assert sample["messages"] == [{"role": "system", "content": "Marv."}, {"role": "user", "content": "Hi?"}]
     assert "messages" not in sample["parameters"] and sample["parameters"]["max_new_tokens"] == 4
+
+
+def test_an_empty_prompt_starts_from_the_beginning_of_text_token(tiny_model_dirs, tokenizer):
+    """A model given no token has nothing to predict from: an empty prompt is an unconditioned
+    sample, from the tokenizer's BOS (GPT-2's is its end-of-text)."""
+    from trainer.generate import prompt_row
+
+    row = prompt_row(tokenizer, TestPrompt(prompt=""), seed=0)
+    assert row.prompt_ids == [tokenizer.bos_token_id] and row.prompt_text == ""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["gpt2"]).eval()
+    sample = complete(model, tokenizer, TestPrompt(prompt="", max_new_tokens=4), seed=0)
+    ids = [tokenizer.bos_token_id]
+    with torch.no_grad():
+        for _ in range(4):
+            next_id = model(torch.tensor([ids])).logits[0, -1].argmax().item()
+            if next_id == tokenizer.eos_token_id:
+                break
+            ids.append(next_id)
+    assert sample["completion"] == tokenizer.decode(ids[1:])

@@ -190,20 +190,3 @@ def test_under_ddp_gradients_are_averaged_across_processes(tiny_model_dirs, tmp_
         nprocs=2,
         start_method="fork",
     )
-
-
-def test_transformers_advice_to_pass_an_attention_mask_is_dropped_and_nothing_else():
-    """Packed rows have no 2D mask on purpose; transformers' warning about it was printed on every run."""
-    import logging
-
-    import trainer.loss  # noqa: F401  (installs the filter)
-
-    logger = logging.getLogger("transformers.modeling_utils")
-
-    def record(message):
-        return logging.LogRecord(logger.name, logging.WARNING, __file__, 1, message, None, None)
-
-    assert not logger.filter(
-        record("We strongly recommend passing in an `attention_mask` since your input_ids may be padded.")
-    )
-    assert logger.filter(record("Some weights of the model checkpoint were not used"))

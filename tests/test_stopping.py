@@ -125,7 +125,7 @@ def test_the_stop_policy_asks_every_process_and_gives_the_reason():
     assert policy.at_boundary(3, [4, 8], alone) == (False, True, "interval")  # state_every_steps
     assert policy.at_boundary(4, [4, 8], alone) == (False, True, "checkpoint")
     assert seen[0] == [False, False, False]
-    another_process_signalled = lambda flags: [1, 0, 0]  # noqa: E731
+    another_process_signalled = lambda flags: [1, 0, 0]
     assert policy.at_boundary(5, [4, 8], another_process_signalled) == (True, False, "stop signal on another process")
     signals.requested = "SIGUSR1"
     assert policy.at_boundary(5, [4, 8], alone) == (True, False, "signal SIGUSR1")

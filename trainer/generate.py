@@ -38,7 +38,10 @@ from trainer.config import TestPrompt
 from trainer.data.tokenize import encode_chat_prompt, encode_prompt, render_chat_prompt
 from trainer.errors import UsageError, UserError
 from trainer.loading import add_model_arguments, position_limit
+from trainer.quiet import drop_attention_mask_advice
 from trainer.recommend import add_best_argument
+
+drop_attention_mask_advice()  # transformers drops a batch's all-ones mask, then advises one
 
 
 @dataclass
@@ -87,8 +90,12 @@ def encode_test_prompt(tokenizer, test_prompt: TestPrompt, chat_template: str | 
 
 
 def prompt_row(tokenizer, test_prompt: TestPrompt, seed: int | None, chat_template: str | None = None) -> Row:
-    """A `Row` for `test_prompt`: its ids (`encode_test_prompt`) and the text they encode."""
+    """A `Row` for `test_prompt`: its ids (`encode_test_prompt`) and the text they encode. An empty
+    prompt starts from the beginning-of-text token (GPT-2's and NeoX's is their end-of-text), as an
+    unconditioned sample does: a model given no token at all has nothing to predict from."""
     ids = encode_test_prompt(tokenizer, test_prompt, chat_template)
+    if not ids:
+        ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
     text = (
         test_prompt.prompt
         if test_prompt.messages is None

@@ -34,8 +34,6 @@ the logits itself.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -43,22 +41,14 @@ from torch.utils.checkpoint import checkpoint
 from trainer.attention import takes_sequence_boundaries
 from trainer.data.boundaries import BOUNDARY_KEYS
 from trainer.data.tokenize import IGNORE_INDEX
+from trainer.quiet import drop_attention_mask_advice
 from trainer.unwrap import transformers_model
 
 #: Rows (supervised tokens) per cross-entropy chunk: 4096 x 50k float32 logits are 0.8 GB.
 DEFAULT_CHUNK_ROWS = 4096
 
 
-class _PackedRowsHaveNoMask(logging.Filter):
-    """Packed rows reach the model without a 2D attention mask on purpose (their position_ids keep
-    the examples apart: trainer/data/packing.py), so transformers' advice to pass one, printed on
-    every run and glued to the progress bar, is noise here: dropped, and only it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("We strongly recommend passing in an `attention_mask`")
-
-
-logging.getLogger("transformers.modeling_utils").addFilter(_PackedRowsHaveNoMask())
+drop_attention_mask_advice()  # packed rows go without a 2D mask on purpose (trainer/quiet.py)
 
 #: Batch keys the model gets (labels stay out: the model would compute its own full-logits loss).
 #: The sequence boundaries (trainer/data/boundaries.py) go only to a model that attends with

@@ -290,7 +290,7 @@ class FineTuneRecipe:
             unit="step",
             mininterval=0.1 if sys.stderr.isatty() else 30,
         )
-        agree = lambda flags: sum_over_processes(self.accelerator, flags)  # noqa: E731
+        agree = lambda flags: sum_over_processes(self.accelerator, flags)
         self.stop_policy.state_saved()  # the state interval counts from the loop's start
         try:
             for step in range(self.start_step + 1, total + 1):
