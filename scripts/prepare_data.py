@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.atomic import write_bytes_atomically  # noqa: E402
-from trainer.cli import command
+from trainer.cli import JsonEnding, command
 from trainer.data.convert import ConvertOptions, convert_table, unescape  # noqa: E402
 from trainer.data.fixes import FIXABLE, fixed_lines  # noqa: E402
 from trainer.data.split import split_file, split_output_paths  # noqa: E402
@@ -265,9 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@command
-def main(argv: list[str] | None = None) -> int:
+@command(ending=JsonEnding)
+def main(argv: list[str] | None = None, *, ending: JsonEnding) -> int:
     args = build_parser().parse_args(argv)
+    ending.as_json = bool(getattr(args, "json", False))
     if getattr(args, "max_seq_len", None) is not None and args.max_seq_len < 1:
         raise UsageError(f"--max-seq-len must be positive, got {args.max_seq_len}")
     return args.run(args)

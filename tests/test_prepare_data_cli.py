@@ -177,3 +177,12 @@ def test_a_utf16_file_gets_one_message_with_the_utf16_fix(tmp_path, capsys):
         f"error: {source} is UTF-16 text (it starts with the UTF-16 byte-order mark), not UTF-8. Fix: convert it, "
         f"e.g. `iconv -f UTF-16 -t UTF-8 {source} > data-utf8.jsonl`, or 'Save as... UTF-8' in your editor\n"
     )
+
+
+def test_with_json_a_file_that_cannot_be_read_is_also_one_json_object(tmp_path, capsys):
+    source = tmp_path / "data.jsonl"
+    source.write_bytes("".join(json.dumps(row) + "\n" for row in rows(3)).encode("utf-16"))
+    assert cli.main(["validate", str(source), "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"ok": False, "error": err.removeprefix("error: ").rstrip("\n")}
+    assert "is UTF-16 text" in err

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import json
 import sys
 import traceback
 from dataclasses import dataclass
@@ -140,6 +141,17 @@ class Ending:
 
     def __exit__(self, *exc) -> None:
         pass
+
+
+class JsonEnding(Ending):
+    """For a command with `--json` (its `main` sets `as_json`): a user error is also the one JSON
+    object on stdout, `{"ok": false, "error": ...}`, so a script reading stdout gets an answer."""
+
+    as_json = False
+
+    def failed(self, failure: Failure) -> None:
+        if self.as_json and failure.kind is Kind.USER:
+            print(json.dumps({"ok": False, "error": str(failure.error)}))
 
 
 def _say(failure: Failure, rank: str) -> None:
