@@ -16,17 +16,23 @@ def greedy(model, tokenizer, **params):
     return complete(model, tokenizer, TestPrompt(prompt="banana ->", **params), seed=0)
 
 
+@torch.no_grad()
+def manual_greedy(model, tokenizer, ids: list[int], steps: int) -> list[int]:
+    """The new ids greedy decoding gives after `ids`, one forward per token, up to EOS."""
+    new = []
+    for _ in range(steps):
+        next_id = model(torch.tensor([ids + new])).logits[0, -1].argmax().item()
+        if next_id == tokenizer.eos_token_id:
+            break
+        new.append(next_id)
+    return new
+
+
 def test_greedy_completion_matches_manual_greedy_decoding(tiny_model_dirs, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["gpt2"]).eval()
     sample = greedy(model, tokenizer, max_new_tokens=8)
-    ids = tokenizer("banana ->")["input_ids"]
-    with torch.no_grad():
-        for _ in range(8):
-            next_id = model(torch.tensor([ids])).logits[0, -1].argmax().item()
-            if next_id == tokenizer.eos_token_id:
-                break
-            ids.append(next_id)
-    assert sample["completion"] == tokenizer.decode(ids[len(tokenizer("banana ->")["input_ids"]) :])
+    prompt_ids = tokenizer("banana ->")["input_ids"]
+    assert sample["completion"] == tokenizer.decode(manual_greedy(model, tokenizer, prompt_ids, 8))
     assert sample["parameters"]["max_new_tokens"] == 8 and sample["parameters"]["temperature"] == 0.0
 
 
@@ -129,11 +135,4 @@ def test_an_empty_prompt_starts_from_the_beginning_of_text_token(tiny_model_dirs
     assert row.prompt_ids == [tokenizer.bos_token_id] and row.prompt_text == ""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["gpt2"]).eval()
     sample = complete(model, tokenizer, TestPrompt(prompt="", max_new_tokens=4), seed=0)
-    ids = [tokenizer.bos_token_id]
-    with torch.no_grad():
-        for _ in range(4):
-            next_id = model(torch.tensor([ids])).logits[0, -1].argmax().item()
-            if next_id == tokenizer.eos_token_id:
-                break
-            ids.append(next_id)
-    assert sample["completion"] == tokenizer.decode(ids[1:])
+    assert sample["completion"] == tokenizer.decode(manual_greedy(model, tokenizer, [tokenizer.bos_token_id], 4))
