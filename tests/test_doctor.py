@@ -1,4 +1,4 @@
-"""trainer/doctor.py: `python -m trainer.doctor CONFIG` in-process on tiny models: the report's
+"""trainer/doctor/: `python -m trainer.doctor CONFIG` in-process on tiny models: the report's
 numbers, the timed steps, a failing self-test, a version warning, random weights, user errors."""
 
 import json
@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import REPO, write_config
 from trainer import doctor
+from trainer.doctor import environment, setup
 from trainer.selftest import TOLERANCES
 
 TINY = str(REPO / "configs" / "tiny-gpt2.yaml")
@@ -54,7 +55,7 @@ def test_the_tiny_config_passes_with_the_self_tests_numbers(capsys, in_repo):
     assert checks["labels"]["difference"] == 0.0
     assert checks["labels"]["detail"].endswith("examples supervise exactly their completion and EOS")
     plan = report["memory_plan"]
-    assert plan["fits"] is True and plan["gpu_memory_bytes"] == doctor.REFERENCE_GPU_BYTES and plan["gpus"] == 1
+    assert plan["fits"] is True and plan["gpu_memory_bytes"] == setup.REFERENCE_GPU_BYTES and plan["gpus"] == 1
     disk = report["disk"]
     assert 0 < disk["needed_bytes"] < disk["free_bytes"]
     assert disk["needed_bytes"] == 5 * disk["checkpoint_bytes"] + 2 * disk["state_bytes"]
@@ -117,15 +118,15 @@ def test_a_failing_self_test_is_a_failing_item_and_exit_1(capsys, tmp_path, bloo
 
 
 def test_a_version_that_differs_from_constraints_is_a_warning(capsys, in_repo, monkeypatch):
-    real = doctor.installed_version
-    monkeypatch.setattr(doctor, "installed_version", lambda name: "0.0.1" if name == "peft" else real(name))
+    real = environment.installed_version
+    monkeypatch.setattr(environment, "installed_version", lambda name: "0.0.1" if name == "peft" else real(name))
     code, report = run_doctor(capsys, TINY, in_repo)
     peft = next(row for row in report["versions"]["packages"] if row["name"] == "peft")
     assert code == 0 and report["ok"] is True
     assert peft == {
         "name": "peft",
         "installed": "0.0.1",
-        "tested": doctor.tested_versions()["peft"],
+        "tested": environment.tested_versions()["peft"],
         "status": "differs",
     }
     assert report["warnings"] == [
