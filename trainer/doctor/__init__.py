@@ -62,7 +62,7 @@ import warnings
 
 import torch
 
-from trainer.cli import USER_ERRORS, Ending, Failure, Kind, command
+from trainer.cli import USER_ERRORS, JsonEnding, Kind, command
 from trainer.doctor.environment import check_device, check_disk_free, check_output_dir, check_versions
 from trainer.doctor.model import build_and_self_test
 from trainer.doctor.report import Report, _indented
@@ -157,20 +157,8 @@ def _first_line(err: Exception) -> str:
     return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
 
 
-class DoctorEnding(Ending):
-    """The doctor's part in how it ends (trainer/cli.py prints the line): with `--json`, a user
-    error is also the one JSON object on stdout."""
-
-    as_json = False
-
-    def failed(self, failure: Failure) -> None:
-        if self.as_json and failure.kind is Kind.USER:
-            print(json.dumps({"ok": False, "error": str(failure.error)}))
-
-
-# The environment (an unreadable folder, a full disk) is one line too; Ctrl-C and bugs keep Python's traceback.
-@command(ends=USER_ERRORS | {Kind.ENVIRONMENT}, path_must_be="readable", ending=DoctorEnding)
-def main(argv: list[str] | None = None, *, ending: DoctorEnding) -> int:
+@command(ends=USER_ERRORS | {Kind.ENVIRONMENT}, path_must_be="readable", ending=JsonEnding)
+def main(argv: list[str] | None = None, *, ending: JsonEnding) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("-h", "--help"):
         print(f"{USAGE}\n\n{__doc__}")
