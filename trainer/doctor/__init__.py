@@ -157,6 +157,8 @@ def _first_line(err: Exception) -> str:
     return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
 
 
+# The environment (an unreadable folder, a full disk) is one line too; Ctrl-C and bugs keep Python's traceback.
+# With --json a user error is also the one JSON object on stdout (JsonEnding).
 @command(ends=USER_ERRORS | {Kind.ENVIRONMENT}, path_must_be="readable", ending=JsonEnding)
 def main(argv: list[str] | None = None, *, ending: JsonEnding) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
