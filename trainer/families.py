@@ -254,26 +254,9 @@ def neox_20b_config():
 def mid_gptj_config():
     """GPT-J's layer design and real 50,400-token vocabulary at a size a CPU trains in seconds:
     4 layers of width 256, 4 heads of 64 (a quarter of each rotated, as in GPT-J-6B)."""
-    from transformers import GPTJConfig
-
-    return GPTJConfig(
-        vocab_size=50400,
-        n_positions=2048,
-        n_embd=256,
-        n_layer=4,
-        n_head=4,
-        rotary_dim=16,
-        n_inner=None,
-        activation_function="gelu_new",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        layer_norm_epsilon=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=50256,
-        eos_token_id=50256,
-        pad_token_id=50256,
-    )
+    config = gptj_6b_config()
+    config.update({"n_embd": 256, "n_layer": 4, "n_head": 4, "rotary_dim": 16})
+    return config
 
 
 #: Hugging Face ids whose shape is known without their config.json (no download needed to plan).
