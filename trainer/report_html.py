@@ -162,6 +162,22 @@ def _completion(sample: Any) -> tuple[str | None, str | None]:
 # The plot
 
 
+def _star(axes, x, y, label: str) -> None:
+    """The recommended checkpoint's mark in a plot."""
+    axes.plot(
+        [x],
+        [y],
+        linestyle="none",
+        marker="*",
+        markersize=20,
+        color="#f2b701",
+        markeredgecolor="#5a4500",
+        markeredgewidth=1.2,
+        zorder=4,
+        label=label,
+    )
+
+
 def render_loss_plot(history: LossHistory, rows: list[Row], best: int | None) -> bytes:
     """The PNG: train loss per step and eval loss per checkpoint in one plot, the best checkpoint
     starred. Drawn on matplotlib's Agg canvas directly: no display, no pyplot global state."""
@@ -227,18 +243,7 @@ def render_loss_plot(history: LossHistory, rows: list[Row], best: int | None) ->
     if best is not None and rows[best].eval_loss is not None:
         row = rows[best]
         x = row.step if row.step is not None else (eval_steps[0] if eval_steps else 0)
-        axes.plot(
-            [x],
-            [row.eval_loss],
-            linestyle="none",
-            marker="*",
-            markersize=20,
-            color="#f2b701",
-            markeredgecolor="#5a4500",
-            markeredgewidth=1.2,
-            zorder=4,
-            label=f"recommended: {_checkpoint_name(row)} (eval loss {row.eval_loss:.4f})",
-        )
+        _star(axes, x, row.eval_loss, f"recommended: {_checkpoint_name(row)} (eval loss {row.eval_loss:.4f})")
     if not (train_steps or eval_steps or history.skipped):
         axes.text(
             0.5,
@@ -310,18 +315,8 @@ def render_metrics_plot(rows: list[Row], best: int | None) -> bytes:
             )
     if best is not None and names and names[0] in rows[best].metrics and rows[best].step is not None:
         row = rows[best]
-        axes.plot(
-            [row.step],
-            [row.metrics[names[0]]],
-            linestyle="none",
-            marker="*",
-            markersize=20,
-            color="#f2b701",
-            markeredgecolor="#5a4500",
-            markeredgewidth=1.2,
-            zorder=4,
-            label=f"recommended: {_checkpoint_name(row)} ({row.metrics[names[0]]:.4f})",
-        )
+        value = row.metrics[names[0]]
+        _star(axes, row.step, value, f"recommended: {_checkpoint_name(row)} ({value:.4f})")
     axes.set_ylim(-0.03, 1.03)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("on the validation data")
