@@ -30,7 +30,7 @@ from trainer.loading import (
     load_checkpoint_tokenizer,
 )
 from trainer.precision import DTYPE_NAMES, torch_dtype
-from trainer.recommend import add_best_argument, checkpoint_from_args
+from trainer.recommend import add_checkpoint_arguments, checkpoint_from_args
 
 PROVENANCE_FILES = ("config.yaml", "samples.jsonl", "checkpoint.json")
 EXPORT_INFO = "export.json"
@@ -42,11 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "checkpoint",
-        metavar="CHECKPOINT",
-        help="a checkpoint-<step> folder (LoRA, QLoRA or full); with --best a run folder",
-    )
+    add_checkpoint_arguments(parser, "CHECKPOINT", "a checkpoint-<step> folder (LoRA, QLoRA or full)")
     parser.add_argument(
         "out_dir", metavar="OUT_DIR", type=Path, help="the model folder to write (must not exist, or be empty)"
     )
@@ -64,7 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest weights file; bigger models get shards and an index (default 5GB)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
-    add_best_argument(parser)
     return parser
 
 

@@ -39,7 +39,7 @@ from trainer.data.tokenize import encode_chat_prompt, encode_prompt, render_chat
 from trainer.errors import UsageError, UserError
 from trainer.loading import add_model_arguments, position_limit
 from trainer.quiet import drop_attention_mask_advice
-from trainer.recommend import add_best_argument
+from trainer.recommend import add_checkpoint_arguments
 
 drop_attention_mask_advice()  # transformers drops a batch's all-ones mask, then advises one
 
@@ -338,12 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "checkpoint",
-        metavar="CHECKPOINT_OR_EXPORT",
-        help="a checkpoint-<step> folder (LoRA or full) or an exported model; with --best a run folder",
-    )
-    add_best_argument(parser)
+    add_checkpoint_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--prompt", metavar="TEXT", help=r"one prompt, exactly as in training (include the separator; \n is a newline)"

@@ -183,8 +183,13 @@ def resolve_checkpoint_arg(path: str | Path, best: bool) -> tuple[Path, Recommen
     return chosen, recommendation
 
 
-def add_best_argument(parser) -> None:
-    """`--best` for a command whose first argument is a checkpoint (export, generate, serve)."""
+def add_checkpoint_arguments(
+    parser,
+    metavar: str = "CHECKPOINT_OR_EXPORT",
+    what: str = "a checkpoint-<step> folder (LoRA or full) or an exported model",
+) -> None:
+    """The first argument of a command that runs a checkpoint (export, generate, serve), and `--best`."""
+    parser.add_argument("checkpoint", metavar=metavar, help=f"{what}; with --best a run folder")
     parser.add_argument(
         "--best",
         action="store_true",

@@ -37,7 +37,7 @@ from pathlib import Path
 from trainer.cli import command
 from trainer.errors import UsageError, UserError
 from trainer.loading import add_model_arguments
-from trainer.recommend import add_best_argument, checkpoint_from_args
+from trainer.recommend import add_checkpoint_arguments, checkpoint_from_args
 
 API_KEY_VARIABLE = "TRAINER_API_KEY"
 
@@ -48,12 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "checkpoint",
-        metavar="CHECKPOINT_OR_EXPORT",
-        help="a checkpoint-<step> folder (LoRA or full) or an exported model; with --best a run folder",
-    )
-    add_best_argument(parser)
+    add_checkpoint_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument(
