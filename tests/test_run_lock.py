@@ -83,7 +83,7 @@ def test_an_output_dir_that_is_a_file_is_named_so(tmp_path):
 
 def test_a_folder_the_lock_made_goes_when_the_job_wrote_nothing(tmp_path):
     RunLock(tmp_path / "new" / "run").acquire().release()  # a start that failed before writing
-    assert not (tmp_path / "new" / "run").exists()
+    assert not (tmp_path / "new").exists()  # nor the folder above it, made for it
     lock = RunLock(tmp_path / "kept").acquire()
     (tmp_path / "kept" / "status.json").write_text("{}")
     lock.release()

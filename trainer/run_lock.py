@@ -95,17 +95,20 @@ class RunLock:
         self.me = this_process()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.made_folder = False  # a job that fails before writing anything leaves no empty folder
+        self.made_folders: list[Path] = []  # a job that writes nothing leaves no empty folder behind
 
     def acquire(self) -> "RunLock":
         if self.folder.exists() and not self.folder.is_dir():
             raise UserError(
                 f"output_dir {self.folder} is a file, not a folder. Fix: choose a folder (output_dir=runs/another)"
             )
-        self.made_folder = not self.folder.exists()
+        absolute = self.folder.absolute()
+        # The deepest first, as they are removed (a dangling link is not ours to make or remove).
+        self.made_folders = [p for p in (absolute, *absolute.parents) if not p.exists() and not p.is_symlink()]
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
+            self._remove_made_folders()
             raise _folder_error(self.folder, err) from None
         for _ in range(3):  # a lock taken over can be taken by a third job in between: look again
             try:
@@ -171,11 +174,18 @@ class RunLock:
                 self.path.unlink()
         except (OSError, ValueError):
             pass
-        if self.made_folder:
+        self._remove_made_folders()
+
+    def _remove_made_folders(self) -> None:
+        """The folders `acquire` made, while they are empty: what a run wrote stays, and so does
+        every folder above one that holds something."""
+        for path in self.made_folders:
             try:
-                self.folder.rmdir()  # only when empty: what a run wrote stays
+                path.rmdir()
+            except FileNotFoundError:
+                continue
             except OSError:
-                pass
+                break
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

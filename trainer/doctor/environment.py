@@ -203,24 +203,14 @@ def check_device(report: Report) -> torch.device:
 def check_output_dir(report: Report, output_dir: str) -> None:
     """Training's first act: take the run folder's lock (`RunFolder.lock`, trainer/run_lock.py),
     which makes the folder and refuses a file, a folder it cannot write to, or one another job
-    holds. The doctor takes the lock as training would, gives it back at once and removes the
-    folders that taking it made, so that checking leaves nothing behind."""
+    holds. The doctor takes the lock as training would and gives it back at once; the lock removes
+    the empty folders it made, so that checking leaves nothing behind."""
     from trainer.run_folder import RunFolder
 
-    folder = Path(output_dir).absolute()  # as RunFolder takes it
-    made = [path for path in (folder, *folder.parents) if not path.exists() and not path.is_symlink()]
     try:
         RunFolder(output_dir).lock().release()
     except UserError as err:
         report.fail("output_dir", str(err))
-    finally:
-        for path in made:  # the deepest first; a folder someone else wrote into meanwhile stays
-            try:
-                path.rmdir()
-            except FileNotFoundError:  # the lock's release removed the folder it made
-                continue
-            except OSError:
-                break
 
 
 def check_disk_free(report: Report, output_dir: str) -> Path:
