@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +252,9 @@ TORCHRUN_2 = [
     "2",
     "trainer/train.py",
 ]
+
+
+def held_parameters(output: str) -> dict[int, tuple[int, int]]:
+    """{rank: (parameters held, parameters of the model)} from the runs' FSDP log lines."""
+    found = re.findall(r"\[rank (\d)\] FSDP: this process holds ([\d,]+) of ([\d,]+) parameters", output)
+    return {int(rank): (int(held.replace(",", "")), int(total.replace(",", ""))) for rank, held, total in found}

@@ -8,7 +8,6 @@ The launcher's environment comes from accelerate's own code (`prepare_multi_gpu_
 """
 
 import os
-import re
 import sys
 
 import pytest
@@ -18,6 +17,7 @@ import yaml
 from tests.helpers import (
     TORCHRUN_2,
     checkpoint_folders,
+    held_parameters,
     read_jsonl,
     run_command,
     run_forked,
@@ -265,11 +265,8 @@ def test_an_accelerate_config_file_with_fsdp_shards_the_model(tmp_path, tiny_mod
         ]
     )
     assert run.returncode == 0 and "terminate called" not in run.stderr, run.stderr[-3000:]
-    held = re.findall(
-        r"\[rank (\d)\] FSDP: this process holds ([\d,]+) of ([\d,]+) parameters", run.stdout + run.stderr
-    )
-    assert sorted(rank for rank, _, _ in held) == ["0", "1"]
-    assert sum(int(h.replace(",", "")) for _, h, _ in held) == int(held[0][2].replace(",", ""))
+    held = held_parameters(run.stdout + run.stderr)
+    assert sorted(held) == [0, 1] and held[0][0] + held[1][0] == held[0][1]
     resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text(encoding="utf-8"))
     assert resolved["distributed"] == {"strategy": "fsdp", "reshard_after_forward": False, "cpu_offload": False}
 

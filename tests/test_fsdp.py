@@ -5,7 +5,6 @@ several processes; LoRA asks for it explicitly); the one-process runs train the 
 unsharded, in-process.
 """
 
-import re
 import signal
 import sys
 
@@ -15,6 +14,7 @@ from tests.helpers import (
     TORCHRUN_2,
     assert_same_run,
     checkpoint_folders,
+    held_parameters,
     load_checkpoint_plainly,
     plain_greedy,
     read_jsonl,
@@ -39,12 +39,6 @@ ACCELERATE_2 = [
     "no",
     "trainer/train.py",
 ]
-
-
-def held_parameters(output: str) -> dict[int, tuple[int, int]]:
-    """{rank: (parameters held, parameters of the model)} from the runs' FSDP log lines."""
-    found = re.findall(r"\[rank (\d)\] FSDP: this process holds ([\d,]+) of ([\d,]+) parameters", output)
-    return {int(rank): (int(held.replace(",", "")), int(total.replace(",", ""))) for rank, held, total in found}
 
 
 def assert_same_training(one, two, *, weights_tolerance: float) -> None:

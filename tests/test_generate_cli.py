@@ -47,36 +47,15 @@ def test_chat_messages_and_samples_with_their_seeds(capsys, trained_checkpoints)
 
     # Sample i is drawn with seed + i; the run's training.seed is the default, so sample 0 is the
     # checkpoint's own sample of this prompt.
-    code, out, _ = generate(
-        capsys,
-        checkpoint,
-        "--prompt",
-        "tomato ->",
-        "--temperature",
-        0.8,
-        "--top-k",
-        20,
-        "--max-new-tokens",
-        8,
-        "--num-samples",
-        3,
-    )
+    sampled = ("--prompt", "tomato ->", "--temperature", 0.8, "--top-k", 20, "--max-new-tokens", 8, "--num-samples", 3)
+    code, out, _ = generate(capsys, checkpoint, *sampled)
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and lines[0] == samples[2]
     assert [line["parameters"]["seed"] for line in lines] == [SEED, SEED + 1, SEED + 2]
     code, again, _ = generate(
         capsys,
         checkpoint,
-        "--prompt",
-        "tomato ->",
-        "--temperature",
-        0.8,
-        "--top-k",
-        20,
-        "--max-new-tokens",
-        8,
-        "--num-samples",
-        3,
+        *sampled,
         "--seed",
         SEED,
     )

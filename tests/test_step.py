@@ -74,6 +74,21 @@ def split(sizes=(2, 2)):
     return batches
 
 
+def step(gpt2, *, learning_rate: float, max_grad_norm: float | None):
+    """One optimizer step of the fixture's model on `split()`'s two micro-batches."""
+    model, optimizer, accelerator, strategy = gpt2
+    return optimizer_step(
+        model,
+        optimizer,
+        split(),
+        step_tokens=STEP_TOKENS,
+        learning_rate=learning_rate,
+        max_grad_norm=max_grad_norm,
+        accelerator=accelerator,
+        strategy=strategy,
+    )
+
+
 def assert_close(actual: dict, expected: dict) -> None:
     assert actual.keys() == expected.keys() and expected
     for name in expected:
@@ -115,19 +130,10 @@ def test_a_mean_of_micro_batch_means_would_differ(gpt2):
 
 
 def test_a_step_updates_at_its_learning_rate_and_reports_the_token_mean_loss(gpt2):
-    model, optimizer, accelerator, strategy = gpt2
+    model, optimizer = gpt2[:2]
     loss_sum, gradient = reference(model)
     before = weights(model)
-    result = optimizer_step(
-        model,
-        optimizer,
-        split(),
-        step_tokens=STEP_TOKENS,
-        learning_rate=0.5,
-        max_grad_norm=None,
-        accelerator=accelerator,
-        strategy=strategy,
-    )
+    result = step(gpt2, learning_rate=0.5, max_grad_norm=None)
     norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in gradient.values()])).item()
     assert result.loss == pytest.approx(loss_sum.item() / STEP_TOKENS, rel=1e-6)
     assert result.grad_norm == pytest.approx(norm, rel=1e-5)
@@ -138,21 +144,12 @@ def test_a_step_updates_at_its_learning_rate_and_reports_the_token_mean_loss(gpt
 
 
 def test_the_gradient_is_clipped_to_max_grad_norm(gpt2):
-    model, optimizer, accelerator, strategy = gpt2
+    model = gpt2[0]
     _, gradient = reference(model)
     norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in gradient.values()])).item()
     before = weights(model)
     max_norm = norm / 4
-    result = optimizer_step(
-        model,
-        optimizer,
-        split(),
-        step_tokens=STEP_TOKENS,
-        learning_rate=1.0,
-        max_grad_norm=max_norm,
-        accelerator=accelerator,
-        strategy=strategy,
-    )
+    result = step(gpt2, learning_rate=1.0, max_grad_norm=max_norm)
     assert result.grad_norm == pytest.approx(norm, rel=1e-5)  # the norm before clipping is logged
     update = {n: before[n] - p for n, p in weights(model).items()}
     update_norm = torch.linalg.vector_norm(torch.stack([u.norm() for u in update.values()])).item()
@@ -178,37 +175,19 @@ def assert_changed_nothing(result, model, before) -> None:
 
 
 def test_a_non_finite_loss_on_one_micro_batch_changes_nothing(gpt2, monkeypatch):
-    model, optimizer, accelerator, strategy = gpt2
+    model = gpt2[0]
     before = weights(model)
     nan_on_micro_batch(monkeypatch, 2)
-    result = optimizer_step(
-        model,
-        optimizer,
-        split(),
-        step_tokens=STEP_TOKENS,
-        learning_rate=1.0,
-        max_grad_norm=1.0,
-        accelerator=accelerator,
-        strategy=strategy,
-    )
+    result = step(gpt2, learning_rate=1.0, max_grad_norm=1.0)
     assert math.isnan(result.loss)
     assert_changed_nothing(result, model, before)
 
 
 def test_a_non_finite_gradient_norm_with_a_finite_loss_changes_nothing(gpt2):
-    model, optimizer, accelerator, strategy = gpt2
+    model = gpt2[0]
     before = weights(model)
     first = next(p for p in model.parameters() if p.requires_grad)
     first.register_hook(lambda grad: grad * float("inf"))
-    result = optimizer_step(
-        model,
-        optimizer,
-        split(),
-        step_tokens=STEP_TOKENS,
-        learning_rate=1.0,
-        max_grad_norm=None,
-        accelerator=accelerator,
-        strategy=strategy,
-    )
+    result = step(gpt2, learning_rate=1.0, max_grad_norm=None)
     assert math.isfinite(result.loss) and not math.isfinite(result.grad_norm)
     assert_changed_nothing(result, model, before)

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.helpers import (
     REPO,
     TEST_PROMPTS,
+    TORCHRUN_2,
     load_checkpoint_plainly,
     plain_greedy,
     read_jsonl,
@@ -156,13 +157,7 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path, tiny_model_dirs):
     )
     double = run_command(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "trainer/train.py",
+            *TORCHRUN_2,
             str(config),
             "training.micro_batch_size=4",
             f"output_dir={tmp_path / 'two'}",
